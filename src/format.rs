@@ -1,0 +1,639 @@
+//! The on-disk format, byte by byte. `docs/FORMAT.md` is the prose version of this module
+//! and a unit test checks that the two agree.
+//!
+//! All multi-byte integers are stored little-endian. The file is a sequence of 4 KiB
+//! pages:
+//!
+//! ```text
+//! +----------------------+  offset 0
+//! | superblock page      |  static header (sector 0), checkpoint slots A and B (sectors 1, 2)
+//! +----------------------+  4096
+//! | index region         |  2^k bucket pages of 4096 bytes
+//! +----------------------+
+//! | log extent           |  records, appended; may end in a JUMP record that continues the
+//! |   ...                |  log after a newer (larger) index region
+//! +----------------------+
+//! ```
+//!
+//! This module is pure: no I/O, no `unsafe`. Everything here works on byte slices.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Page size of the format (all regions are page-aligned).
+pub const PAGE: u64 = 4096;
+/// Sector size assumed by the crash model: a torn page tears at sector boundaries.
+pub const SECTOR: u64 = 512;
+
+/// Magic number at offset 0. Contains a NUL and a CR-LF so text-mode mangling is detected.
+pub const MAGIC: [u8; 8] = *b"MAPKV\0\r\n";
+/// Major format version: a different major is rejected.
+pub const VERSION_MAJOR: u16 = 1;
+/// Minor format version: a newer minor is rejected, older minors are read.
+pub const VERSION_MINOR: u16 = 0;
+
+// ---------------------------------------------------------------------------------------
+// Superblock
+// ---------------------------------------------------------------------------------------
+
+/// Static header, sector 0 of page 0. Written once when the store is created.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug)]
+pub struct StaticHeader {
+    /// [`MAGIC`].
+    pub magic: [u8; 8],
+    /// [`VERSION_MAJOR`].
+    pub major: [u8; 2],
+    /// [`VERSION_MINOR`].
+    pub minor: [u8; 2],
+    /// [`PAGE`]; a store is only opened with the page size it was written with.
+    pub page_size: [u8; 4],
+    /// Random per-store seed: keys the hash function and every checksum, so pages from
+    /// another store never validate here.
+    pub seed: [u8; 8],
+    /// Offset of the first log record; a full index rebuild scans from here.
+    pub log_start: [u8; 8],
+    /// Offset of the first index region (informational; checkpoints name the current one).
+    pub first_index: [u8; 8],
+    /// Reserved, zero.
+    pub reserved: [u8; 468],
+    /// CRC-32 of bytes `0..508`.
+    pub crc: [u8; 4],
+}
+const _: () = assert!(std::mem::size_of::<StaticHeader>() == SECTOR as usize);
+
+/// Offset of the static header.
+pub const STATIC_OFF: u64 = 0;
+/// Offset of checkpoint slot `i` (0 or 1): sectors 1 and 2 of the superblock page, so a
+/// torn superblock write can damage at most the slot being written.
+pub const fn checkpoint_off(slot: usize) -> u64 {
+    SECTOR * (1 + slot as u64)
+}
+/// Number of bytes covered by the CRC in a 512-byte sector structure.
+pub const SECTOR_CRC_SPAN: usize = 508;
+
+/// Checkpoint state: the store was closed cleanly; the index is complete up to
+/// `log_end` and was not being written.
+pub const STATE_CLEAN: u32 = 1;
+/// Checkpoint state: a writer has (or had) the store open. After a crash the index pages
+/// may be torn and must be verified; records after `log_end` must be replayed.
+pub const STATE_DIRTY: u32 = 2;
+
+/// Checkpoint state: a checkpoint was rewriting index buckets in place when this slot was
+/// written. If it is still the current slot at open, buckets may be a mix of old, new and
+/// torn pages, and the index is rebuilt from the log.
+pub const STATE_CHECKPOINTING: u32 = 3;
+
+/// A checkpoint slot: where the index is and how much of the log it covers.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug)]
+pub struct Checkpoint {
+    /// Sequence number; the valid slot with the highest one is current.
+    pub seq: [u8; 8],
+    /// [`STATE_CLEAN`], [`STATE_DIRTY`] or [`STATE_CHECKPOINTING`].
+    pub state: [u8; 4],
+    /// Reserved, zero.
+    pub reserved0: [u8; 4],
+    /// Offset of the current index region.
+    pub index_off: [u8; 8],
+    /// Number of buckets (a power of two) in the current index region.
+    pub index_buckets: [u8; 8],
+    /// Every record before this offset is reflected in the index; replay starts here.
+    pub log_end: [u8; 8],
+    /// Live keys at `log_end`.
+    pub live_keys: [u8; 8],
+    /// Bytes of live records (headers included) at `log_end`.
+    pub live_bytes: [u8; 8],
+    /// Bytes of all records in the log chain up to `log_end`, live or dead.
+    pub log_bytes: [u8; 8],
+    /// Bytes of the file taken by index regions no longer in use.
+    pub dead_index_bytes: [u8; 8],
+    /// Reserved, zero.
+    pub reserved: [u8; 436],
+    /// CRC-32 (seeded with the store seed) of bytes `0..508`.
+    pub crc: [u8; 4],
+}
+const _: () = assert!(std::mem::size_of::<Checkpoint>() == SECTOR as usize);
+
+/// Decoded [`Checkpoint`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CheckpointInfo {
+    /// See [`Checkpoint::seq`].
+    pub seq: u64,
+    /// See [`Checkpoint::state`].
+    pub state: u32,
+    /// See [`Checkpoint::index_off`].
+    pub index_off: u64,
+    /// See [`Checkpoint::index_buckets`].
+    pub index_buckets: u64,
+    /// See [`Checkpoint::log_end`].
+    pub log_end: u64,
+    /// See [`Checkpoint::live_keys`].
+    pub live_keys: u64,
+    /// See [`Checkpoint::live_bytes`].
+    pub live_bytes: u64,
+    /// See [`Checkpoint::log_bytes`].
+    pub log_bytes: u64,
+    /// See [`Checkpoint::dead_index_bytes`].
+    pub dead_index_bytes: u64,
+}
+
+/// Decoded [`StaticHeader`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StaticInfo {
+    /// Per-store seed.
+    pub seed: u64,
+    /// First log record offset.
+    pub log_start: u64,
+    /// First index region offset.
+    pub first_index: u64,
+}
+
+fn u64_at(b: [u8; 8]) -> u64 {
+    u64::from_le_bytes(b)
+}
+
+/// CRC-32 of `parts`, keyed with the store seed.
+#[must_use]
+pub fn crc_seeded(seed: u64, parts: &[&[u8]]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize()
+}
+
+/// Why a superblock could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderError {
+    /// Wrong magic: not a mapkv file.
+    BadMagic,
+    /// Magic fine but the format version is not ours.
+    Version(u16, u16),
+    /// CRC mismatch or impossible field values.
+    Corrupt(&'static str),
+}
+
+/// Encodes the static header sector.
+#[must_use]
+pub fn encode_static(info: &StaticInfo) -> [u8; SECTOR as usize] {
+    let mut h = StaticHeader::zeroed();
+    h.magic = MAGIC;
+    h.major = VERSION_MAJOR.to_le_bytes();
+    h.minor = VERSION_MINOR.to_le_bytes();
+    h.page_size = u32::try_from(PAGE).unwrap_or(0).to_le_bytes();
+    h.seed = info.seed.to_le_bytes();
+    h.log_start = info.log_start.to_le_bytes();
+    h.first_index = info.first_index.to_le_bytes();
+    let mut out = [0u8; SECTOR as usize];
+    out.copy_from_slice(bytemuck::bytes_of(&h));
+    let crc = crc32fast::hash(&out[..SECTOR_CRC_SPAN]);
+    out[SECTOR_CRC_SPAN..].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Decodes the static header sector (`bytes` must be at least 512 bytes).
+///
+/// # Errors
+/// [`HeaderError`] naming what is wrong.
+pub fn decode_static(bytes: &[u8]) -> Result<StaticInfo, HeaderError> {
+    let sector = bytes
+        .get(..SECTOR as usize)
+        .ok_or(HeaderError::Corrupt("file shorter than a superblock"))?;
+    let h: StaticHeader = bytemuck::pod_read_unaligned(sector);
+    if h.magic != MAGIC {
+        return Err(HeaderError::BadMagic);
+    }
+    let crc = crc32fast::hash(&sector[..SECTOR_CRC_SPAN]);
+    if crc != u32::from_le_bytes(h.crc) {
+        return Err(HeaderError::Corrupt("static header checksum mismatch"));
+    }
+    let (major, minor) = (u16::from_le_bytes(h.major), u16::from_le_bytes(h.minor));
+    if major != VERSION_MAJOR || minor > VERSION_MINOR {
+        return Err(HeaderError::Version(major, minor));
+    }
+    if u64::from(u32::from_le_bytes(h.page_size)) != PAGE {
+        return Err(HeaderError::Corrupt("unsupported page size"));
+    }
+    let info = StaticInfo {
+        seed: u64_at(h.seed),
+        log_start: u64_at(h.log_start),
+        first_index: u64_at(h.first_index),
+    };
+    if info.first_index != PAGE || info.log_start < 2 * PAGE || info.log_start % PAGE != 0 {
+        return Err(HeaderError::Corrupt("static header layout out of range"));
+    }
+    Ok(info)
+}
+
+/// Encodes a checkpoint slot.
+#[must_use]
+pub fn encode_checkpoint(seed: u64, c: &CheckpointInfo) -> [u8; SECTOR as usize] {
+    let mut h = Checkpoint::zeroed();
+    h.seq = c.seq.to_le_bytes();
+    h.state = c.state.to_le_bytes();
+    h.index_off = c.index_off.to_le_bytes();
+    h.index_buckets = c.index_buckets.to_le_bytes();
+    h.log_end = c.log_end.to_le_bytes();
+    h.live_keys = c.live_keys.to_le_bytes();
+    h.live_bytes = c.live_bytes.to_le_bytes();
+    h.log_bytes = c.log_bytes.to_le_bytes();
+    h.dead_index_bytes = c.dead_index_bytes.to_le_bytes();
+    let mut out = [0u8; SECTOR as usize];
+    out.copy_from_slice(bytemuck::bytes_of(&h));
+    let crc = crc_seeded(seed, &[&out[..SECTOR_CRC_SPAN]]);
+    out[SECTOR_CRC_SPAN..].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Decodes a checkpoint slot; `None` if its checksum or fields are invalid (a torn or
+/// never-written slot).
+#[must_use]
+pub fn decode_checkpoint(seed: u64, bytes: &[u8]) -> Option<CheckpointInfo> {
+    let sector = bytes.get(..SECTOR as usize)?;
+    let crc = crc_seeded(seed, &[&sector[..SECTOR_CRC_SPAN]]);
+    let h: Checkpoint = bytemuck::pod_read_unaligned(sector);
+    if crc != u32::from_le_bytes(h.crc) {
+        return None;
+    }
+    let c = CheckpointInfo {
+        seq: u64_at(h.seq),
+        state: u32::from_le_bytes(h.state),
+        index_off: u64_at(h.index_off),
+        index_buckets: u64_at(h.index_buckets),
+        log_end: u64_at(h.log_end),
+        live_keys: u64_at(h.live_keys),
+        live_bytes: u64_at(h.live_bytes),
+        log_bytes: u64_at(h.log_bytes),
+        dead_index_bytes: u64_at(h.dead_index_bytes),
+    };
+    let sane = (STATE_CLEAN..=STATE_CHECKPOINTING).contains(&c.state)
+        && c.index_buckets.is_power_of_two()
+        && c.index_buckets <= MAX_BUCKETS
+        && c.index_off >= PAGE
+        && c.index_off % PAGE == 0
+        && c.log_end >= 2 * PAGE;
+    sane.then_some(c)
+}
+
+// ---------------------------------------------------------------------------------------
+// Index buckets
+// ---------------------------------------------------------------------------------------
+
+/// Size of one bucket: one page, so a bucket is torn or written as a unit of sectors.
+pub const BUCKET_SIZE: usize = PAGE as usize;
+/// Bucket header: crc u32, count u16, reserved u16, live_bytes u64.
+pub const BUCKET_HEADER: usize = 16;
+/// Bytes per slot: key hash u64, record offset u64 (0 = empty).
+pub const SLOT_SIZE: usize = 16;
+/// Slots per bucket.
+pub const SLOTS_PER_BUCKET: usize = (BUCKET_SIZE - BUCKET_HEADER) / SLOT_SIZE;
+const _: () = assert!(BUCKET_HEADER + SLOTS_PER_BUCKET * SLOT_SIZE == BUCKET_SIZE);
+/// Offset of the `count` field in a bucket.
+pub const BUCKET_COUNT_OFF: usize = 4;
+/// Offset of the `live_bytes` field in a bucket.
+pub const BUCKET_LIVE_OFF: usize = 8;
+/// Most buckets an index may have (2^32 pages = 16 TiB of index).
+pub const MAX_BUCKETS: u64 = 1 << 32;
+
+/// CRC-32 of an all-zero bucket body. The stored bucket CRC is `crc32(body) ^ this`, so a
+/// freshly allocated (zero-filled) bucket is a valid empty bucket without being written.
+#[must_use]
+pub fn empty_bucket_crc() -> u32 {
+    crc32fast::hash(&[0u8; BUCKET_SIZE - 4])
+}
+
+/// The value to store in a bucket's CRC field for its current body.
+#[must_use]
+pub fn bucket_crc(bucket: &[u8]) -> u32 {
+    crc32fast::hash(bucket.get(4..BUCKET_SIZE).unwrap_or(&[])) ^ empty_bucket_crc()
+}
+
+/// True if the bucket's stored CRC matches its body.
+#[must_use]
+pub fn bucket_crc_ok(bucket: &[u8]) -> bool {
+    match bucket.get(..4) {
+        Some(c) => u32::from_le_bytes([c[0], c[1], c[2], c[3]]) == bucket_crc(bucket),
+        None => false,
+    }
+}
+
+/// Bucket of `hash` in an index of `buckets` buckets (a power of two).
+#[must_use]
+pub fn bucket_of(hash: u64, buckets: u64) -> u64 {
+    hash & (buckets - 1)
+}
+
+/// First slot probed for `hash` inside its bucket (linear probing within the bucket).
+#[must_use]
+pub fn home_slot(hash: u64) -> usize {
+    // Bucket selection uses the low bits; the slot uses the high half.
+    ((hash >> 32) % SLOTS_PER_BUCKET as u64) as usize
+}
+
+// ---------------------------------------------------------------------------------------
+// Log records
+// ---------------------------------------------------------------------------------------
+
+/// Record kind: a put of key → value.
+pub const KIND_PUT: u8 = 1;
+/// Record kind: a delete of key (value empty).
+pub const KIND_DELETE: u8 = 2;
+/// Record kind: the log continues at the offset in the 8-byte value (after a new index
+/// region). Key empty.
+pub const KIND_JUMP: u8 = 3;
+/// Record flag: more records of the same atomic batch follow.
+pub const FLAG_BATCH_MORE: u8 = 1;
+
+/// Record header: `{ crc u32 | kind u8 | flags u8 | reserved u16 | key_len u32 | val_len u32 }`,
+/// followed by the key and the value.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug)]
+pub struct RecordHeader {
+    /// CRC-32 of (seed, record offset, bytes 4.. of the record incl. key and value).
+    pub crc: [u8; 4],
+    /// [`KIND_PUT`], [`KIND_DELETE`] or [`KIND_JUMP`].
+    pub kind: u8,
+    /// [`FLAG_BATCH_MORE`] or 0.
+    pub flags: u8,
+    /// Zero.
+    pub reserved: [u8; 2],
+    /// Key length.
+    pub key_len: [u8; 4],
+    /// Value length.
+    pub val_len: [u8; 4],
+}
+/// Size of a record header.
+pub const RECORD_HEADER: usize = 16;
+const _: () = assert!(std::mem::size_of::<RecordHeader>() == RECORD_HEADER);
+/// Size of a jump record.
+pub const JUMP_LEN: u64 = RECORD_HEADER as u64 + 8;
+
+/// Total length of a record with the given key and value lengths.
+#[must_use]
+pub fn record_len(key_len: usize, val_len: usize) -> u64 {
+    (RECORD_HEADER + key_len + val_len) as u64
+}
+
+/// Appends an encoded record to `out`. `offset` is where it will live in the file (it is
+/// part of the checksum, so a record copied elsewhere does not validate).
+pub fn encode_record(
+    out: &mut Vec<u8>,
+    seed: u64,
+    offset: u64,
+    kind: u8,
+    flags: u8,
+    key: &[u8],
+    value: &[u8],
+) {
+    let start = out.len();
+    let mut h = RecordHeader::zeroed();
+    h.kind = kind;
+    h.flags = flags;
+    // Lengths were checked against Options limits (<= u32::MAX) by the caller.
+    h.key_len = u32::try_from(key.len()).unwrap_or(u32::MAX).to_le_bytes();
+    h.val_len = u32::try_from(value.len()).unwrap_or(u32::MAX).to_le_bytes();
+    out.extend_from_slice(bytemuck::bytes_of(&h));
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+    let crc = crc_seeded(seed, &[&offset.to_le_bytes(), &out[start + 4..]]);
+    out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A decoded, checksum-verified record: positions are relative to the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordRef {
+    /// Offset of the record header.
+    pub offset: u64,
+    /// Kind byte.
+    pub kind: u8,
+    /// Flags byte.
+    pub flags: u8,
+    /// Key length.
+    pub key_len: u32,
+    /// Value length.
+    pub val_len: u32,
+}
+
+impl RecordRef {
+    /// Total record length.
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        record_len(self.key_len as usize, self.val_len as usize)
+    }
+    /// Offset one past the record.
+    #[must_use]
+    pub fn end(&self) -> u64 {
+        self.offset + self.len()
+    }
+    /// Offset of the key.
+    #[must_use]
+    pub fn key_off(&self) -> u64 {
+        self.offset + RECORD_HEADER as u64
+    }
+    /// Offset of the value.
+    #[must_use]
+    pub fn val_off(&self) -> u64 {
+        self.key_off() + u64::from(self.key_len)
+    }
+}
+
+/// Why no valid record was found at an offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordError {
+    /// The header is all zeros: unwritten space, the normal end of the log.
+    Zero,
+    /// The record does not fit before `limit`.
+    Truncated,
+    /// Unknown kind, nonzero reserved bits, or impossible lengths.
+    BadHeader,
+    /// The checksum does not match.
+    Checksum,
+}
+
+/// Decodes the record header at `offset` and checks that the record is well-formed and
+/// fits before `limit`, *without* verifying its checksum (see [`record_crc_ok`]). Used on
+/// hot paths that only need the key or the length. Never reads at or past `limit`.
+///
+/// # Errors
+/// [`RecordError`] when no well-formed record is there.
+pub fn decode_record_header(file: &[u8], offset: u64, limit: u64) -> Result<RecordRef, RecordError> {
+    let limit = limit.min(file.len() as u64);
+    let hdr_end = offset
+        .checked_add(RECORD_HEADER as u64)
+        .ok_or(RecordError::Truncated)?;
+    if hdr_end > limit {
+        return Err(RecordError::Truncated);
+    }
+    let hb = &file[offset as usize..hdr_end as usize];
+    if hb.iter().all(|&b| b == 0) {
+        return Err(RecordError::Zero);
+    }
+    let h: RecordHeader = bytemuck::pod_read_unaligned(hb);
+    let rec = RecordRef {
+        offset,
+        kind: h.kind,
+        flags: h.flags,
+        key_len: u32::from_le_bytes(h.key_len),
+        val_len: u32::from_le_bytes(h.val_len),
+    };
+    let kind_ok = match rec.kind {
+        KIND_PUT => true,
+        KIND_DELETE => rec.val_len == 0,
+        KIND_JUMP => rec.key_len == 0 && rec.val_len == 8 && rec.flags == 0,
+        _ => false,
+    };
+    if !kind_ok || rec.flags & !FLAG_BATCH_MORE != 0 || h.reserved != [0, 0] {
+        return Err(RecordError::BadHeader);
+    }
+    let end = offset.checked_add(rec.len()).ok_or(RecordError::Truncated)?;
+    if end > limit {
+        return Err(RecordError::Truncated);
+    }
+    Ok(rec)
+}
+
+/// True if the checksum of `rec` (from [`decode_record_header`] on the same `file`) matches.
+#[must_use]
+pub fn record_crc_ok(file: &[u8], seed: u64, rec: &RecordRef) -> bool {
+    let (Some(stored), Some(body)) = (
+        file.get(rec.offset as usize..rec.offset as usize + 4),
+        file.get(rec.offset as usize + 4..rec.end() as usize),
+    ) else {
+        return false;
+    };
+    let stored = u32::from_le_bytes([stored[0], stored[1], stored[2], stored[3]]);
+    crc_seeded(seed, &[&rec.offset.to_le_bytes(), body]) == stored
+}
+
+/// Decodes and verifies the record at `offset` of `file` (the whole file's bytes, or a
+/// prefix of it at least up to `limit`). Never reads at or past `limit`.
+///
+/// # Errors
+/// [`RecordError`] when no valid record is there.
+pub fn decode_record(
+    file: &[u8],
+    seed: u64,
+    offset: u64,
+    limit: u64,
+) -> Result<RecordRef, RecordError> {
+    let rec = decode_record_header(file, offset, limit)?;
+    if record_crc_ok(file, seed, &rec) {
+        Ok(rec)
+    } else {
+        Err(RecordError::Checksum)
+    }
+}
+
+/// Target of a verified jump record.
+#[must_use]
+pub fn jump_target(file: &[u8], rec: &RecordRef) -> Option<u64> {
+    let v = file.get(rec.val_off() as usize..rec.val_off() as usize + 8)?;
+    Some(u64::from_le_bytes(v.try_into().ok()?))
+}
+
+/// Rounds `x` up to a multiple of [`PAGE`].
+#[must_use]
+pub fn page_up(x: u64) -> u64 {
+    x.div_ceil(PAGE) * PAGE
+}
+
+/// Rounds `x` down to a multiple of [`PAGE`].
+#[must_use]
+pub fn page_down(x: u64) -> u64 {
+    x / PAGE * PAGE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_roundtrip_and_checks() {
+        let mut buf = vec![0u8; 64];
+        let mut rec = Vec::new();
+        encode_record(&mut rec, 7, 64, KIND_PUT, 0, b"key", b"value");
+        buf.extend_from_slice(&rec);
+        buf.extend_from_slice(&[0u8; 32]);
+        let r = decode_record(&buf, 7, 64, buf.len() as u64).unwrap();
+        assert_eq!((r.key_len, r.val_len, r.kind), (3, 5, KIND_PUT));
+        assert_eq!(&buf[r.key_off() as usize..r.val_off() as usize], b"key");
+        // Wrong seed, wrong offset and a flipped bit all fail.
+        assert_eq!(decode_record(&buf, 8, 64, buf.len() as u64), Err(RecordError::Checksum));
+        let mut moved = vec![0u8; 8];
+        moved.extend_from_slice(&rec);
+        assert_eq!(decode_record(&moved, 7, 8, moved.len() as u64), Err(RecordError::Checksum));
+        buf[64 + 18] ^= 1;
+        assert_eq!(decode_record(&buf, 7, 64, buf.len() as u64), Err(RecordError::Checksum));
+        // Zero space and truncation.
+        assert_eq!(decode_record(&buf, 7, 0, buf.len() as u64), Err(RecordError::Zero));
+        assert_eq!(decode_record(&buf, 7, 64, 70), Err(RecordError::Truncated));
+        assert_eq!(decode_record(&buf, 7, u64::MAX - 3, u64::MAX), Err(RecordError::Truncated));
+    }
+
+    #[test]
+    fn headers_roundtrip() {
+        let s = StaticInfo { seed: 42, log_start: 3 * PAGE, first_index: PAGE };
+        let b = encode_static(&s);
+        assert_eq!(decode_static(&b), Ok(s));
+        let mut bad = b;
+        bad[0] ^= 1;
+        assert_eq!(decode_static(&bad), Err(HeaderError::BadMagic));
+        let mut bad = b;
+        bad[100] ^= 1;
+        assert!(matches!(decode_static(&bad), Err(HeaderError::Corrupt(_))));
+        let c = CheckpointInfo {
+            seq: 3,
+            state: STATE_DIRTY,
+            index_off: PAGE,
+            index_buckets: 4,
+            log_end: 5 * PAGE,
+            live_keys: 1,
+            live_bytes: 20,
+            log_bytes: 40,
+            dead_index_bytes: 0,
+        };
+        let b = encode_checkpoint(42, &c);
+        assert_eq!(decode_checkpoint(42, &b), Some(c));
+        assert_eq!(decode_checkpoint(43, &b), None);
+        assert_eq!(decode_checkpoint(42, &[0u8; 512]), None);
+    }
+
+    #[test]
+    fn zero_bucket_is_valid_and_empty() {
+        let b = [0u8; BUCKET_SIZE];
+        assert!(bucket_crc_ok(&b));
+        let mut b2 = b;
+        b2[100] = 1;
+        assert!(!bucket_crc_ok(&b2));
+        let crc = bucket_crc(&b2);
+        b2[..4].copy_from_slice(&crc.to_le_bytes());
+        assert!(bucket_crc_ok(&b2));
+    }
+
+    /// docs/FORMAT.md states these numbers; keep the two in step.
+    #[test]
+    fn format_doc_matches_constants() {
+        let doc = include_str!("../docs/FORMAT.md");
+        for needle in [
+            format!("magic `{}`", "MAPKV\\0\\r\\n"),
+            format!("major version {VERSION_MAJOR}"),
+            format!("minor version {VERSION_MINOR}"),
+            format!("page size {PAGE}"),
+            format!("{SLOTS_PER_BUCKET} slots"),
+            format!("{SLOT_SIZE}-byte slots"),
+            format!("{RECORD_HEADER}-byte record header"),
+            format!("PUT = {KIND_PUT}"),
+            format!("DELETE = {KIND_DELETE}"),
+            format!("JUMP = {KIND_JUMP}"),
+            format!("BATCH_MORE = {FLAG_BATCH_MORE}"),
+            format!("CLEAN = {STATE_CLEAN}"),
+            format!("DIRTY = {STATE_DIRTY}"),
+            format!("CHECKPOINTING = {STATE_CHECKPOINTING}"),
+            format!("slot A at {}", checkpoint_off(0)),
+            format!("slot B at {}", checkpoint_off(1)),
+        ] {
+            assert!(doc.contains(&needle), "docs/FORMAT.md does not say `{needle}`");
+        }
+    }
+}

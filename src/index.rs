@@ -1,0 +1,340 @@
+//! The persistent hash index and its in-memory overlay.
+//!
+//! The index is a power-of-two array of 4 KiB buckets in the file (see [`crate::format`]).
+//! A key's bucket is chosen by the low bits of its 64-bit hash; inside the bucket, slots are
+//! probed linearly from a home slot chosen by the high bits, wrapping within the bucket.
+//! Keys never overflow into another bucket: a full bucket makes the index double. That
+//! keeps every bucket self-contained, which is what lets a checkpoint rewrite buckets one
+//! at a time.
+//!
+//! Between checkpoints, the buckets in the file are not touched. Changes since the last
+//! checkpoint live in the [`Delta`], an in-memory map from key hash to the offset of the
+//! newest record for that key (a put or a delete). Lookups consult the delta first. A
+//! checkpoint applies the delta to the buckets (see `store.rs` for the protocol).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::format::{
+    bucket_crc, home_slot, BUCKET_COUNT_OFF, BUCKET_HEADER, BUCKET_SIZE, SLOTS_PER_BUCKET,
+    SLOT_SIZE,
+};
+
+/// Hashes a key with the store's seed (xxh3, 64 bits). Stable: it is part of the format.
+#[must_use]
+pub(crate) fn key_hash(seed: u64, key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(key, seed)
+}
+
+/// Reads slot `i` of a bucket: (hash, record offset). Offset 0 means empty.
+#[must_use]
+pub(crate) fn slot(bucket: &[u8], i: usize) -> (u64, u64) {
+    let at = BUCKET_HEADER + i * SLOT_SIZE;
+    match bucket.get(at..at + SLOT_SIZE) {
+        Some(s) => {
+            let (h, o) = s.split_at(8);
+            (
+                u64::from_le_bytes(h.try_into().unwrap_or([0; 8])),
+                u64::from_le_bytes(o.try_into().unwrap_or([0; 8])),
+            )
+        }
+        None => (0, 0),
+    }
+}
+
+/// Number of used slots recorded in a bucket header.
+#[must_use]
+pub(crate) fn bucket_count(bucket: &[u8]) -> usize {
+    bucket
+        .get(BUCKET_COUNT_OFF..BUCKET_COUNT_OFF + 2)
+        .map_or(0, |b| usize::from(u16::from_le_bytes([b[0], b[1]])))
+}
+
+/// Probes `bucket` for `hash`. For every slot whose stored hash matches, `is_key(offset)`
+/// decides whether that record holds the wanted key (hash collisions are possible).
+/// Returns the slot index and record offset of the match.
+///
+/// # Errors
+/// Whatever `is_key` returns (a damaged record).
+pub(crate) fn probe<E>(
+    bucket: &[u8],
+    hash: u64,
+    mut is_key: impl FnMut(u64) -> Result<bool, E>,
+) -> Result<Option<(usize, u64)>, E> {
+    let mut i = home_slot(hash);
+    for _ in 0..SLOTS_PER_BUCKET {
+        let (h, off) = slot(bucket, i);
+        if off == 0 {
+            return Ok(None);
+        }
+        if h == hash && is_key(off)? {
+            return Ok(Some((i, off)));
+        }
+        i += 1;
+        if i == SLOTS_PER_BUCKET {
+            i = 0;
+        }
+    }
+    Ok(None)
+}
+
+/// A bucket being edited in memory (checkpoint, growth, rebuild).
+pub(crate) struct BucketBuf {
+    pub(crate) bytes: Box<[u8; BUCKET_SIZE]>,
+}
+
+impl std::fmt::Debug for BucketBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BucketBuf {{ count: {} }}", self.count())
+    }
+}
+
+/// The bucket is full: the index must grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BucketFull;
+
+impl BucketBuf {
+    pub(crate) fn empty() -> Self {
+        BucketBuf {
+            bytes: Box::new([0u8; BUCKET_SIZE]),
+        }
+    }
+
+    pub(crate) fn from_bytes(b: &[u8]) -> Self {
+        let mut s = Self::empty();
+        let n = b.len().min(BUCKET_SIZE);
+        s.bytes[..n].copy_from_slice(&b[..n]);
+        s
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        bucket_count(&self.bytes[..])
+    }
+
+    fn set_count(&mut self, n: usize) {
+        let n = u16::try_from(n).unwrap_or(u16::MAX);
+        self.bytes[BUCKET_COUNT_OFF..BUCKET_COUNT_OFF + 2].copy_from_slice(&n.to_le_bytes());
+    }
+
+    fn set_slot(&mut self, i: usize, hash: u64, off: u64) {
+        let at = BUCKET_HEADER + i * SLOT_SIZE;
+        self.bytes[at..at + 8].copy_from_slice(&hash.to_le_bytes());
+        self.bytes[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
+    }
+
+    /// Points the slot found by `found` (from [`probe`]) at `off`, or inserts a new slot.
+    pub(crate) fn upsert(
+        &mut self,
+        hash: u64,
+        off: u64,
+        found: Option<usize>,
+    ) -> Result<(), BucketFull> {
+        if let Some(i) = found {
+            self.set_slot(i, hash, off);
+            return Ok(());
+        }
+        if self.count() >= SLOTS_PER_BUCKET {
+            return Err(BucketFull);
+        }
+        let mut i = home_slot(hash);
+        while slot(&self.bytes[..], i).1 != 0 {
+            i = (i + 1) % SLOTS_PER_BUCKET;
+        }
+        self.set_slot(i, hash, off);
+        self.set_count(self.count() + 1);
+        Ok(())
+    }
+
+    /// Removes slot `i`, shifting later members of its probe run back so that every
+    /// remaining key stays reachable from its home slot (no tombstones).
+    pub(crate) fn remove(&mut self, mut i: usize) {
+        let n = SLOTS_PER_BUCKET;
+        self.set_slot(i, 0, 0);
+        let mut j = i;
+        // Terminates: slot i is empty, so the walk meets an empty slot within n steps.
+        loop {
+            j = (j + 1) % n;
+            let (h, off) = slot(&self.bytes[..], j);
+            if off == 0 {
+                break;
+            }
+            let k = home_slot(h);
+            // Move j into the hole at i unless j's home lies cyclically in (i, j].
+            let in_range = if i <= j { i < k && k <= j } else { i < k || k <= j };
+            if !in_range {
+                self.set_slot(i, h, off);
+                self.set_slot(j, 0, 0);
+                i = j;
+            }
+        }
+        self.set_count(self.count().saturating_sub(1));
+    }
+
+    /// Recomputes the stored checksum; call before writing the bucket out.
+    pub(crate) fn seal(&mut self) {
+        let crc = bucket_crc(&self.bytes[..]);
+        self.bytes[..4].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Every used slot: (hash, offset).
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        (0..SLOTS_PER_BUCKET)
+            .map(|i| slot(&self.bytes[..], i))
+            .filter(|&(_, off)| off != 0)
+    }
+}
+
+/// `Hasher` for keys that already are good 64-bit hashes.
+#[derive(Default, Clone, Copy, Debug)]
+pub(crate) struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
+
+/// Changes since the last checkpoint: key hash → offset of the newest record (put or
+/// delete) for each key changed. Distinct keys with equal 64-bit hashes are kept apart in
+/// a side table (`more`), which is almost always empty.
+#[derive(Debug, Default)]
+pub(crate) struct Delta {
+    first: IdMap<u64>,
+    more: IdMap<Vec<u64>>,
+    len: usize,
+}
+
+impl Delta {
+    /// Number of keys in the delta.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.first = IdMap::default();
+        self.more = IdMap::default();
+        self.len = 0;
+    }
+
+    /// Offsets of the newest records of all keys with this hash.
+    pub(crate) fn candidates(&self, hash: u64) -> impl Iterator<Item = u64> + '_ {
+        self.first
+            .get(&hash)
+            .copied()
+            .into_iter()
+            .chain(self.more.get(&hash).into_iter().flatten().copied())
+    }
+
+    /// Records that the newest record for the key is at `off`. `same_key(prev)` tells
+    /// whether the record at a previous offset with the same hash is the same key.
+    pub(crate) fn set(&mut self, hash: u64, off: u64, mut same_key: impl FnMut(u64) -> bool) {
+        match self.first.get_mut(&hash) {
+            None => {
+                self.first.insert(hash, off);
+                self.len += 1;
+            }
+            Some(prev) if same_key(*prev) => *prev = off,
+            Some(_) => {
+                let v = self.more.entry(hash).or_default();
+                if let Some(p) = v.iter_mut().find(|p| same_key(**p)) {
+                    *p = off;
+                } else {
+                    v.push(off);
+                    self.len += 1;
+                }
+            }
+        }
+    }
+
+    /// Every (hash, offset) in the delta.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.first.iter().map(|(&h, &o)| (h, o)).chain(
+            self.more
+                .iter()
+                .flat_map(|(&h, v)| v.iter().map(move |&o| (h, o))),
+        )
+    }
+
+    /// Approximate heap bytes used.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.first.capacity() * 17 + self.more.capacity() * 33
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn find(b: &BucketBuf, hash: u64, off: u64) -> Option<usize> {
+        probe::<()>(&b.bytes[..], hash, |o| Ok(o == off))
+            .unwrap()
+            .map(|(i, _)| i)
+    }
+
+    #[test]
+    fn fill_bucket_remove_everything_in_mixed_order() {
+        // Hashes chosen so many share home slots (probe runs wrap around the bucket end).
+        let hashes: Vec<u64> = (0..SLOTS_PER_BUCKET as u64)
+            .map(|i| ((i % 7 + 250) << 32) | i)
+            .collect();
+        let mut b = BucketBuf::empty();
+        for (i, &h) in hashes.iter().enumerate() {
+            b.upsert(h, 100 + i as u64, None).unwrap();
+        }
+        assert_eq!(b.count(), SLOTS_PER_BUCKET);
+        assert_eq!(b.upsert(12345 << 32, 1, None), Err(BucketFull));
+        for (i, &h) in hashes.iter().enumerate() {
+            assert!(find(&b, h, 100 + i as u64).is_some(), "key {i} reachable");
+        }
+        // Remove every third, then check the rest are still reachable.
+        for (i, &h) in hashes.iter().enumerate().filter(|(i, _)| i % 3 == 0) {
+            let s = find(&b, h, 100 + i as u64).unwrap();
+            b.remove(s);
+        }
+        for (i, &h) in hashes.iter().enumerate() {
+            let found = find(&b, h, 100 + i as u64).is_some();
+            assert_eq!(found, i % 3 != 0, "key {i}");
+        }
+        assert_eq!(b.entries().count(), b.count());
+        b.seal();
+        assert!(crate::format::bucket_crc_ok(&b.bytes[..]));
+    }
+
+    #[test]
+    fn upsert_replaces_in_place() {
+        let mut b = BucketBuf::empty();
+        b.upsert(7, 100, None).unwrap();
+        let s = find(&b, 7, 100).unwrap();
+        b.upsert(7, 200, Some(s)).unwrap();
+        assert_eq!(b.count(), 1);
+        assert!(find(&b, 7, 200).is_some());
+    }
+
+    #[test]
+    fn delta_keeps_colliding_keys_apart() {
+        let mut d = Delta::default();
+        // Pretend offsets 1 and 2 hold key "a", 3 holds key "b"; all with hash 9.
+        let key_of = |o: u64| if o == 3 { 'b' } else { 'a' };
+        d.set(9, 1, |_| true);
+        d.set(9, 3, |p| key_of(p) == 'b');
+        d.set(9, 2, |p| key_of(p) == 'a');
+        assert_eq!(d.len(), 2);
+        let mut c: Vec<u64> = d.candidates(9).collect();
+        c.sort_unstable();
+        assert_eq!(c, vec![2, 3]);
+    }
+}

@@ -1,0 +1,104 @@
+//! [`Iter`]: iteration over a snapshot of the live pairs.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::{decode_record, KIND_PUT};
+use crate::index::BucketBuf;
+use crate::map::Mapping;
+use crate::store::Inner;
+
+/// Iterator over the live pairs of a store as of the call to
+/// [`Store::iter`](crate::Store::iter). Yields owned `(key, value)` pairs, each key once,
+/// in log order. Holds the mapping it started on, so it stays valid through file growth
+/// and compaction.
+#[derive(Debug)]
+pub struct Iter {
+    map: Arc<Mapping>,
+    seed: u64,
+    offsets: std::vec::IntoIter<u64>,
+    err: Option<Error>,
+}
+
+impl Iter {
+    pub(crate) fn new(inner: &Inner) -> Iter {
+        let st = inner.state.read();
+        let mut offsets = Vec::with_capacity(usize::try_from(st.counters.live_keys).unwrap_or(0));
+        let mut err = None;
+        // Delta entries that are puts.
+        for (_, off) in st.delta.iter() {
+            if st.header(off).is_ok_and(|r| r.kind == KIND_PUT) {
+                offsets.push(off);
+            }
+        }
+        // Bucket entries not superseded by the delta.
+        if !st.delta_only {
+            'buckets: for b in 0..st.index.buckets {
+                let bucket = match st.bucket(b) {
+                    Ok(x) => BucketBuf::from_bytes(x),
+                    Err(e) => {
+                        err = Some(e);
+                        break;
+                    }
+                };
+                for (h, off) in bucket.entries() {
+                    let mut superseded = false;
+                    for d in st.delta.candidates(h) {
+                        let same = match (st.header(off), st.header(d)) {
+                            (Ok(a), Ok(b)) => match (st.key_of(&a), st.key_of(&b)) {
+                                (Ok(ka), Ok(kb)) => ka == kb,
+                                _ => false,
+                            },
+                            _ => false,
+                        };
+                        if same {
+                            superseded = true;
+                            break;
+                        }
+                    }
+                    if !superseded {
+                        offsets.push(off);
+                    }
+                    if offsets.len() > usize::MAX / 16 {
+                        break 'buckets;
+                    }
+                }
+            }
+        }
+        offsets.sort_unstable();
+        Iter {
+            map: Arc::clone(&st.map),
+            seed: st.seed,
+            offsets: offsets.into_iter(),
+            err,
+        }
+    }
+}
+
+impl Iterator for Iter {
+    type Item = Result<(Vec<u8>, Vec<u8>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(e) = self.err.take() {
+            return Some(Err(e));
+        }
+        let off = self.offsets.next()?;
+        let bytes = self.map.published_bytes();
+        Some(
+            decode_record(bytes, self.seed, off, bytes.len() as u64)
+                .map_err(|_| Error::corrupt(off, "index points at an invalid record"))
+                .and_then(|r| {
+                    let k = self.map.read(r.key_off(), u64::from(r.key_len));
+                    let v = self.map.read(r.val_off(), u64::from(r.val_len));
+                    match (k, v) {
+                        (Some(k), Some(v)) => Ok((k.to_vec(), v.to_vec())),
+                        _ => Err(Error::corrupt(off, "record outside the file")),
+                    }
+                }),
+        )
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.offsets.size_hint()
+    }
+}

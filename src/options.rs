@@ -1,0 +1,241 @@
+//! Open-time configuration: [`Options`], [`Durability`] and [`AccessPattern`].
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// When a write becomes durable, i.e. survives power loss or a kernel crash.
+///
+/// Every policy survives a crash of the *process* (kill -9) without losing anything that
+/// returned: the log lives in a `MAP_SHARED` mapping / the page cache, which outlives the
+/// process. The policies differ only in what survives *power loss*. In every policy, and
+/// after any crash, the store reopens to the state after some prefix of the applied writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Never sync on the write path. The kernel writes dirty pages back when it likes
+    /// (about every 5-30 s on default Linux settings). [`Store::flush`](crate::Store::flush)
+    /// and a clean close make everything durable.
+    ///
+    /// On power loss, writes since the last `flush()` may be lost. Appends are a `memcpy`
+    /// into the mapping: the fastest policy.
+    None,
+    /// After each write, start write-back of the bytes it appended with
+    /// `sync_file_range(SYNC_FILE_RANGE_WRITE)` and return without waiting.
+    ///
+    /// `msync(MS_ASYNC)` is not used: on Linux since 2.6.19 it does nothing (measured here:
+    /// 0.3 µs, no I/O). `sync_file_range` really queues the data write, but it neither waits
+    /// for it nor flushes the device's volatile write cache, and it does not persist file
+    /// size changes, so it is **not** durable. On power loss a bounded recent window may be
+    /// lost: what is still queued or sitting in the disk cache (typically milliseconds).
+    /// Appends use `pwrite` so write-back writes only the blocks a record touched.
+    Async,
+    /// A background thread makes everything durable at least once per interval
+    /// (`fdatasync` only when something is dirty). On power loss at most about one
+    /// interval of writes may be lost. Writers never wait for the flusher.
+    Periodic(Duration),
+    /// A write returns only once it is durable (`pwrite`, then `fdatasync`). Concurrent
+    /// writers share syncs (group commit): one sync covers every write appended before it
+    /// started. On power loss nothing that returned is lost.
+    Always,
+}
+
+impl Default for Durability {
+    /// `Periodic(1 s)`: at most about a second of writes at risk on power loss, at almost
+    /// the speed of [`Durability::None`].
+    fn default() -> Self {
+        Durability::Periodic(Duration::from_secs(1))
+    }
+}
+
+/// How the application will access the store; applied to the mapping with `madvise`.
+///
+/// Measured on the development machine (ext4, Linux 6.18, see `docs/FLAGS.md`): `Random`
+/// disables read-ahead and makes a cold scan about 40x slower but reads 16x less data for
+/// sparse lookups; `Sequential` made cold scans *slower* than `Normal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccessPattern {
+    /// No advice (`MADV_NORMAL`): the kernel's default read-around.
+    #[default]
+    Normal,
+    /// `MADV_RANDOM`: no read-ahead; best for sparse point lookups on a cold, large store.
+    Random,
+    /// `MADV_SEQUENTIAL`: aggressive read-ahead, pages dropped behind.
+    Sequential,
+    /// `MADV_WILLNEED`: start asynchronous read-ahead of the whole file at open.
+    WillNeed,
+}
+
+/// Smallest file a store can have: superblock page, one index bucket page, one log page.
+pub(crate) const MIN_FILE_SIZE: u64 = 3 * 4096;
+
+/// Configuration for [`Store::open`](crate::Store::open). A builder: every setter takes
+/// and returns `self`.
+///
+/// ```
+/// use mapkv::{Durability, Options};
+/// let opts = Options::default().populate(true).durability(Durability::Always);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub(crate) populate: bool,
+    pub(crate) durability: Durability,
+    pub(crate) read_only: bool,
+    pub(crate) initial_size: u64,
+    pub(crate) access: AccessPattern,
+    pub(crate) max_key_size: usize,
+    pub(crate) max_value_size: usize,
+    pub(crate) salvage: bool,
+    pub(crate) auto_compact: Option<AutoCompact>,
+    pub(crate) sync_observer: Option<crate::map::SyncObserverRef>,
+}
+
+/// When [`Store`](crate::Store) compacts on its own (see [`Options::auto_compact`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AutoCompact {
+    /// Compact when dead bytes exceed this fraction of the log (0.0..1.0).
+    pub dead_ratio: f64,
+    /// ... and the log holds at least this many bytes.
+    pub min_log_bytes: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            populate: false,
+            durability: Durability::default(),
+            read_only: false,
+            initial_size: 1 << 20,
+            access: AccessPattern::Normal,
+            max_key_size: 64 << 10,
+            max_value_size: 256 << 20,
+            salvage: false,
+            auto_compact: None,
+            sync_observer: None,
+        }
+    }
+}
+
+impl Options {
+    /// Warm the store up at open.
+    ///
+    /// Reads: the file is mapped with `MAP_POPULATE`, which reads the whole file into the
+    /// page cache and maps it, so no read later takes a page fault. Cost: one pass over the
+    /// file at open (measured ~16 ms/GiB when cached, ~0.5 s/GiB from disk).
+    ///
+    /// Writes: on a writable shared mapping `MAP_POPULATE` maps pages *read-only*, which
+    /// makes the first write to each 4 KiB page take a write-protect fault (measured 10x
+    /// slower first writes than with no populate at all). So with `populate(true)` the store
+    /// also prefaults the region just ahead of the log tail with `MADV_POPULATE_WRITE`, the
+    /// only real write prefault, a window at a time.
+    ///
+    /// Defaults to `false`.
+    #[must_use]
+    pub fn populate(mut self, on: bool) -> Self {
+        self.populate = on;
+        self
+    }
+
+    /// The durability policy; see [`Durability`] for what each costs and guarantees.
+    /// Defaults to `Durability::Periodic(1 s)`.
+    #[must_use]
+    pub fn durability(mut self, d: Durability) -> Self {
+        self.durability = d;
+        self
+    }
+
+    /// Open read-only: takes a shared lock (many readers, no writer), maps the file
+    /// read-only and refuses writes with [`Error::ReadOnly`]. A store that was not closed
+    /// cleanly is recovered in memory; the file is not changed. Defaults to `false`.
+    #[must_use]
+    pub fn read_only(mut self, on: bool) -> Self {
+        self.read_only = on;
+        self
+    }
+
+    /// File size allocated when the store is created (rounded up to 4 KiB, at least 12 KiB).
+    /// The file then grows geometrically (doubling, at most 1 GiB a step) with real
+    /// allocation (`fallocate`), so a full disk is an error from the write that needed the
+    /// space, never a `SIGBUS`. A larger initial size avoids growth steps; it costs disk
+    /// space up front. Ignored when opening an existing store. Defaults to 1 MiB.
+    #[must_use]
+    pub fn initial_size(mut self, bytes: u64) -> Self {
+        self.initial_size = bytes;
+        self
+    }
+
+    /// Access-pattern hint applied to the mapping with `madvise`.
+    /// Defaults to [`AccessPattern::Normal`].
+    #[must_use]
+    pub fn access_pattern(mut self, a: AccessPattern) -> Self {
+        self.access = a;
+        self
+    }
+
+    /// Largest key accepted; longer keys get [`Error::KeyTooLarge`]. At most 4 GiB - 1.
+    /// Defaults to 64 KiB.
+    #[must_use]
+    pub fn max_key_size(mut self, bytes: usize) -> Self {
+        self.max_key_size = bytes;
+        self
+    }
+
+    /// Largest value accepted; longer values get [`Error::ValueTooLarge`]. At most
+    /// 4 GiB - 1. Defaults to 256 MiB.
+    #[must_use]
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes;
+        self
+    }
+
+    /// Salvage a damaged store instead of refusing to open it: keep the longest valid
+    /// prefix of the log, rebuild the index from it, and report what was dropped in
+    /// [`Stats::salvaged_bytes`](crate::Stats). Without it, damage outside the torn tail
+    /// that a crash can leave is an [`Error::Corrupt`]. Defaults to `false`.
+    #[must_use]
+    pub fn salvage(mut self, on: bool) -> Self {
+        self.salvage = on;
+        self
+    }
+
+    /// Compact automatically (after a write) when dead bytes exceed `dead_ratio` of the
+    /// log and the log is at least `min_log_bytes` long. Compaction blocks writers while it
+    /// runs; readers keep going. Defaults to off.
+    #[must_use]
+    pub fn auto_compact(mut self, dead_ratio: f64, min_log_bytes: u64) -> Self {
+        self.auto_compact = Some(AutoCompact {
+            dead_ratio,
+            min_log_bytes,
+        });
+        self
+    }
+
+    /// Install an observer that is told about every sync the store issues, with the byte
+    /// range it covered. Used by the crash simulator ([`crate::sim`]) to know which bytes
+    /// were durable at each moment. Defaults to none.
+    #[must_use]
+    pub fn sync_observer(mut self, obs: std::sync::Arc<dyn crate::SyncObserver>) -> Self {
+        self.sync_observer = Some(crate::map::SyncObserverRef(obs));
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        const U32_MAX: usize = u32::MAX as usize;
+        if self.max_key_size > U32_MAX {
+            return Err(Error::InvalidOption("max_key_size is above 4 GiB - 1"));
+        }
+        if self.max_value_size > U32_MAX {
+            return Err(Error::InvalidOption("max_value_size is above 4 GiB - 1"));
+        }
+        if let Durability::Periodic(d) = self.durability {
+            if d.is_zero() {
+                return Err(Error::InvalidOption("Periodic interval must be non-zero"));
+            }
+        }
+        if let Some(ac) = self.auto_compact {
+            if !(ac.dead_ratio > 0.0 && ac.dead_ratio < 1.0) {
+                return Err(Error::InvalidOption("auto_compact dead_ratio must be in (0, 1)"));
+            }
+        }
+        Ok(())
+    }
+}

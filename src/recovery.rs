@@ -1,0 +1,396 @@
+//! Opening a store: create, read the superblock, pick the checkpoint, replay the log tail
+//! (or rebuild the index), erase a torn tail; and [`verify`].
+//!
+//! # Recovery protocol
+//!
+//! 1. Read the static header: wrong magic is [`Error::NotAStore`], another major or a
+//!    newer minor version is [`Error::Version`], a bad checksum is [`Error::Corrupt`].
+//! 2. Decode both checkpoint slots; the valid one with the highest `seq` is current.
+//!    A slot torn by a crash fails its checksum, so the previous one is used; every
+//!    protocol step keeps the previous slot's state recoverable.
+//! 3. If the current slot is CHECKPOINTING (a checkpoint was rewriting buckets), or with
+//!    `salvage` when the checkpoint is unusable, the buckets are not trusted: the index is
+//!    rebuilt from the whole log, starting at the static header's `log_start`.
+//!    Otherwise the buckets describe every record before `log_end`.
+//! 4. Scan the log from the start point, following JUMP records, applying every complete
+//!    write (whole batches only) to the in-memory delta. The scan stops at the first
+//!    offset with no valid record: zeros after a clean close, a torn record after a crash.
+//!    An invalid record before the checkpoint's `log_end` cannot come from a crash (that
+//!    region was synced), so it is [`Error::Corrupt`] unless `salvage` is on.
+//! 5. Read-write opens of a store that was not closed cleanly then zero everything from
+//!    the valid end to the end of the file (so a stale record can never become reachable
+//!    again once new records are appended in front of it), and write a fresh CLEAN
+//!    checkpoint, so the next open is O(1) again.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::{
+    bucket_crc_ok, bucket_of, checkpoint_off, decode_checkpoint, decode_static, encode_checkpoint,
+    encode_static, page_up, CheckpointInfo, HeaderError, StaticInfo, KIND_PUT, MAGIC, PAGE,
+    SECTOR, STATE_CHECKPOINTING, STATE_CLEAN,
+};
+use crate::index::{key_hash, BucketBuf, Delta};
+use crate::log::{scan, StopReason};
+use crate::map::{sync_dir, FileHandle, Mapping, TailWriter};
+use crate::options::{Options, MIN_FILE_SIZE};
+use crate::state::{Counters, IndexGeom, State};
+use crate::stats::RecoveryReport;
+use crate::store::{Inner, Writer};
+
+fn random_seed() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Lays out an empty store in `fh` (which is empty): index, log start, headers; syncs.
+fn init_store(fh: &FileHandle, opts: &Options) -> Result<()> {
+    let size = page_up(opts.initial_size).max(MIN_FILE_SIZE);
+    let buckets = (size / 8 / PAGE).max(1);
+    let buckets = if buckets.is_power_of_two() { buckets } else { buckets.next_power_of_two() / 2 };
+    let log_start = PAGE + buckets * PAGE;
+    let size = size.max(log_start + PAGE);
+    fh.allocate(0, size)?;
+    let seed = random_seed();
+    let info = StaticInfo { seed, log_start, first_index: PAGE };
+    fh.write_at(&encode_static(&info), 0)?;
+    let c = CheckpointInfo {
+        seq: 1,
+        state: STATE_CLEAN,
+        index_off: PAGE,
+        index_buckets: buckets,
+        log_end: log_start,
+        ..CheckpointInfo::default()
+    };
+    fh.write_at(&encode_checkpoint(seed, &c), checkpoint_off(1))?;
+    fh.sync_data()
+}
+
+/// Creates a new store at `path` atomically: built and synced under a temporary name, then
+/// linked into place (fails if someone else created `path` first: `Ok(None)`).
+fn create_new(path: &Path, opts: &Options) -> Result<Option<FileHandle>> {
+    let name = path
+        .file_name()
+        .ok_or(Error::InvalidOption("store path has no file name"))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = path.with_file_name(format!(".{name}.mapkv-new.{}.{:x}", std::process::id(), random_seed()));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| Error::io("create", e))?;
+    let result = (|| {
+        let fh = FileHandle::lock(f, true)?;
+        init_store(&fh, opts)?;
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => {
+                sync_dir(path)?;
+                Ok(Some(fh))
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(Error::io("link", e)),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+/// Removes leftovers of an interrupted compaction or creation next to `path`.
+fn cleanup_leftovers(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let name = name.to_string_lossy();
+    let compact_prefix = format!("{name}.compact-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        if n.starts_with(&compact_prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+pub(crate) fn open(path: &Path, opts: Options) -> Result<Inner> {
+    opts.validate()?;
+    let fh = if opts.read_only {
+        let f = OpenOptions::new()
+            .read(true)
+            .open(path)
+            .map_err(|e| Error::io("open", e))?;
+        FileHandle::lock(f, false)?
+    } else {
+        let existing = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => Some(FileHandle::lock(f, true)?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => create_new(path, &opts)?,
+            Err(e) => return Err(Error::io("open", e)),
+        };
+        let fh = match existing {
+            Some(fh) => fh,
+            None => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| Error::io("open", e))?;
+                FileHandle::lock(f, true)?
+            }
+        };
+        if fh.len()? == 0 {
+            init_store(&fh, &opts)?;
+        }
+        cleanup_leftovers(path);
+        fh
+    };
+    load(path.to_path_buf(), opts, Arc::new(fh))
+}
+
+fn header_error(e: HeaderError) -> Error {
+    match e {
+        HeaderError::BadMagic => Error::NotAStore { offset: 0 },
+        HeaderError::Version(major, minor) => Error::Version {
+            found: (major, minor),
+            supported: (crate::format::VERSION_MAJOR, crate::format::VERSION_MINOR),
+        },
+        HeaderError::Corrupt(what) => Error::corrupt(0, what),
+    }
+}
+
+/// Reads the superblock page and returns the static info and the current checkpoint (if
+/// any slot is valid) with the offset of its slot.
+pub(crate) fn read_superblock(fh: &FileHandle, len: u64) -> Result<(StaticInfo, Option<(CheckpointInfo, u64)>)> {
+    let mut sb = vec![0u8; usize::try_from(len.min(PAGE)).unwrap_or(0)];
+    fh.read_at(&mut sb, 0)?;
+    if sb.len() < MAGIC.len() || sb[..MAGIC.len()] != MAGIC {
+        return Err(Error::NotAStore { offset: 0 });
+    }
+    let info = decode_static(&sb).map_err(header_error)?;
+    let mut best: Option<(CheckpointInfo, u64)> = None;
+    for slot in 0..2 {
+        let off = checkpoint_off(slot);
+        let bytes = sb.get(off as usize..(off + SECTOR) as usize).unwrap_or(&[]);
+        if let Some(c) = decode_checkpoint(info.seed, bytes) {
+            if best.is_none_or(|(b, _)| c.seq > b.seq) {
+                best = Some((c, off));
+            }
+        }
+    }
+    Ok((info, best))
+}
+
+fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
+    let len = fh.len()?;
+    if len == 0 {
+        return Err(Error::NotAStore { offset: 0 });
+    }
+    let (info, best) = read_superblock(&fh, len)?;
+    let seed = info.seed;
+    let salvage = opts.salvage;
+    let mut report = RecoveryReport::default();
+
+    let (ckpt, mut full) = match best {
+        Some((c, slot_off)) => {
+            let idx_end = c
+                .index_buckets
+                .checked_mul(PAGE)
+                .and_then(|b| b.checked_add(c.index_off));
+            let fits = idx_end.is_some_and(|e| e <= len) && c.log_end <= len && c.log_end >= info.log_start;
+            if !fits && !salvage {
+                return Err(Error::corrupt(slot_off, "checkpoint points outside the file"));
+            }
+            (c, !fits || c.state == STATE_CHECKPOINTING || salvage)
+        }
+        None if salvage => (
+            CheckpointInfo {
+                index_off: PAGE,
+                index_buckets: ((info.log_start - PAGE) / PAGE).max(1),
+                log_end: info.log_start,
+                ..CheckpointInfo::default()
+            },
+            true,
+        ),
+        None => return Err(Error::corrupt(checkpoint_off(0), "both checkpoint slots are damaged")),
+    };
+    report.was_clean = ckpt.state == STATE_CLEAN && best.is_some();
+
+    let map = Arc::new(Mapping::new(&fh, crate::store::reservation(len), len, !opts.read_only, opts.populate)?);
+    map.advise(opts.access)?;
+
+    // Replay; if the checkpointed index turns out to be damaged and salvage is on, rebuild.
+    let (state, scan_end) = loop {
+        let mut st = State {
+            map: Arc::clone(&map),
+            file: Arc::clone(&fh),
+            seed,
+            index: IndexGeom { off: ckpt.index_off, buckets: ckpt.index_buckets },
+            delta: Delta::default(),
+            delta_only: full,
+            counters: if full {
+                Counters::default()
+            } else {
+                Counters {
+                    live_keys: ckpt.live_keys,
+                    live_bytes: ckpt.live_bytes,
+                    log_bytes: ckpt.log_bytes,
+                    dead_index_bytes: ckpt.dead_index_bytes,
+                }
+            },
+            writes: 0,
+        };
+        let start = if full { info.log_start } else { ckpt.log_end };
+        let mut err = None;
+        let end = scan(map.published_bytes(), seed, start, len, |recs| {
+            for r in recs {
+                if err.is_some() {
+                    return;
+                }
+                let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
+                if let Err(e) = st.apply(key_hash(seed, key), key, r) {
+                    err = Some(e);
+                }
+            }
+        });
+        match err {
+            None => break (st, end),
+            Some(_) if salvage && !full => full = true,
+            Some(e) => return Err(e),
+        }
+    };
+    report.rebuilt_index = full;
+    report.replayed_writes = scan_end.writes;
+    let valid_end = scan_end.valid_end;
+    match scan_end.stop {
+        StopReason::End => {}
+        StopReason::Invalid(pos, _) | StopReason::IncompleteBatch(pos) | StopReason::BadJump(pos) => {
+            if pos < ckpt.log_end && best.is_some() {
+                // Synced before the checkpoint was written: not a torn tail.
+                if !salvage {
+                    return Err(Error::corrupt(pos, "damaged record in the checkpointed part of the log"));
+                }
+                report.salvaged_bytes = ckpt.log_end - valid_end;
+            }
+            report.truncated_at = Some(valid_end);
+        }
+    }
+    if full && scan_end.stop != StopReason::End && best.is_none() {
+        report.salvaged_bytes = len - valid_end;
+    }
+    let mut state = state;
+    state.counters.dead_index_bytes = if full { 0 } else { state.counters.dead_index_bytes };
+    let mut tail = TailWriter::new(Arc::clone(&map));
+    // Not yet shared with any reader: lowering the published end is safe here.
+    tail.publish(valid_end);
+
+    let unclean = !report.was_clean || scan_end.writes > 0 || scan_end.stop != StopReason::End || full;
+    if unclean && !opts.read_only {
+        fh.zero_range(valid_end, len - valid_end)?;
+    }
+    let writer = Writer::new(tail, Arc::clone(&fh), valid_end, len, ckpt);
+    let inner = Inner::new(path, opts, seed, info.log_start, state, writer);
+    *inner.recovery.lock() = report;
+    if unclean && !inner.opts.read_only {
+        let mut w = inner.writer.lock();
+        inner.checkpoint(&mut w, STATE_CLEAN)?;
+    }
+    Ok(inner)
+}
+
+/// What [`Store::verify`](crate::Store::verify) checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VerifyReport {
+    /// Records whose checksums were verified (jumps included).
+    pub records: u64,
+    /// Complete writes found in the log.
+    pub writes: u64,
+    /// Live keys according to the log, all of which the index finds.
+    pub live_keys: u64,
+    /// Index buckets whose checksums were verified.
+    pub buckets: u64,
+    /// Bytes of log scanned.
+    pub log_bytes: u64,
+}
+
+pub(crate) fn verify(inner: &Inner) -> Result<VerifyReport> {
+    let st = inner.state.read();
+    let map = &st.map;
+    let end = map.published();
+    let mut rep = VerifyReport::default();
+    // 1. Every record of the log, and the live set it implies.
+    let mut live: HashMap<Vec<u8>, u64> = HashMap::new();
+    let scan_end = scan(map.published_bytes(), st.seed, inner.log_start, end, |recs| {
+        for r in recs {
+            rep.records += 1;
+            let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]).to_vec();
+            if r.kind == KIND_PUT {
+                live.insert(key, r.offset);
+            } else {
+                live.remove(&key);
+            }
+        }
+    });
+    rep.writes = scan_end.writes;
+    rep.log_bytes = scan_end.bytes;
+    match scan_end.stop {
+        StopReason::End if scan_end.valid_end == end => {}
+        StopReason::End => return Err(Error::corrupt(scan_end.valid_end, "log ends before its recorded end")),
+        StopReason::Invalid(p, _) | StopReason::IncompleteBatch(p) | StopReason::BadJump(p) => {
+            return Err(Error::corrupt(p, "record fails verification"))
+        }
+    }
+    // 2. Every bucket: checksum, slots point at valid records of the right key.
+    let mut in_buckets = 0u64;
+    if !st.delta_only {
+        for b in 0..st.index.buckets {
+            let bytes = st.bucket(b)?;
+            let boff = st.index.bucket_off(b);
+            if !bucket_crc_ok(bytes) {
+                return Err(Error::corrupt(boff, "index bucket checksum mismatch"));
+            }
+            let buf = BucketBuf::from_bytes(bytes);
+            if buf.entries().count() != buf.count() {
+                return Err(Error::corrupt(boff, "index bucket count mismatch"));
+            }
+            for (h, off) in buf.entries() {
+                let rec = crate::format::decode_record(map.published_bytes(), st.seed, off, end)
+                    .map_err(|_| Error::corrupt(boff, "index slot points at an invalid record"))?;
+                let key = st.key_of(&rec)?;
+                if key_hash(st.seed, key) != h || bucket_of(h, st.index.buckets) != b {
+                    return Err(Error::corrupt(boff, "index slot hash does not match its key"));
+                }
+                in_buckets += 1;
+            }
+            rep.buckets += 1;
+        }
+    }
+    // 3. The index (buckets + delta) finds exactly the live set.
+    for (key, off) in &live {
+        match st.find_live(key_hash(st.seed, key), key)? {
+            Some(r) if r.offset == *off => {}
+            _ => return Err(Error::corrupt(*off, "index does not find the newest record of a key")),
+        }
+    }
+    rep.live_keys = live.len() as u64;
+    if st.counters.live_keys != rep.live_keys {
+        return Err(Error::corrupt(0, "live key count in the checkpoint does not match the log"));
+    }
+    let _ = in_buckets;
+    Ok(rep)
+}

@@ -1,0 +1,1 @@
+//! Power-loss simulation (see module docs).

@@ -1,0 +1,919 @@
+//! [`Store`]: the public handle, the write path, group commit and checkpoints.
+//!
+//! # Commit protocol
+//!
+//! A write (a put, a delete or a whole [`Batch`]) is applied in these steps, all under
+//! the writer mutex, so writes are totally ordered by their position in the log:
+//!
+//! 1. The first write after open writes a checkpoint slot with state DIRTY and syncs it.
+//! 2. The records are encoded (a batch's records carry `BATCH_MORE`, except the last) and
+//!    copied to the log tail: `memcpy` into the mapping, or `pwrite` for policies that
+//!    sync often (so that write-back writes only the blocks the record touched rather than
+//!    a whole large page-cache folio) and for large values.
+//! 3. The tail is published, then the delta and counters are updated under the state
+//!    lock: from here on readers see the write.
+//! 4. The durability policy runs: `Always` waits for a sync covering the write (group
+//!    commit: one leader syncs for everyone waiting), `Async` starts write-back.
+//!
+//! # Checkpoint protocol
+//!
+//! When the delta grows large (or at clean close), its changes are written into the
+//! index buckets in the file:
+//!
+//! 1. Sync the log, so no bucket can ever point at a record that is not durable.
+//! 2. Write a checkpoint slot with state CHECKPOINTING and sync it.
+//! 3. Rewrite every affected bucket (`pwrite`, under the exclusive state lock per bucket),
+//!    then sync.
+//! 4. Write a checkpoint slot (DIRTY, or CLEAN at close) whose `log_end` is the tail, and
+//!    sync it. Clear the delta.
+//!
+//! A crash before step 2 completes leaves the old checkpoint: buckets untouched, replay
+//! from its `log_end`. A crash between 2 and 4 leaves CHECKPOINTING: buckets may be torn,
+//! so the index is rebuilt from the log. When the index must grow, steps 2-3 are replaced
+//! by writing a whole new index region after a JUMP record at the tail (the old region is
+//! not touched), so growth never needs a rebuild.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::batch::{Batch, Op};
+use crate::error::{Error, Result};
+use crate::format::{
+    bucket_of, checkpoint_off, encode_checkpoint, encode_record, page_up, record_len,
+    CheckpointInfo, RecordRef, FLAG_BATCH_MORE, JUMP_LEN, KIND_DELETE, KIND_JUMP,
+    KIND_PUT, PAGE, SLOTS_PER_BUCKET, STATE_CHECKPOINTING, STATE_CLEAN, STATE_DIRTY,
+};
+use crate::index::{key_hash, probe, BucketBuf, BucketFull};
+use crate::iter::Iter;
+use crate::map::{FileHandle, Mapping, SyncEvent, TailWriter};
+use crate::options::{Durability, Options};
+use crate::state::{IndexGeom, State};
+use crate::stats::{RecoveryReport, Stats};
+
+/// Checkpoint when the delta holds this many keys (bounds memory: ~17 bytes a key).
+const DELTA_MAX: usize = 200_000;
+/// ... or when this many log bytes were appended since the last checkpoint (bounds the
+/// replay after a crash).
+const REPLAY_MAX: u64 = 256 << 20;
+/// Values at least this large are appended with `pwrite` even under `None`/`Periodic`,
+/// so the copy does not happen while holding the mapping's tail.
+const PWRITE_THRESHOLD: usize = 256 << 10;
+/// Grow the index when the average bucket is this full...
+const MAX_LOAD: f64 = 0.70;
+/// ... to a size where it is at most this full.
+const GROW_LOAD: f64 = 0.40;
+/// Window prefaulted writable ahead of the tail with `populate(true)`.
+const PREFAULT_WINDOW: u64 = 4 << 20;
+
+/// An open mapkv store. `Send + Sync`: share it between threads with `Arc`.
+///
+/// Readers run concurrently with each other and with the writer; writers are serialized.
+/// Dropping the store closes it cleanly (checkpoint + sync); use [`Store::close`] to see
+/// errors from that.
+///
+/// Changing the file from outside mapkv while it is open (another program writing or
+/// truncating it) is unsupported: the store locks the file against other mapkv handles,
+/// and checks every byte it reads, but a file truncated under a live mapping makes the
+/// next access to the lost pages raise `SIGBUS`.
+#[derive(Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) path: PathBuf,
+    pub(crate) opts: Options,
+    pub(crate) seed: u64,
+    pub(crate) log_start: u64,
+    pub(crate) state: RwLock<State>,
+    pub(crate) writer: Mutex<Writer>,
+    sync: Mutex<SyncState>,
+    sync_cv: Condvar,
+    poisoned: AtomicBool,
+    /// The file grew since the last sync: the next sync must be `fdatasync`.
+    size_dirty: AtomicBool,
+    syncs: AtomicU64,
+    bytes_synced: AtomicU64,
+    checkpoints: AtomicU64,
+    shutdown: Mutex<bool>,
+    shutdown_cv: Condvar,
+    pub(crate) recovery: Mutex<RecoveryReport>,
+}
+
+/// Writer-side state, behind the writer mutex.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    pub(crate) tail: TailWriter,
+    pub(crate) file: Arc<FileHandle>,
+    /// Offset where the next record goes (== published end).
+    pub(crate) end: u64,
+    /// Allocated file length.
+    pub(crate) alloc: u64,
+    /// The checkpoint slot last written (or read at open).
+    pub(crate) ckpt: CheckpointInfo,
+    /// A DIRTY checkpoint was written in this session.
+    pub(crate) dirty_marked: bool,
+    buf: Vec<u8>,
+    prefaulted: u64,
+    /// An old index region to release once no checkpoint slot can refer to it:
+    /// (offset, length, seq of the checkpoint that stopped using it).
+    pending_punch: Option<(u64, u64, u64)>,
+    /// Writes applied (a batch counts once).
+    pub(crate) writes: u64,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    durable_end: u64,
+    durable_writes: u64,
+    syncing: bool,
+}
+
+/// Bytes of address space to reserve for a file of `len` bytes.
+pub(crate) fn reservation(len: u64) -> u64 {
+    let want = len.saturating_mul(2).max(1 << 30);
+    let cap = if usize::BITS >= 64 { 1u64 << 46 } else { 1 << 30 };
+    page_up(want.min(cap.max(len)))
+}
+
+impl Writer {
+    pub(crate) fn new(tail: TailWriter, file: Arc<FileHandle>, end: u64, alloc: u64, ckpt: CheckpointInfo) -> Self {
+        Writer {
+            tail,
+            file,
+            end,
+            alloc,
+            ckpt,
+            dirty_marked: false,
+            buf: Vec::new(),
+            prefaulted: 0,
+            pending_punch: None,
+            writes: 0,
+        }
+    }
+}
+
+enum ApplyError {
+    Full,
+    Other(Error),
+}
+
+impl From<Error> for ApplyError {
+    fn from(e: Error) -> Self {
+        ApplyError::Other(e)
+    }
+}
+
+impl Inner {
+    pub(crate) fn new(path: PathBuf, opts: Options, seed: u64, log_start: u64, state: State, writer: Writer) -> Self {
+        let end = writer.end;
+        Inner {
+            path,
+            opts,
+            seed,
+            log_start,
+            state: RwLock::new(state),
+            writer: Mutex::new(writer),
+            sync: Mutex::new(SyncState {
+                durable_end: end,
+                durable_writes: 0,
+                syncing: false,
+            }),
+            sync_cv: Condvar::new(),
+            poisoned: AtomicBool::new(false),
+            size_dirty: AtomicBool::new(false),
+            syncs: AtomicU64::new(0),
+            bytes_synced: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            shutdown: Mutex::new(false),
+            shutdown_cv: Condvar::new(),
+            recovery: Mutex::new(RecoveryReport::default()),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.opts.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        Ok(())
+    }
+
+    fn poison<T>(&self, e: Error) -> Result<T> {
+        self.poisoned.store(true, Ordering::Release);
+        Err(e)
+    }
+
+    fn notify(&self, ev: SyncEvent) {
+        if let Some(obs) = &self.opts.sync_observer {
+            obs.0.synced(&self.path, ev);
+        }
+    }
+
+    // ------------------------------------------------------------------ syncing
+
+    /// `fdatasync` of the whole file, by the writer (checkpoints). Everything published is
+    /// durable afterwards.
+    pub(crate) fn sync_file(&self, w: &Writer) -> Result<()> {
+        let writes = self.state.read().writes;
+        self.size_dirty.store(false, Ordering::Release);
+        if let Err(e) = w.file.sync_data() {
+            return self.poison(e);
+        }
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.notify(SyncEvent::File);
+        let mut s = self.sync.lock();
+        if w.end > s.durable_end {
+            self.bytes_synced.fetch_add(w.end - s.durable_end, Ordering::Relaxed);
+            s.durable_end = w.end;
+        }
+        s.durable_writes = s.durable_writes.max(writes);
+        Ok(())
+    }
+
+    /// Makes every byte of the log below `end` durable, sharing syncs between concurrent
+    /// callers (group commit). Skips the sync entirely if nothing is dirty.
+    fn sync_to(&self, end: u64) -> Result<()> {
+        let mut s = self.sync.lock();
+        loop {
+            if self.poisoned.load(Ordering::Acquire) {
+                return Err(Error::Poisoned);
+            }
+            if s.durable_end >= end && !self.size_dirty.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if s.syncing {
+                self.sync_cv.wait(&mut s);
+                continue;
+            }
+            s.syncing = true;
+            let from = s.durable_end;
+            drop(s);
+            // Everything published now is covered by this sync.
+            let (map, file, target, writes) = {
+                let st = self.state.read();
+                (Arc::clone(&st.map), Arc::clone(&st.file), st.map.published(), st.writes)
+            };
+            let r = if self.size_dirty.swap(false, Ordering::AcqRel) {
+                file.sync_data().map(|()| SyncEvent::File)
+            } else {
+                let start = crate::format::page_down(from.min(target));
+                map.sync_range(start, target - start)
+                    .map(|()| SyncEvent::Range { start, end: target })
+            };
+            s = self.sync.lock();
+            s.syncing = false;
+            self.sync_cv.notify_all();
+            match r {
+                Ok(ev) => {
+                    self.syncs.fetch_add(1, Ordering::Relaxed);
+                    self.notify(ev);
+                    if target > s.durable_end {
+                        self.bytes_synced.fetch_add(target - s.durable_end, Ordering::Relaxed);
+                        s.durable_end = target;
+                    }
+                    s.durable_writes = s.durable_writes.max(writes);
+                }
+                Err(e) => {
+                    self.poisoned.store(true, Ordering::Release);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ space
+
+    /// Makes sure `[0, need)` is allocated (and mapped), growing the file geometrically.
+    fn ensure_space(&self, w: &mut Writer, need: u64) -> Result<()> {
+        if need <= w.alloc {
+            return Ok(());
+        }
+        let step = w.alloc.clamp(1 << 20, 1 << 30);
+        let mut new_len = page_up(need.max(w.alloc + step));
+        if let Err(e) = w.file.allocate(w.alloc, new_len - w.alloc) {
+            // The geometric step may not fit on a nearly full disk; the exact need may.
+            let exact = page_up(need);
+            if exact >= new_len {
+                return Err(e);
+            }
+            w.file.allocate(w.alloc, exact - w.alloc)?;
+            new_len = exact;
+        }
+        w.alloc = new_len;
+        self.size_dirty.store(true, Ordering::Release);
+        if new_len > w.tail.mapping().reserved() {
+            let map = Arc::new(Mapping::new(
+                &w.file,
+                reservation(new_len),
+                w.tail.mapping().published(),
+                true,
+                false,
+            )?);
+            map.advise(self.opts.access)?;
+            w.tail.replace(Arc::clone(&map));
+            self.state.write().map = map;
+            w.prefaulted = 0;
+        }
+        Ok(())
+    }
+
+    fn prefault(&self, w: &mut Writer) {
+        if !self.opts.populate || w.end + PREFAULT_WINDOW / 2 < w.prefaulted {
+            return;
+        }
+        let from = crate::format::page_down(w.end.max(w.prefaulted));
+        let to = (from + PREFAULT_WINDOW).min(w.alloc);
+        if to > from {
+            w.tail.mapping().prefault_write(from, to - from);
+            w.prefaulted = to;
+        }
+    }
+
+    // ------------------------------------------------------------------ writes
+
+    fn mark_dirty(&self, w: &mut Writer) -> Result<()> {
+        if w.dirty_marked {
+            return Ok(());
+        }
+        let mut c = w.ckpt;
+        c.state = STATE_DIRTY;
+        self.write_checkpoint(w, c)?;
+        if let Err(e) = w.file.sync_data() {
+            return self.poison(e);
+        }
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.notify(SyncEvent::File);
+        w.dirty_marked = true;
+        Ok(())
+    }
+
+    fn write_checkpoint(&self, w: &mut Writer, mut c: CheckpointInfo) -> Result<()> {
+        c.seq = w.ckpt.seq + 1;
+        let bytes = encode_checkpoint(self.seed, &c);
+        let slot = (c.seq % 2) as usize;
+        if let Err(e) = w.file.write_at(&bytes, checkpoint_off(slot)) {
+            return self.poison(e);
+        }
+        w.ckpt = c;
+        Ok(())
+    }
+
+    /// Applies one write (a single op or a batch) atomically. Returns the log end after
+    /// it, or `None` if `only_if_present` is set and the (single) key does not exist, in
+    /// which case nothing is written.
+    fn write_ops(&self, ops: &[(u8, &[u8], &[u8])], only_if_present: bool) -> Result<Option<u64>> {
+        self.check_writable()?;
+        if ops.is_empty() {
+            return Ok(Some(0));
+        }
+        let mut total = 0u64;
+        for &(_, k, v) in ops {
+            if k.len() > self.opts.max_key_size {
+                return Err(Error::KeyTooLarge { len: k.len(), max: self.opts.max_key_size });
+            }
+            if v.len() > self.opts.max_value_size {
+                return Err(Error::ValueTooLarge { len: v.len(), max: self.opts.max_value_size });
+            }
+            total += record_len(k.len(), v.len());
+        }
+        let pwrite = matches!(self.opts.durability, Durability::Always | Durability::Async);
+        let mut w = self.writer.lock();
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        if only_if_present {
+            let k = ops[0].1;
+            let st = self.state.read();
+            if st.find_live(key_hash(self.seed, k), k)?.is_none() {
+                return Ok(None);
+            }
+        }
+        self.mark_dirty(&mut w)?;
+        let base = w.end;
+        self.ensure_space(&mut w, base + total)?;
+        let mut buf = std::mem::take(&mut w.buf);
+        buf.clear();
+        for (i, &(kind, k, v)) in ops.iter().enumerate() {
+            let flags = if i + 1 < ops.len() { FLAG_BATCH_MORE } else { 0 };
+            let off = base + buf.len() as u64;
+            encode_record(&mut buf, self.seed, off, kind, flags, k, v);
+        }
+        let alloc = w.alloc;
+        let r = if pwrite || buf.len() >= PWRITE_THRESHOLD {
+            w.file.write_at(&buf, base)
+        } else {
+            w.tail.write(base, &buf, alloc)
+        };
+        if let Err(e) = r {
+            w.buf = buf;
+            return self.poison(e);
+        }
+        let end = base + buf.len() as u64;
+        w.buf = buf;
+        {
+            let mut st = self.state.write();
+            w.tail.publish(end);
+            let mut off = base;
+            for &(kind, k, v) in ops {
+                let rec = RecordRef {
+                    offset: off,
+                    kind,
+                    flags: 0,
+                    key_len: k.len() as u32,
+                    val_len: v.len() as u32,
+                };
+                off = rec.end();
+                // A damaged old record only skews the counters; the new record is valid.
+                if st.apply(key_hash(self.seed, k), k, &rec).is_err() {
+                    continue;
+                }
+            }
+            st.writes += 1;
+        }
+        w.end = end;
+        w.writes += 1;
+        let (delta_len, since) = (self.state.read().delta.len(), end - w.ckpt.log_end);
+        if delta_len >= DELTA_MAX || since >= REPLAY_MAX {
+            self.checkpoint(&mut w, STATE_DIRTY)?;
+        }
+        if !pwrite {
+            self.prefault(&mut w);
+        }
+        drop(w);
+        match self.opts.durability {
+            Durability::Always => self.sync_to(end)?,
+            Durability::Async => {
+                let file = Arc::clone(&self.state.read().file);
+                if let Err(e) = file.start_writeback(base, end - base) {
+                    return self.poison(e);
+                }
+            }
+            Durability::None | Durability::Periodic(_) => {}
+        }
+        Ok(Some(end))
+    }
+
+    // ------------------------------------------------------------------ checkpoints
+
+    /// Writes the delta into the index (see the module docs), ending in state `fin`.
+    pub(crate) fn checkpoint(&self, w: &mut Writer, fin: u32) -> Result<()> {
+        self.sync_file(w)?;
+        let (geom, keys, delta_only, delta_empty) = {
+            let st = self.state.read();
+            (st.index, st.counters.live_keys, st.delta_only, st.delta.is_empty())
+        };
+        let max_keys = geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD;
+        let r = if delta_only || keys as f64 > max_keys {
+            let want = (keys as f64 / (SLOTS_PER_BUCKET as f64 * GROW_LOAD)).ceil() as u64;
+            self.grow_index(w, want.next_power_of_two().max(geom.buckets * 2), fin)
+        } else if delta_empty && w.end == w.ckpt.log_end {
+            let mut c = w.ckpt;
+            c.state = fin;
+            self.write_checkpoint(w, c)?;
+            self.sync_file(w)
+        } else {
+            match self.apply_in_place(w, fin) {
+                Ok(()) => Ok(()),
+                Err(ApplyError::Full) => self.grow_index(w, geom.buckets * 2, fin),
+                Err(ApplyError::Other(e)) => Err(e),
+            }
+        };
+        if r.is_ok() {
+            self.checkpoints.fetch_add(1, Ordering::Relaxed);
+            // Both slots now postdate the switch: the old region is unreachable.
+            if let Some((off, len, seq)) = w.pending_punch {
+                if w.ckpt.seq > seq {
+                    w.file.punch_hole(off, len);
+                    w.pending_punch = None;
+                }
+            }
+        }
+        r
+    }
+
+    fn counters_ckpt(&self, fin: u32, geom: IndexGeom, log_end: u64) -> CheckpointInfo {
+        let st = self.state.read();
+        CheckpointInfo {
+            seq: 0,
+            state: fin,
+            index_off: geom.off,
+            index_buckets: geom.buckets,
+            log_end,
+            live_keys: st.counters.live_keys,
+            live_bytes: st.counters.live_bytes,
+            log_bytes: st.counters.log_bytes,
+            dead_index_bytes: st.counters.dead_index_bytes,
+        }
+    }
+
+    /// Applies one delta entry to `buf`. `st` is the state (for reading records).
+    fn apply_entry(st: &State, buf: &mut BucketBuf, hash: u64, off: u64) -> Result<(), ApplyError> {
+        let rec = st.header(off)?;
+        let key = st.key_of(&rec)?;
+        let found = probe(&buf.bytes[..], hash, |o| -> Result<bool> {
+            let r = st.header(o)?;
+            Ok(r.key_len as usize == key.len() && st.key_of(&r)? == key)
+        })?;
+        if rec.kind == KIND_PUT {
+            buf.upsert(hash, off, found.map(|f| f.0))
+                .map_err(|BucketFull| ApplyError::Full)?;
+        } else if let Some((i, _)) = found {
+            buf.remove(i);
+        }
+        Ok(())
+    }
+
+    fn apply_in_place(&self, w: &mut Writer, fin: u32) -> Result<(), ApplyError> {
+        let (geom, mut entries) = {
+            let st = self.state.read();
+            let g = st.index;
+            let e: Vec<(u64, u64, u64)> = st
+                .delta
+                .iter()
+                .map(|(h, o)| (bucket_of(h, g.buckets), h, o))
+                .collect();
+            (g, e)
+        };
+        entries.sort_unstable();
+        let mut c = w.ckpt;
+        c.state = STATE_CHECKPOINTING;
+        self.write_checkpoint(w, c)?;
+        self.sync_file(w)?;
+        for group in entries.chunk_by(|a, b| a.0 == b.0) {
+            let b = group[0].0;
+            let buf = {
+                let st = self.state.read();
+                let mut buf = BucketBuf::from_bytes(st.bucket(b)?);
+                for &(_, h, o) in group {
+                    Self::apply_entry(&st, &mut buf, h, o)?;
+                }
+                buf.seal();
+                buf
+            };
+            let _excl = self.state.write();
+            if let Err(e) = w.file.write_at(&buf.bytes[..], geom.bucket_off(b)) {
+                return Err(ApplyError::Other(self.poison::<()>(e).unwrap_err()));
+            }
+        }
+        self.sync_file(w)?;
+        let c = self.counters_ckpt(fin, geom, w.end);
+        self.write_checkpoint(w, c)?;
+        self.sync_file(w)?;
+        self.state.write().delta.clear();
+        Ok(())
+    }
+
+    /// Writes a new index region of `buckets` buckets after a JUMP at the tail, holding
+    /// the old index plus the delta, and switches to it.
+    fn grow_index(&self, w: &mut Writer, mut buckets: u64, fin: u32) -> Result<()> {
+        loop {
+            match self.try_grow(w, buckets, fin) {
+                Ok(()) => return Ok(()),
+                Err(ApplyError::Full) if buckets < crate::format::MAX_BUCKETS => buckets *= 2,
+                Err(ApplyError::Full) => {
+                    return Err(Error::Unsupported("hash index cannot grow further"))
+                }
+                Err(ApplyError::Other(e)) => return Err(e),
+            }
+        }
+    }
+
+    fn try_grow(&self, w: &mut Writer, buckets: u64, fin: u32) -> Result<(), ApplyError> {
+        let jump_at = w.end;
+        let new = IndexGeom {
+            off: page_up(jump_at + JUMP_LEN),
+            buckets,
+        };
+        let new_log = new.off + new.bytes();
+        self.ensure_space(w, new_log + PAGE)?;
+        let (old, delta_only, mut entries) = {
+            let st = self.state.read();
+            let e: Vec<(u64, u64, u64)> = st
+                .delta
+                .iter()
+                .map(|(h, o)| (bucket_of(h, buckets), h, o))
+                .collect();
+            (st.index, st.delta_only, e)
+        };
+        entries.sort_unstable();
+        let mut next = 0usize;
+        for nb in 0..buckets {
+            let st = self.state.read();
+            let mut buf = BucketBuf::empty();
+            if !delta_only && old.buckets > 0 {
+                let ob = BucketBuf::from_bytes(st.bucket(nb & (old.buckets - 1))?);
+                for (h, o) in ob.entries() {
+                    if bucket_of(h, buckets) == nb {
+                        buf.upsert(h, o, None).map_err(|BucketFull| ApplyError::Full)?;
+                    }
+                }
+            }
+            while next < entries.len() && entries[next].0 == nb {
+                Self::apply_entry(&st, &mut buf, entries[next].1, entries[next].2)?;
+                next += 1;
+            }
+            drop(st);
+            if buf.count() > 0 {
+                buf.seal();
+                if let Err(e) = w.file.write_at(&buf.bytes[..], new.bucket_off(nb)) {
+                    return Err(ApplyError::Other(self.poison::<()>(e).unwrap_err()));
+                }
+            }
+        }
+        // The jump record, then publish past the new index region.
+        let mut jump = Vec::with_capacity(JUMP_LEN as usize);
+        encode_record(&mut jump, self.seed, jump_at, KIND_JUMP, 0, b"", &new_log.to_le_bytes());
+        if let Err(e) = w.file.write_at(&jump, jump_at) {
+            return Err(ApplyError::Other(self.poison::<()>(e).unwrap_err()));
+        }
+        {
+            let mut st = self.state.write();
+            w.tail.publish(new_log);
+            st.counters.log_bytes += JUMP_LEN;
+            if !delta_only {
+                st.counters.dead_index_bytes += old.bytes();
+            }
+        }
+        w.end = new_log;
+        self.sync_file(w)?;
+        let c = self.counters_ckpt(fin, new, new_log);
+        self.write_checkpoint(w, c)?;
+        self.sync_file(w)?;
+        {
+            let mut st = self.state.write();
+            st.index = new;
+            st.delta.clear();
+            st.delta_only = false;
+        }
+        if !delta_only {
+            // The other checkpoint slot still points at the old region; release it only
+            // after the next checkpoint (see `checkpoint`).
+            w.pending_punch = Some((old.off, old.bytes(), w.ckpt.seq));
+        }
+        w.prefaulted = 0;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Opens the store at `path`, creating it if it does not exist (unless read-only).
+    ///
+    /// Opening a cleanly closed store costs O(1) whatever its size: the index lives in the
+    /// file. After a crash, only the writes after the last checkpoint are replayed.
+    ///
+    /// # Errors
+    /// [`Error::Locked`] if another handle has the store open for writing,
+    /// [`Error::NotAStore`], [`Error::Version`] or [`Error::Corrupt`] for a file that is
+    /// not a usable store, [`Error::Io`] for system errors. Never panics on file content.
+    pub fn open(path: impl AsRef<Path>, options: Options) -> Result<Store> {
+        let inner = Arc::new(crate::recovery::open(path.as_ref(), options)?);
+        let flusher = match inner.opts.durability {
+            Durability::Periodic(every) if !inner.opts.read_only => {
+                let inner2 = Arc::clone(&inner);
+                Some(
+                    std::thread::Builder::new()
+                        .name("mapkv-flusher".into())
+                        .spawn(move || flusher(&inner2, every))
+                        .map_err(|e| Error::io("spawn flusher thread", e))?,
+                )
+            }
+            _ => None,
+        };
+        Ok(Store { inner, flusher })
+    }
+
+    /// Sets `key` to `value` (an empty value is a value, not a delete).
+    ///
+    /// # Errors
+    /// [`Error::KeyTooLarge`]/[`Error::ValueTooLarge`], [`Error::ReadOnly`], an I/O error
+    /// (a full disk while growing the file is one; nothing is lost), [`Error::Poisoned`].
+    pub fn put(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
+        self.inner
+            .write_ops(&[(KIND_PUT, key.as_ref(), value.as_ref())], false)
+            .map(drop)
+    }
+
+    /// Removes `key`; returns whether it existed.
+    ///
+    /// # Errors
+    /// As for [`Store::put`].
+    pub fn delete(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        let out = self
+            .inner
+            .write_ops(&[(KIND_DELETE, key.as_ref(), b"")], true)?;
+        Ok(out.is_some())
+    }
+
+    /// Applies every operation of `batch` atomically, in order: after any crash the store
+    /// holds all of them or none. An empty batch is a no-op.
+    ///
+    /// # Errors
+    /// As for [`Store::put`]; a rejected batch changes nothing.
+    pub fn write(&self, batch: &Batch) -> Result<()> {
+        let ops: Vec<(u8, &[u8], &[u8])> = batch
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(k, v) => (KIND_PUT, k.as_slice(), v.as_slice()),
+                Op::Delete(k) => (KIND_DELETE, k.as_slice(), &b""[..]),
+            })
+            .collect();
+        self.inner.write_ops(&ops, false).map(drop)
+    }
+
+    /// Returns a copy of the value of `key`.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] if the record found fails its checksum.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
+        self.get_with(key, <[u8]>::to_vec)
+    }
+
+    /// Calls `f` with the value of `key`, borrowed straight from the mapping (no copy),
+    /// and returns its result. Writers that need the index wait while `f` runs; keep it
+    /// short.
+    ///
+    /// # Errors
+    /// As for [`Store::get`].
+    pub fn get_with<R>(&self, key: impl AsRef<[u8]>, f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
+        let key = key.as_ref();
+        let h = key_hash(self.inner.seed, key);
+        let st = self.inner.state.read();
+        match st.find_live(h, key)? {
+            Some(rec) => Ok(Some(f(st.value_of(&rec)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// True if `key` has a value.
+    ///
+    /// # Errors
+    /// As for [`Store::get`].
+    pub fn contains_key(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        let key = key.as_ref();
+        let h = key_hash(self.inner.seed, key);
+        Ok(self.inner.state.read().find_live(h, key)?.is_some())
+    }
+
+    /// Makes everything written before the call durable. Costs nothing if nothing changed
+    /// since the last sync (a sync of a clean file still costs a device flush).
+    ///
+    /// # Errors
+    /// The sync's I/O error; after one the store is poisoned.
+    pub fn flush(&self) -> Result<()> {
+        if self.inner.opts.read_only {
+            return Ok(());
+        }
+        let end = self.inner.state.read().map.published();
+        self.inner.sync_to(end)
+    }
+
+    /// Number of live keys.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        usize::try_from(self.inner.state.read().counters.live_keys).unwrap_or(usize::MAX)
+    }
+
+    /// True if the store holds no key.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Iterates over every live pair, each exactly once, as of the moment of the call
+    /// (a snapshot: later writes are not seen). Pairs come in log order.
+    #[must_use]
+    pub fn iter(&self) -> Iter {
+        Iter::new(&self.inner)
+    }
+
+    /// Rewrites the live records into a fresh file and switches to it atomically,
+    /// reclaiming the space of overwritten and deleted records and of old index regions.
+    ///
+    /// # Errors
+    /// I/O errors; the store is unchanged if compaction fails.
+    pub fn compact(&self) -> Result<()> {
+        crate::compact::compact(&self.inner)
+    }
+
+    /// Checks every record checksum in the log and every index entry against the log.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] naming the first damage found.
+    pub fn verify(&self) -> Result<crate::VerifyReport> {
+        crate::recovery::verify(&self.inner)
+    }
+
+    /// Counters and sizes; see [`Stats`].
+    #[must_use]
+    pub fn stats(&self) -> Stats {
+        let inner = &*self.inner;
+        let (alloc, end) = if inner.opts.read_only {
+            let st = inner.state.read();
+            (st.file.len().unwrap_or(0), st.map.published())
+        } else {
+            let w = inner.writer.lock();
+            (w.alloc, w.end)
+        };
+        let st = inner.state.read();
+        let c = st.counters;
+        let s = inner.sync.lock();
+        Stats {
+            live_keys: c.live_keys,
+            live_bytes: c.live_bytes,
+            dead_bytes: c.log_bytes.saturating_sub(c.live_bytes),
+            log_bytes: c.log_bytes,
+            index_bytes: st.index.bytes(),
+            dead_index_bytes: c.dead_index_bytes,
+            file_size: alloc,
+            log_end: end,
+            mapped_bytes: st.map.reserved(),
+            resident_bytes: st.map.resident_pages(alloc) * PAGE,
+            space_amplification: if c.live_bytes == 0 {
+                1.0
+            } else {
+                alloc as f64 / c.live_bytes as f64
+            },
+            writes: st.writes,
+            syncs: inner.syncs.load(Ordering::Relaxed),
+            bytes_synced: inner.bytes_synced.load(Ordering::Relaxed),
+            checkpoints: inner.checkpoints.load(Ordering::Relaxed),
+            bytes_at_risk: if inner.opts.read_only { 0 } else { end.saturating_sub(s.durable_end) },
+            writes_at_risk: if inner.opts.read_only { 0 } else { st.writes.saturating_sub(s.durable_writes) },
+            delta_entries: st.delta.len() as u64,
+            delta_heap_bytes: st.delta.heap_bytes() as u64,
+            durability: inner.opts.durability,
+            populated: inner.opts.populate,
+            recovery: inner.recovery.lock().clone(),
+        }
+    }
+
+    /// The path the store was opened with.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Closes the store cleanly (checkpoint, sync, mark clean) and reports errors, which
+    /// dropping the store cannot.
+    ///
+    /// # Errors
+    /// The I/O error of the final checkpoint; the store then recovers at the next open.
+    pub fn close(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if let Some(t) = self.flusher.take() {
+            *self.inner.shutdown.lock() = true;
+            self.inner.shutdown_cv.notify_all();
+            let _ = t.join();
+        }
+        let inner = &*self.inner;
+        if inner.opts.read_only || inner.poisoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut w = inner.writer.lock();
+        let changed = w.dirty_marked || w.ckpt.state != STATE_CLEAN || w.end != w.ckpt.log_end;
+        if changed {
+            inner.checkpoint(&mut w, STATE_CLEAN)?;
+            w.dirty_marked = false;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+fn flusher(inner: &Inner, every: std::time::Duration) {
+    let mut next = std::time::Instant::now() + every;
+    loop {
+        {
+            let mut stop = inner.shutdown.lock();
+            while !*stop && std::time::Instant::now() < next {
+                let _ = inner.shutdown_cv.wait_until(&mut stop, next);
+            }
+            if *stop {
+                return;
+            }
+        }
+        next = std::time::Instant::now() + every;
+        let end = inner.state.read().map.published();
+        // An error poisons the store; writers will report it.
+        let _ = inner.sync_to(end);
+    }
+}
+
