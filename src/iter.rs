@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::format::{decode_record, KIND_PUT};
 use crate::index::BucketBuf;
 use crate::map::Mapping;
+use crate::state::State;
 use crate::store::Inner;
 
 /// Iterator over the live pairs of a store as of the call to
@@ -23,48 +24,10 @@ pub struct Iter {
 impl Iter {
     pub(crate) fn new(inner: &Inner) -> Iter {
         let st = inner.state.read();
-        let mut offsets = Vec::with_capacity(usize::try_from(st.counters.live_keys).unwrap_or(0));
-        let mut err = None;
-        // Delta entries that are puts.
-        for (_, off) in st.delta.iter() {
-            if st.header(off).is_ok_and(|r| r.kind == KIND_PUT) {
-                offsets.push(off);
-            }
-        }
-        // Bucket entries not superseded by the delta.
-        if !st.delta_only {
-            'buckets: for b in 0..st.index.buckets {
-                let bucket = match st.bucket(b) {
-                    Ok(x) => BucketBuf::from_bytes(x),
-                    Err(e) => {
-                        err = Some(e);
-                        break;
-                    }
-                };
-                for (h, off) in bucket.entries() {
-                    let mut superseded = false;
-                    for d in st.delta.candidates(h) {
-                        let same = match (st.header(off), st.header(d)) {
-                            (Ok(a), Ok(b)) => match (st.key_of(&a), st.key_of(&b)) {
-                                (Ok(ka), Ok(kb)) => ka == kb,
-                                _ => false,
-                            },
-                            _ => false,
-                        };
-                        if same {
-                            superseded = true;
-                            break;
-                        }
-                    }
-                    if !superseded {
-                        offsets.push(off);
-                    }
-                    if offsets.len() > usize::MAX / 16 {
-                        break 'buckets;
-                    }
-                }
-            }
-        }
+        let (mut offsets, err) = match live_offsets(&st) {
+            Ok(o) => (o, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
         offsets.sort_unstable();
         Iter {
             map: Arc::clone(&st.map),
@@ -73,6 +36,37 @@ impl Iter {
             err,
         }
     }
+}
+
+/// Offsets of the live put records (unsorted): delta puts, plus bucket entries whose key
+/// the delta does not supersede.
+pub(crate) fn live_offsets(st: &State) -> Result<Vec<u64>> {
+    let mut offsets = Vec::with_capacity(usize::try_from(st.counters.live_keys).unwrap_or(0));
+    for (_, off) in st.delta.iter() {
+        if st.header(off)?.kind == KIND_PUT {
+            offsets.push(off);
+        }
+    }
+    if st.delta_only {
+        return Ok(offsets);
+    }
+    for b in 0..st.index.buckets {
+        let bucket = BucketBuf::from_bytes(st.bucket(b)?);
+        for (h, off) in bucket.entries() {
+            let mut superseded = false;
+            for d in st.delta.candidates(h) {
+                let (a, b) = (st.header(off)?, st.header(d)?);
+                if st.key_of(&a)? == st.key_of(&b)? {
+                    superseded = true;
+                    break;
+                }
+            }
+            if !superseded {
+                offsets.push(off);
+            }
+        }
+    }
+    Ok(offsets)
 }
 
 impl Iterator for Iter {

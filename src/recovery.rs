@@ -239,6 +239,7 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
             map: Arc::clone(&map),
             file: Arc::clone(&fh),
             seed,
+            log_start: info.log_start,
             index: IndexGeom { off: ckpt.index_off, buckets: ckpt.index_buckets },
             delta: Delta::default(),
             delta_only: full,
@@ -303,7 +304,7 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
         fh.zero_range(valid_end, len - valid_end)?;
     }
     let writer = Writer::new(tail, Arc::clone(&fh), valid_end, len, ckpt);
-    let inner = Inner::new(path, opts, seed, info.log_start, state, writer);
+    let inner = Inner::new(path, opts, seed, state, writer);
     *inner.recovery.lock() = report;
     if unclean && !inner.opts.read_only {
         let mut w = inner.writer.lock();
@@ -335,7 +336,7 @@ pub(crate) fn verify(inner: &Inner) -> Result<VerifyReport> {
     let mut rep = VerifyReport::default();
     // 1. Every record of the log, and the live set it implies.
     let mut live: HashMap<Vec<u8>, u64> = HashMap::new();
-    let scan_end = scan(map.published_bytes(), st.seed, inner.log_start, end, |recs| {
+    let scan_end = scan(map.published_bytes(), st.seed, st.log_start, end, |recs| {
         for r in recs {
             rep.records += 1;
             let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]).to_vec();

@@ -45,6 +45,8 @@ pub(crate) struct State {
     /// The store file (replaced by compaction together with `map`).
     pub(crate) file: Arc<FileHandle>,
     pub(crate) seed: u64,
+    /// Offset of the first log record (from the static header).
+    pub(crate) log_start: u64,
     pub(crate) index: IndexGeom,
     pub(crate) delta: Delta,
     /// The buckets in the file are not trustworthy (read-only open of a store whose

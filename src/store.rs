@@ -90,7 +90,6 @@ pub(crate) struct Inner {
     pub(crate) path: PathBuf,
     pub(crate) opts: Options,
     pub(crate) seed: u64,
-    pub(crate) log_start: u64,
     pub(crate) state: RwLock<State>,
     pub(crate) writer: Mutex<Writer>,
     sync: Mutex<SyncState>,
@@ -171,13 +170,12 @@ impl From<Error> for ApplyError {
 }
 
 impl Inner {
-    pub(crate) fn new(path: PathBuf, opts: Options, seed: u64, log_start: u64, state: State, writer: Writer) -> Self {
+    pub(crate) fn new(path: PathBuf, opts: Options, seed: u64, state: State, writer: Writer) -> Self {
         let end = writer.end;
         Inner {
             path,
             opts,
             seed,
-            log_start,
             state: RwLock::new(state),
             writer: Mutex::new(writer),
             sync: Mutex::new(SyncState {
@@ -195,6 +193,54 @@ impl Inner {
             shutdown_cv: Condvar::new(),
             recovery: Mutex::new(RecoveryReport::default()),
         }
+    }
+
+    pub(crate) fn check_not_poisoned(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn poison_pub<T>(&self, e: Error) -> Result<T> {
+        self.poison(e)
+    }
+
+    pub(crate) fn notify_pub(&self, ev: SyncEvent) {
+        self.notify(ev);
+    }
+
+    pub(crate) fn notify_path(&self, path: &Path, ev: SyncEvent) {
+        if let Some(obs) = &self.opts.sync_observer {
+            obs.0.synced(path, ev);
+        }
+    }
+
+    /// Switches the store to a freshly compacted file (writer mutex held).
+    pub(crate) fn install_compacted(&self, w: &mut Writer, c: crate::compact::Compacted) {
+        {
+            let mut st = self.state.write();
+            st.map = Arc::clone(&c.map);
+            st.file = Arc::clone(&c.file);
+            st.index = c.index;
+            st.log_start = c.log_start;
+            st.delta.clear();
+            st.delta_only = false;
+            st.counters = c.counters;
+        }
+        w.tail = TailWriter::new(c.map);
+        w.tail.publish(c.log_end);
+        w.file = c.file;
+        w.end = c.log_end;
+        w.alloc = c.alloc;
+        w.ckpt = c.ckpt;
+        w.dirty_marked = false;
+        w.prefaulted = 0;
+        w.pending_punch = None;
+        self.size_dirty.store(false, Ordering::Release);
+        let mut s = self.sync.lock();
+        s.durable_end = c.log_end;
+        s.durable_writes = self.state.read().writes;
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -257,12 +303,15 @@ impl Inner {
             s.syncing = true;
             let from = s.durable_end;
             drop(s);
+            // Clear the size flag *before* sampling the tail: a growth after this point
+            // sets it again, a growth before it is covered by the fdatasync below.
+            let size_changed = self.size_dirty.swap(false, Ordering::AcqRel);
             // Everything published now is covered by this sync.
             let (map, file, target, writes) = {
                 let st = self.state.read();
                 (Arc::clone(&st.map), Arc::clone(&st.file), st.map.published(), st.writes)
             };
-            let r = if self.size_dirty.swap(false, Ordering::AcqRel) {
+            let r = if size_changed {
                 file.sync_data().map(|()| SyncEvent::File)
             } else {
                 let start = crate::format::page_down(from.min(target));
@@ -419,7 +468,7 @@ impl Inner {
         }
         let end = base + buf.len() as u64;
         w.buf = buf;
-        {
+        let delta_len = {
             let mut st = self.state.write();
             w.tail.publish(end);
             let mut off = base;
@@ -438,10 +487,11 @@ impl Inner {
                 }
             }
             st.writes += 1;
-        }
+            st.delta.len()
+        };
         w.end = end;
         w.writes += 1;
-        let (delta_len, since) = (self.state.read().delta.len(), end - w.ckpt.log_end);
+        let since = end - w.ckpt.log_end;
         if delta_len >= DELTA_MAX || since >= REPLAY_MAX {
             self.checkpoint(&mut w, STATE_DIRTY)?;
         }
@@ -458,6 +508,13 @@ impl Inner {
                 }
             }
             Durability::None | Durability::Periodic(_) => {}
+        }
+        if let Some(ac) = self.opts.auto_compact {
+            let c = self.state.read().counters;
+            let dead = c.log_bytes.saturating_sub(c.live_bytes) + c.dead_index_bytes;
+            if c.log_bytes >= ac.min_log_bytes && dead as f64 > ac.dead_ratio * c.log_bytes as f64 {
+                crate::compact::compact(self)?;
+            }
         }
         Ok(Some(end))
     }

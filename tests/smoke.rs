@@ -32,3 +32,55 @@ fn smoke() {
         assert_eq!(s.iter().count(), n - 1);
     }
 }
+
+#[test]
+fn compaction_reclaims_space_and_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.mkv");
+    let s = Store::open(&p, Options::default().durability(Durability::None)).unwrap();
+    let val = |i: u32, round: u32| format!("{i:08}-{round}-{}", "x".repeat(190)).into_bytes();
+    for round in 0..4 {
+        for i in 0..10_000u32 {
+            s.put(format!("key{i:06}"), val(i, round)).unwrap();
+        }
+    }
+    for i in 0..1000u32 {
+        s.delete(format!("key{i:06}")).unwrap();
+    }
+    let before = s.stats();
+    s.compact().unwrap();
+    let after = s.stats();
+    let live_kv: u64 = (1000..10_000u32).map(|i| 9 + val(i, 3).len() as u64).sum();
+    let amp = after.file_size as f64 / live_kv as f64;
+    assert!(amp <= 1.5, "amplification {amp} before {before:?} after {after:?}");
+    assert!(after.file_size < before.file_size);
+    assert_eq!(s.len(), 9000);
+    for i in 0..10_000u32 {
+        let got = s.get(format!("key{i:06}")).unwrap();
+        assert_eq!(got, if i < 1000 { None } else { Some(val(i, 3)) });
+    }
+    s.verify().unwrap();
+    s.put(b"after", b"compaction").unwrap();
+    drop(s);
+    let s = Store::open(&p, Options::default()).unwrap();
+    assert_eq!(s.len(), 9001);
+    assert_eq!(s.get(b"after").unwrap(), Some(b"compaction".to_vec()));
+    assert_eq!(s.get(b"key005000").unwrap(), Some(val(5000, 3)));
+    s.verify().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(leftovers.len(), 1);
+}
+
+#[test]
+fn populate_open_and_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.mkv");
+    let s = Store::open(&p, Options::default().populate(true)).unwrap();
+    for i in 0..20_000u32 {
+        s.put(i.to_le_bytes(), [7u8; 100]).unwrap();
+    }
+    drop(s);
+    let s = Store::open(&p, Options::default().populate(true).read_only(true)).unwrap();
+    assert_eq!(s.len(), 20_000);
+    assert_eq!(s.get(5u32.to_le_bytes()).unwrap(), Some(vec![7u8; 100]));
+}
