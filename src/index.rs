@@ -204,6 +204,14 @@ impl Hasher for IdentityHasher {
 
 type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
 
+/// Delta values carry "this is a delete" in the top bit (file offsets stay below 2^63), so
+/// a checkpoint knows each entry's kind without reading the record.
+const DELETE_TAG: u64 = 1 << 63;
+
+fn untag(v: u64) -> (u64, bool) {
+    (v & !DELETE_TAG, v & DELETE_TAG != 0)
+}
+
 /// Changes since the last checkpoint: key hash → offset of the newest record (put or
 /// delete) for each key changed. Distinct keys with equal 64-bit hashes are kept apart in
 /// a side table (`more`), which is almost always empty.
@@ -230,43 +238,56 @@ impl Delta {
         self.len = 0;
     }
 
-    /// Offsets of the newest records of all keys with this hash.
-    pub(crate) fn candidates(&self, hash: u64) -> impl Iterator<Item = u64> + '_ {
+    /// The newest records of all keys with this hash: (offset, is a delete).
+    pub(crate) fn candidates(&self, hash: u64) -> impl Iterator<Item = (u64, bool)> + '_ {
         self.first
             .get(&hash)
             .copied()
             .into_iter()
             .chain(self.more.get(&hash).into_iter().flatten().copied())
+            .map(untag)
     }
 
-    /// Records that the newest record for the key is at `off`. `same_key(prev)` tells
-    /// whether the record at a previous offset with the same hash is the same key.
-    pub(crate) fn set(&mut self, hash: u64, off: u64, mut same_key: impl FnMut(u64) -> bool) {
+    /// Records that the newest record for the key is at `off` (a delete if `delete`).
+    /// `same_key(prev)` tells whether the record at a previous offset with the same hash
+    /// holds the same key.
+    pub(crate) fn set(
+        &mut self,
+        hash: u64,
+        off: u64,
+        delete: bool,
+        mut same_key: impl FnMut(u64) -> bool,
+    ) {
+        let tagged = off | if delete { DELETE_TAG } else { 0 };
         match self.first.get_mut(&hash) {
             None => {
-                self.first.insert(hash, off);
+                self.first.insert(hash, tagged);
                 self.len += 1;
             }
-            Some(prev) if same_key(*prev) => *prev = off,
+            Some(prev) if same_key(untag(*prev).0) => *prev = tagged,
             Some(_) => {
                 let v = self.more.entry(hash).or_default();
-                if let Some(p) = v.iter_mut().find(|p| same_key(**p)) {
-                    *p = off;
+                if let Some(p) = v.iter_mut().find(|p| same_key(untag(**p).0)) {
+                    *p = tagged;
                 } else {
-                    v.push(off);
+                    v.push(tagged);
                     self.len += 1;
                 }
             }
         }
     }
 
-    /// Every (hash, offset) in the delta.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.first.iter().map(|(&h, &o)| (h, o)).chain(
-            self.more
-                .iter()
-                .flat_map(|(&h, v)| v.iter().map(move |&o| (h, o))),
-        )
+    /// Every (hash, offset, is a delete) in the delta.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
+        let first = self.first.iter().map(|(&h, &o)| (h, o));
+        let more = self
+            .more
+            .iter()
+            .flat_map(|(&h, v)| v.iter().map(move |&o| (h, o)));
+        first.chain(more).map(|(h, o)| {
+            let (off, del) = untag(o);
+            (h, off, del)
+        })
     }
 
     /// Approximate heap bytes used.
@@ -329,12 +350,13 @@ mod tests {
         let mut d = Delta::default();
         // Pretend offsets 1 and 2 hold key "a", 3 holds key "b"; all with hash 9.
         let key_of = |o: u64| if o == 3 { 'b' } else { 'a' };
-        d.set(9, 1, |_| true);
-        d.set(9, 3, |p| key_of(p) == 'b');
-        d.set(9, 2, |p| key_of(p) == 'a');
+        d.set(9, 1, false, |_| true);
+        d.set(9, 3, false, |p| key_of(p) == 'b');
+        d.set(9, 2, true, |p| key_of(p) == 'a');
         assert_eq!(d.len(), 2);
-        let mut c: Vec<u64> = d.candidates(9).collect();
+        let mut c: Vec<(u64, bool)> = d.candidates(9).collect();
         c.sort_unstable();
-        assert_eq!(c, vec![2, 3]);
+        assert_eq!(c, vec![(2, true), (3, false)]);
+        assert_eq!(d.iter().count(), 2);
     }
 }

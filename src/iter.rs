@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::format::{decode_record, KIND_PUT};
+use crate::format::decode_record;
 use crate::index::BucketBuf;
 use crate::map::Mapping;
 use crate::state::State;
@@ -42,8 +42,8 @@ impl Iter {
 /// the delta does not supersede.
 pub(crate) fn live_offsets(st: &State) -> Result<Vec<u64>> {
     let mut offsets = Vec::with_capacity(usize::try_from(st.counters.live_keys).unwrap_or(0));
-    for (_, off) in st.delta.iter() {
-        if st.header(off)?.kind == KIND_PUT {
+    for (_, off, delete) in st.delta.iter() {
+        if !delete {
             offsets.push(off);
         }
     }
@@ -54,7 +54,7 @@ pub(crate) fn live_offsets(st: &State) -> Result<Vec<u64>> {
         let bucket = BucketBuf::from_bytes(st.bucket(b)?);
         for (h, off) in bucket.entries() {
             let mut superseded = false;
-            for d in st.delta.candidates(h) {
+            for (d, _) in st.delta.candidates(h) {
                 let (a, b) = (st.header(off)?, st.header(d)?);
                 if st.key_of(&a)? == st.key_of(&b)? {
                     superseded = true;

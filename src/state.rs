@@ -99,7 +99,7 @@ impl State {
 
     /// The newest record for `key`: a put, a delete (only from the delta), or none.
     pub(crate) fn find(&self, hash: u64, key: &[u8]) -> Result<Option<RecordRef>> {
-        for off in self.delta.candidates(hash) {
+        for (off, _) in self.delta.candidates(hash) {
             if self.is_key(off, key)? {
                 return Ok(Some(self.header(off)?));
             }
@@ -141,7 +141,7 @@ impl State {
             c.live_keys += 1;
         }
         let map = &self.map;
-        self.delta.set(hash, rec.offset, |prev| {
+        self.delta.set(hash, rec.offset, rec.kind == KIND_DELETE, |prev| {
             decode_record_header(map.published_bytes(), prev, map.published())
                 .ok()
                 .and_then(|p| map.read(p.key_off(), u64::from(p.key_len)))

@@ -55,7 +55,7 @@ use crate::state::{IndexGeom, State};
 use crate::stats::{RecoveryReport, Stats};
 
 /// Checkpoint when the delta holds this many keys (bounds memory: ~17 bytes a key).
-const DELTA_MAX: usize = 200_000;
+const DELTA_MAX: usize = 450_000;
 /// ... or when this many log bytes were appended since the last checkpoint (bounds the
 /// replay after a crash).
 const REPLAY_MAX: u64 = 256 << 20;
@@ -522,8 +522,11 @@ impl Inner {
     // ------------------------------------------------------------------ checkpoints
 
     /// Writes the delta into the index (see the module docs), ending in state `fin`.
+    ///
+    /// No separate log sync is needed first: the in-place path makes a CHECKPOINTING slot
+    /// durable (with an `fdatasync` that also writes the log) before touching a bucket, and
+    /// the growth path writes only into unused space until one sync covers log and index.
     pub(crate) fn checkpoint(&self, w: &mut Writer, fin: u32) -> Result<()> {
-        self.sync_file(w)?;
         let (geom, keys, delta_only, delta_empty) = {
             let st = self.state.read();
             (st.index, st.counters.live_keys, st.delta_only, st.delta.is_empty())
@@ -572,15 +575,29 @@ impl Inner {
         }
     }
 
-    /// Applies one delta entry to `buf`. `st` is the state (for reading records).
-    fn apply_entry(st: &State, buf: &mut BucketBuf, hash: u64, off: u64) -> Result<(), ApplyError> {
-        let rec = st.header(off)?;
-        let key = st.key_of(&rec)?;
+    /// Applies one delta entry (`off`, a delete if `del`) to `buf`. The record is read
+    /// only if the bucket holds another entry with the same hash (to compare keys).
+    fn apply_entry(
+        st: &State,
+        buf: &mut BucketBuf,
+        hash: u64,
+        off: u64,
+        del: bool,
+    ) -> Result<(), ApplyError> {
+        let mut key: Option<&[u8]> = None;
         let found = probe(&buf.bytes[..], hash, |o| -> Result<bool> {
+            let k = match key {
+                Some(k) => k,
+                None => {
+                    let k = st.key_of(&st.header(off)?)?;
+                    key = Some(k);
+                    k
+                }
+            };
             let r = st.header(o)?;
-            Ok(r.key_len as usize == key.len() && st.key_of(&r)? == key)
+            Ok(r.key_len as usize == k.len() && st.key_of(&r)? == k)
         })?;
-        if rec.kind == KIND_PUT {
+        if !del {
             buf.upsert(hash, off, found.map(|f| f.0))
                 .map_err(|BucketFull| ApplyError::Full)?;
         } else if let Some((i, _)) = found {
@@ -593,14 +610,14 @@ impl Inner {
         let (geom, mut entries) = {
             let st = self.state.read();
             let g = st.index;
-            let e: Vec<(u64, u64, u64)> = st
+            let e: Vec<(u64, u64, u64, bool)> = st
                 .delta
                 .iter()
-                .map(|(h, o)| (bucket_of(h, g.buckets), h, o))
+                .map(|(h, o, d)| (bucket_of(h, g.buckets), h, o, d))
                 .collect();
             (g, e)
         };
-        entries.sort_unstable();
+        entries.sort_unstable_by_key(|e| e.0);
         let mut c = w.ckpt;
         c.state = STATE_CHECKPOINTING;
         self.write_checkpoint(w, c)?;
@@ -610,8 +627,8 @@ impl Inner {
             let buf = {
                 let st = self.state.read();
                 let mut buf = BucketBuf::from_bytes(st.bucket(b)?);
-                for &(_, h, o) in group {
-                    Self::apply_entry(&st, &mut buf, h, o)?;
+                for &(_, h, o, d) in group {
+                    Self::apply_entry(&st, &mut buf, h, o, d)?;
                 }
                 buf.seal();
                 buf
@@ -654,14 +671,14 @@ impl Inner {
         self.ensure_space(w, new_log + PAGE)?;
         let (old, delta_only, mut entries) = {
             let st = self.state.read();
-            let e: Vec<(u64, u64, u64)> = st
+            let e: Vec<(u64, u64, u64, bool)> = st
                 .delta
                 .iter()
-                .map(|(h, o)| (bucket_of(h, buckets), h, o))
+                .map(|(h, o, d)| (bucket_of(h, buckets), h, o, d))
                 .collect();
             (st.index, st.delta_only, e)
         };
-        entries.sort_unstable();
+        entries.sort_unstable_by_key(|e| e.0);
         let mut next = 0usize;
         for nb in 0..buckets {
             let st = self.state.read();
@@ -675,7 +692,8 @@ impl Inner {
                 }
             }
             while next < entries.len() && entries[next].0 == nb {
-                Self::apply_entry(&st, &mut buf, entries[next].1, entries[next].2)?;
+                let (_, h, o, d) = entries[next];
+                Self::apply_entry(&st, &mut buf, h, o, d)?;
                 next += 1;
             }
             drop(st);
