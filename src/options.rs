@@ -25,9 +25,12 @@ pub enum Durability {
     /// `msync(MS_ASYNC)` is not used: on Linux since 2.6.19 it does nothing (measured here:
     /// 0.3 µs, no I/O). `sync_file_range` really queues the data write, but it neither waits
     /// for it nor flushes the device's volatile write cache, and it does not persist file
-    /// size changes, so it is **not** durable. On power loss a bounded recent window may be
-    /// lost: what is still queued or sitting in the disk cache (typically milliseconds).
-    /// Appends use `pwrite` so write-back writes only the blocks a record touched.
+    /// size changes, so it is **not** durable by itself. To bound the window, a background
+    /// thread also makes everything durable (`fdatasync`, only when something is dirty) at
+    /// least once a second. On power loss, writes of about the last second may be lost;
+    /// most of them usually survive, since their write-back started at once. Appends use
+    /// `pwrite` so write-back writes only the blocks a record touched, not whole page-cache
+    /// folios (which on ext4 can be 2 MiB).
     Async,
     /// A background thread makes everything durable at least once per interval
     /// (`fdatasync` only when something is dirty). On power loss at most about one

@@ -66,6 +66,9 @@ const PWRITE_THRESHOLD: usize = 256 << 10;
 const MAX_LOAD: f64 = 0.70;
 /// ... to a size where it is at most this full.
 const GROW_LOAD: f64 = 0.40;
+/// Under `Async`, a background `fdatasync` at least this often bounds the window at risk
+/// (write-back alone never flushes the device cache nor persists size changes).
+pub(crate) const ASYNC_BOUND: std::time::Duration = std::time::Duration::from_secs(1);
 /// Window prefaulted writable ahead of the tail with `populate(true)`.
 const PREFAULT_WINDOW: u64 = 4 << 20;
 
@@ -95,8 +98,10 @@ pub(crate) struct Inner {
     sync: Mutex<SyncState>,
     sync_cv: Condvar,
     poisoned: AtomicBool,
-    /// The file grew since the last sync: the next sync must be `fdatasync`.
-    size_dirty: AtomicBool,
+    /// Bumped by every growth of the file (before data in the new space is published).
+    /// A sync that samples epoch E with its target and then runs `fdatasync` makes every
+    /// size change up to E durable; `SyncState::size_epoch` remembers the last such E.
+    size_epoch: AtomicU64,
     syncs: AtomicU64,
     bytes_synced: AtomicU64,
     checkpoints: AtomicU64,
@@ -131,6 +136,8 @@ pub(crate) struct Writer {
 struct SyncState {
     durable_end: u64,
     durable_writes: u64,
+    /// The growth epoch made durable by the last `fdatasync`.
+    size_epoch: u64,
     syncing: bool,
 }
 
@@ -180,12 +187,11 @@ impl Inner {
             writer: Mutex::new(writer),
             sync: Mutex::new(SyncState {
                 durable_end: end,
-                durable_writes: 0,
-                syncing: false,
+                ..SyncState::default()
             }),
             sync_cv: Condvar::new(),
             poisoned: AtomicBool::new(false),
-            size_dirty: AtomicBool::new(false),
+            size_epoch: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             bytes_synced: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
@@ -237,8 +243,8 @@ impl Inner {
         w.dirty_marked = false;
         w.prefaulted = 0;
         w.pending_punch = None;
-        self.size_dirty.store(false, Ordering::Release);
         let mut s = self.sync.lock();
+        s.size_epoch = self.size_epoch.load(Ordering::Acquire);
         s.durable_end = c.log_end;
         s.durable_writes = self.state.read().writes;
     }
@@ -270,7 +276,8 @@ impl Inner {
     /// durable afterwards.
     pub(crate) fn sync_file(&self, w: &Writer) -> Result<()> {
         let writes = self.state.read().writes;
-        self.size_dirty.store(false, Ordering::Release);
+        // The writer mutex is held: no growth can happen during this sync.
+        let epoch = self.size_epoch.load(Ordering::Acquire);
         if let Err(e) = w.file.sync_data() {
             return self.poison(e);
         }
@@ -282,6 +289,7 @@ impl Inner {
             s.durable_end = w.end;
         }
         s.durable_writes = s.durable_writes.max(writes);
+        s.size_epoch = s.size_epoch.max(epoch);
         Ok(())
     }
 
@@ -293,7 +301,7 @@ impl Inner {
             if self.poisoned.load(Ordering::Acquire) {
                 return Err(Error::Poisoned);
             }
-            if s.durable_end >= end && !self.size_dirty.load(Ordering::Acquire) {
+            if s.durable_end >= end && s.size_epoch == self.size_epoch.load(Ordering::Acquire) {
                 return Ok(());
             }
             if s.syncing {
@@ -302,16 +310,16 @@ impl Inner {
             }
             s.syncing = true;
             let from = s.durable_end;
+            let synced_epoch = s.size_epoch;
             drop(s);
-            // Clear the size flag *before* sampling the tail: a growth after this point
-            // sets it again, a growth before it is covered by the fdatasync below.
-            let size_changed = self.size_dirty.swap(false, Ordering::AcqRel);
-            // Everything published now is covered by this sync.
-            let (map, file, target, writes) = {
+            // Everything published now is covered by this sync. A growth bumps the epoch
+            // before publishing anything in the new space, so `epoch` covers `target`.
+            let (map, file, target, writes, epoch) = {
                 let st = self.state.read();
-                (Arc::clone(&st.map), Arc::clone(&st.file), st.map.published(), st.writes)
+                let epoch = self.size_epoch.load(Ordering::Acquire);
+                (Arc::clone(&st.map), Arc::clone(&st.file), st.map.published(), st.writes, epoch)
             };
-            let r = if size_changed {
+            let r = if epoch != synced_epoch {
                 file.sync_data().map(|()| SyncEvent::File)
             } else {
                 let start = crate::format::page_down(from.min(target));
@@ -330,6 +338,9 @@ impl Inner {
                         s.durable_end = target;
                     }
                     s.durable_writes = s.durable_writes.max(writes);
+                    if matches!(ev, SyncEvent::File) {
+                        s.size_epoch = s.size_epoch.max(epoch);
+                    }
                 }
                 Err(e) => {
                     self.poisoned.store(true, Ordering::Release);
@@ -358,7 +369,7 @@ impl Inner {
             new_len = exact;
         }
         w.alloc = new_len;
-        self.size_dirty.store(true, Ordering::Release);
+        self.size_epoch.fetch_add(1, Ordering::AcqRel);
         if new_len > w.tail.mapping().reserved() {
             let map = Arc::new(Mapping::new(
                 &w.file,
@@ -493,7 +504,14 @@ impl Inner {
         w.writes += 1;
         let since = end - w.ckpt.log_end;
         if delta_len >= DELTA_MAX || since >= REPLAY_MAX {
-            self.checkpoint(&mut w, STATE_DIRTY)?;
+            // The write itself is applied. A checkpoint that fails without poisoning the
+            // store (a full disk while growing the index) is retried by a later write; one
+            // that poisoned it (a failed sync) must not let this write be acknowledged.
+            if let Err(e) = self.checkpoint(&mut w, STATE_DIRTY) {
+                if self.poisoned.load(Ordering::Acquire) {
+                    return Err(e);
+                }
+            }
         }
         if !pwrite {
             self.prefault(&mut w);
@@ -751,8 +769,13 @@ impl Store {
     /// not a usable store, [`Error::Io`] for system errors. Never panics on file content.
     pub fn open(path: impl AsRef<Path>, options: Options) -> Result<Store> {
         let inner = Arc::new(crate::recovery::open(path.as_ref(), options)?);
-        let flusher = match inner.opts.durability {
-            Durability::Periodic(every) if !inner.opts.read_only => {
+        let interval = match inner.opts.durability {
+            Durability::Periodic(every) => Some(every),
+            Durability::Async => Some(ASYNC_BOUND),
+            Durability::None | Durability::Always => None,
+        };
+        let flusher = match interval {
+            Some(every) if !inner.opts.read_only => {
                 let inner2 = Arc::clone(&inner);
                 Some(
                     std::thread::Builder::new()

@@ -1,0 +1,329 @@
+//! Maintenance subcommands: `get`, `put`, `del`, `scan`, `stats`, `verify`, `compact`.
+//!
+//! Every command opens the store, does one thing and closes it. Read-only commands open
+//! with `Options::read_only(true)` (a shared lock: they work while another read-only
+//! handle is open, and fail with "locked" while a writer has the store).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use comfy_table::Table;
+use mapkv::{Durability, Options, Store};
+
+use crate::measure::fmt_bytes;
+use crate::Failure;
+
+/// How keys and values are given on the command line and printed.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Encoding {
+    /// Keys and values on the command line are hex (`6b6579` = `key`), and values are
+    /// printed as hex. Without it they are UTF-8 text, and bytes that are not printable
+    /// text are printed as `\xNN` escapes.
+    #[arg(long)]
+    pub hex: bool,
+}
+
+impl Encoding {
+    fn parse(self, what: &str, s: &str) -> Result<Vec<u8>, Failure> {
+        if !self.hex {
+            return Ok(s.as_bytes().to_vec());
+        }
+        let s = s.strip_prefix("0x").unwrap_or(s);
+        if s.len() % 2 != 0 {
+            return Err(Failure::msg(format!("{what} {s:?} is not hex: odd number of digits")));
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| {
+                s.get(i..i + 2)
+                    .and_then(|d| u8::from_str_radix(d, 16).ok())
+                    .ok_or_else(|| Failure::msg(format!("{what} {s:?} is not hex")))
+            })
+            .collect()
+    }
+
+    fn show(self, bytes: &[u8]) -> String {
+        if self.hex {
+            return bytes.iter().map(|b| format!("{b:02x}")).collect();
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(s) if !s.chars().any(char::is_control) => s.to_owned(),
+            _ => bytes.escape_ascii().to_string(),
+        }
+    }
+}
+
+/// `mapkv get PATH KEY`.
+#[derive(Debug, clap::Args)]
+pub struct GetArgs {
+    /// The store file.
+    pub path: PathBuf,
+    /// The key to look up.
+    pub key: String,
+    /// Write the value's raw bytes to stdout, with no escaping and no newline.
+    #[arg(long, conflicts_with = "hex")]
+    pub raw: bool,
+    #[command(flatten)]
+    pub enc: Encoding,
+}
+
+/// `mapkv put PATH KEY VALUE`.
+#[derive(Debug, clap::Args)]
+pub struct PutArgs {
+    /// The store file (created if it does not exist).
+    pub path: PathBuf,
+    /// The key.
+    pub key: String,
+    /// The value (may be empty: `""`).
+    pub value: String,
+    #[command(flatten)]
+    pub enc: Encoding,
+}
+
+/// `mapkv del PATH KEY`.
+#[derive(Debug, clap::Args)]
+pub struct DelArgs {
+    /// The store file.
+    pub path: PathBuf,
+    /// The key to delete.
+    pub key: String,
+    #[command(flatten)]
+    pub enc: Encoding,
+}
+
+/// `mapkv scan PATH`.
+#[derive(Debug, clap::Args)]
+pub struct ScanArgs {
+    /// The store file.
+    pub path: PathBuf,
+    /// Only keys that start with this prefix.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Print at most this many pairs.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Print only the keys.
+    #[arg(long)]
+    pub keys_only: bool,
+    #[command(flatten)]
+    pub enc: Encoding,
+}
+
+/// `mapkv stats PATH`.
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    /// The store file.
+    pub path: PathBuf,
+}
+
+/// `mapkv verify PATH`.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The store file.
+    pub path: PathBuf,
+    /// Repair a damaged store: open it with `Options::salvage(true)`, which keeps the
+    /// longest valid prefix of the log and rebuilds the index from it (CHANGES THE FILE:
+    /// damaged records and everything after them are dropped), then verify the result.
+    #[arg(long)]
+    pub repair: bool,
+}
+
+/// `mapkv compact PATH`.
+#[derive(Debug, clap::Args)]
+pub struct CompactArgs {
+    /// The store file.
+    pub path: PathBuf,
+}
+
+fn must_exist(path: &Path) -> Result<(), Failure> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(Failure::msg(format!("no such store: {}", path.display())))
+    }
+}
+
+fn open_ro(path: &Path) -> Result<Store, Failure> {
+    must_exist(path)?;
+    Store::open(path, Options::default().read_only(true)).map_err(|e| Failure::store(path, &e))
+}
+
+fn open_rw(path: &Path) -> Result<Store, Failure> {
+    // `None`: no flusher thread; `close()` below syncs before the command returns.
+    Store::open(path, Options::default().durability(Durability::None))
+        .map_err(|e| Failure::store(path, &e))
+}
+
+fn close(path: &Path, store: Store) -> Result<(), Failure> {
+    store.close().map_err(|e| Failure::store(path, &e))
+}
+
+/// Runs `get`; a missing key is a failure (exit 1), like `grep` finding nothing.
+pub fn get(a: &GetArgs) -> Result<(), Failure> {
+    let key = a.enc.parse("key", &a.key)?;
+    let store = open_ro(&a.path)?;
+    let mut out = std::io::stdout().lock();
+    let found = store
+        .get_with(&key, |v| {
+            if a.raw {
+                out.write_all(v)
+            } else {
+                writeln!(out, "{}", a.enc.show(v))
+            }
+        })
+        .map_err(|e| Failure::store(&a.path, &e))?;
+    match found {
+        Some(r) => r.map_err(Failure::stdout),
+        None => Err(Failure::msg(format!("key not found: {}", a.key))),
+    }
+}
+
+/// Runs `put`; the value is durable when the command returns.
+pub fn put(a: &PutArgs) -> Result<(), Failure> {
+    let key = a.enc.parse("key", &a.key)?;
+    let value = a.enc.parse("value", &a.value)?;
+    let store = open_rw(&a.path)?;
+    store.put(&key, &value).map_err(|e| Failure::store(&a.path, &e))?;
+    close(&a.path, store)
+}
+
+/// Runs `del`; a missing key is a failure (exit 1).
+pub fn del(a: &DelArgs) -> Result<(), Failure> {
+    let key = a.enc.parse("key", &a.key)?;
+    must_exist(&a.path)?;
+    let store = open_rw(&a.path)?;
+    let existed = store.delete(&key).map_err(|e| Failure::store(&a.path, &e))?;
+    close(&a.path, store)?;
+    if existed {
+        Ok(())
+    } else {
+        Err(Failure::msg(format!("key not found (nothing deleted): {}", a.key)))
+    }
+}
+
+/// Runs `scan`: one `key<TAB>value` line per pair, in log order.
+pub fn scan(a: &ScanArgs) -> Result<(), Failure> {
+    let prefix = match &a.prefix {
+        Some(p) => a.enc.parse("prefix", p)?,
+        None => Vec::new(),
+    };
+    let store = open_ro(&a.path)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut shown = 0u64;
+    for item in store.iter() {
+        if a.limit.is_some_and(|l| shown >= l) {
+            break;
+        }
+        let (k, v) = item.map_err(|e| Failure::store(&a.path, &e))?;
+        if !k.starts_with(&prefix) {
+            continue;
+        }
+        let r = if a.keys_only {
+            writeln!(out, "{}", a.enc.show(&k))
+        } else {
+            writeln!(out, "{}\t{}", a.enc.show(&k), a.enc.show(&v))
+        };
+        r.map_err(Failure::stdout)?;
+        shown += 1;
+    }
+    out.flush().map_err(Failure::stdout)
+}
+
+/// Runs `stats`: every counter of [`mapkv::Stats`], explained.
+pub fn stats(a: &StatsArgs) -> Result<(), Failure> {
+    let store = open_ro(&a.path)?;
+    let s = store.stats();
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    t.set_header(vec!["stat", "value", "meaning"]);
+    let rows: Vec<(&str, String, &str)> = vec![
+        ("live keys", s.live_keys.to_string(), "keys with a value"),
+        ("live bytes", fmt_bytes(s.live_bytes), "records of live keys, headers included"),
+        ("dead bytes", fmt_bytes(s.dead_bytes), "overwritten/deleted records; `compact` reclaims them"),
+        ("log bytes", fmt_bytes(s.log_bytes), "all records in the log"),
+        ("index bytes", fmt_bytes(s.index_bytes), "the hash index region"),
+        ("dead index bytes", fmt_bytes(s.dead_index_bytes), "old index regions left by growth"),
+        ("file size", fmt_bytes(s.file_size), "allocated size of the file"),
+        ("log end", s.log_end.to_string(), "offset of the next append"),
+        ("mapped", fmt_bytes(s.mapped_bytes), "address space reserved (costs no memory)"),
+        ("resident", fmt_bytes(s.resident_bytes), "file bytes in the page cache (mincore)"),
+        ("space amplification", format!("{:.2}", s.space_amplification), "file size / live bytes"),
+        ("delta entries", s.delta_entries.to_string(), "changes not yet checkpointed into the index"),
+        ("recovery: clean", s.recovery.was_clean.to_string(), "the store had been closed cleanly"),
+        ("recovery: replayed", s.recovery.replayed_writes.to_string(), "writes replayed at open"),
+        ("recovery: rebuilt index", s.recovery.rebuilt_index.to_string(), "index rebuilt from the log"),
+        (
+            "recovery: torn tail cut at",
+            s.recovery.truncated_at.map_or_else(|| "-".into(), |o| o.to_string()),
+            "offset where an incomplete tail was dropped",
+        ),
+    ];
+    for (k, v, m) in rows {
+        t.add_row(vec![k.to_owned(), v, m.to_owned()]);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}\n{t}", a.path.display()).map_err(Failure::stdout)
+}
+
+/// Runs `verify` (and `verify --repair`).
+pub fn verify(a: &VerifyArgs) -> Result<(), Failure> {
+    must_exist(&a.path)?;
+    let mut out = std::io::stdout().lock();
+    let store = if a.repair {
+        let size_before = std::fs::metadata(&a.path).map(|m| m.len()).unwrap_or(0);
+        let store = Store::open(
+            &a.path,
+            Options::default().durability(Durability::None).salvage(true),
+        )
+        .map_err(|e| Failure::store(&a.path, &e))?;
+        let r = store.stats().recovery;
+        let mut lines = vec![format!("repair of {} (file was {size_before} bytes):", a.path.display())];
+        lines.push(format!("  closed cleanly before: {}", r.was_clean));
+        lines.push(format!("  writes replayed after the last checkpoint: {}", r.replayed_writes));
+        lines.push(format!("  index rebuilt from the log: {}", r.rebuilt_index));
+        lines.push(match r.truncated_at {
+            Some(o) => format!("  log cut at byte offset {o} (incomplete or invalid tail dropped)"),
+            None => "  log cut: no".into(),
+        });
+        lines.push(format!("  damaged bytes dropped after the valid prefix: {}", r.salvaged_bytes));
+        writeln!(out, "{}", lines.join("\n")).map_err(Failure::stdout)?;
+        store
+    } else {
+        open_ro(&a.path)?
+    };
+    let rep = store.verify().map_err(|e| Failure::store(&a.path, &e))?;
+    writeln!(
+        out,
+        "ok: {}: {} records ({} writes, {}) checksummed, {} index buckets checked, {} live keys all found by the index",
+        a.path.display(),
+        rep.records,
+        rep.writes,
+        fmt_bytes(rep.log_bytes),
+        rep.buckets,
+        rep.live_keys
+    )
+    .map_err(Failure::stdout)?;
+    close(&a.path, store)
+}
+
+/// Runs `compact`: prints the file size before and after.
+pub fn compact(a: &CompactArgs) -> Result<(), Failure> {
+    must_exist(&a.path)?;
+    let store = open_rw(&a.path)?;
+    let before = store.stats();
+    let res = store.compact();
+    let after = store.stats();
+    close(&a.path, store)?;
+    res.map_err(|e| Failure::store(&a.path, &e))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "compacted {}: file {} -> {} ({} dead bytes before, {} after)",
+        a.path.display(),
+        fmt_bytes(before.file_size),
+        fmt_bytes(after.file_size),
+        fmt_bytes(before.dead_bytes + before.dead_index_bytes),
+        fmt_bytes(after.dead_bytes + after.dead_index_bytes),
+    )
+    .map_err(Failure::stdout)
+}
