@@ -122,6 +122,13 @@ impl fmt::Display for Error {
     }
 }
 
+impl From<io::Error> for Error {
+    /// Wraps an I/O error from outside mapkv (for `?` in application code).
+    fn from(source: io::Error) -> Self {
+        Error::Io { op: "io", source }
+    }
+}
+
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {

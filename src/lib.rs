@@ -51,3 +51,8 @@ pub use options::{AccessPattern, Durability, Options};
 pub use recovery::VerifyReport;
 pub use stats::{RecoveryReport, Stats};
 pub use store::Store;
+
+/// The README's example, compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
