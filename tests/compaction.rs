@@ -1,0 +1,238 @@
+//! Compaction: space reclaimed, data intact, crash safety, readers during compaction.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use mapkv::{Durability, Error, Options, Store};
+
+fn val(i: u32, round: u32) -> Vec<u8> {
+    format!("{i:08}-{round:04}-{}", "v".repeat(186)).into_bytes()
+}
+
+fn key(i: u32) -> Vec<u8> {
+    format!("key{i:06}").into_bytes()
+}
+
+#[test]
+fn space_amplification_after_compaction_is_at_most_1_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.mkv");
+    let s = Store::open(&p, Options::default().durability(Durability::None)).unwrap();
+    for round in 0..5 {
+        for i in 0..12_000u32 {
+            s.put(key(i), val(i, round)).unwrap();
+        }
+    }
+    for i in 0..2_000u32 {
+        assert!(s.delete(key(i)).unwrap());
+    }
+    let before = s.stats();
+    assert!(before.dead_bytes > before.live_bytes, "{before:?}");
+    s.compact().unwrap();
+    let after = s.stats();
+    let live_kv: u64 = (2_000..12_000u32)
+        .map(|i| (key(i).len() + val(i, 4).len()) as u64)
+        .sum();
+    let amp = after.file_size as f64 / live_kv as f64;
+    assert!(amp <= 1.5, "file {} for {live_kv} live bytes: {amp:.3}x", after.file_size);
+    assert!(after.file_size * 3 < before.file_size, "{before:?} -> {after:?}");
+    assert_eq!(after.dead_bytes, 0);
+    assert_eq!(after.live_keys, 10_000);
+    let check = |s: &Store| {
+        for i in 0..12_000u32 {
+            let want = (i >= 2_000).then(|| val(i, 4));
+            assert_eq!(s.get(key(i)).unwrap(), want, "key {i}");
+        }
+        assert_eq!(s.iter().count(), 10_000);
+        s.verify().unwrap();
+    };
+    check(&s);
+    drop(s);
+    let s = Store::open(&p, Options::default()).unwrap();
+    assert!(s.stats().recovery.was_clean);
+    check(&s);
+    // Only the store file is left in the directory.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("c.mkv")]);
+}
+
+#[test]
+fn compacting_an_empty_store_and_one_huge_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("e.mkv");
+    let s = Store::open(&p, Options::default()).unwrap();
+    s.compact().unwrap();
+    assert_eq!(s.len(), 0);
+    assert_eq!(s.iter().count(), 0);
+    let huge: Vec<u8> = (0..(12 << 20)).map(|i: u32| (i % 251) as u8).collect();
+    s.put(b"huge", &huge).unwrap();
+    s.put(b"huge", &huge).unwrap();
+    s.compact().unwrap();
+    assert_eq!(s.get(b"huge").unwrap().as_deref(), Some(&huge[..]));
+    assert!(s.stats().file_size < huge.len() as u64 + (1 << 20));
+    drop(s);
+    let s = Store::open(&p, Options::default()).unwrap();
+    assert_eq!(s.get(b"huge").unwrap().as_deref(), Some(&huge[..]));
+    s.verify().unwrap();
+}
+
+#[test]
+fn readers_keep_reading_during_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.mkv");
+    let s = Arc::new(Store::open(&p, Options::default().durability(Durability::None)).unwrap());
+    for round in 0..3 {
+        for i in 0..5_000u32 {
+            s.put(key(i), val(i, round)).unwrap();
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|t| {
+            let (s, stop) = (Arc::clone(&s), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                let mut i = t;
+                while !stop.load(Ordering::Relaxed) {
+                    let got = s.get(key(i % 5_000)).unwrap().expect("key present");
+                    assert_eq!(got, val(i % 5_000, 2));
+                    i += 7;
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut it = s.iter();
+    let first = it.next().unwrap().unwrap();
+    for _ in 0..3 {
+        s.compact().unwrap();
+    }
+    // An iterator started before compaction finishes on the old mapping.
+    assert_eq!(1 + it.map(|r| r.unwrap()).count(), 5_000);
+    assert!(first.0.starts_with(b"key"));
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    assert_eq!(s.len(), 5_000);
+}
+
+#[test]
+fn read_only_store_refuses_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ro.mkv");
+    drop(Store::open(&p, Options::default()).unwrap());
+    let s = Store::open(&p, Options::default().read_only(true)).unwrap();
+    assert!(matches!(s.compact(), Err(Error::ReadOnly)));
+}
+
+#[test]
+fn auto_compaction_keeps_the_file_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.mkv");
+    let opts = Options::default()
+        .durability(Durability::None)
+        .auto_compact(0.5, 1 << 20);
+    let s = Store::open(&p, opts).unwrap();
+    for round in 0..40 {
+        for i in 0..1_000u32 {
+            s.put(key(i), val(i, round)).unwrap();
+        }
+    }
+    let st = s.stats();
+    assert!(st.file_size < 4 * st.live_bytes + (2 << 20), "{st:?}");
+    for i in 0..1_000u32 {
+        assert_eq!(s.get(key(i)).unwrap(), Some(val(i, 39)));
+    }
+}
+
+const CHILD_ENV: &str = "MAPKV_COMPACTION_CHILD";
+
+/// Child role: write rounds of overwrites and compact in between, acknowledging each
+/// completed write on stdout as "round".
+#[test]
+fn kill_during_compaction_child() {
+    let Ok(path) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let s = Store::open(&path, Options::default().durability(Durability::None)).unwrap();
+    let mut out = std::io::stdout().lock();
+    for round in 0u32.. {
+        for i in 0..500u32 {
+            s.put(key(i), val(i, round)).unwrap();
+        }
+        writeln!(out, "{round}").unwrap();
+        out.flush().unwrap();
+        s.compact().unwrap();
+        writeln!(out, "c{round}").unwrap();
+        out.flush().unwrap();
+    }
+}
+
+#[test]
+fn kill_9_during_compaction_leaves_a_complete_store() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("k.mkv");
+    let exe = std::env::current_exe().unwrap();
+    let mut kills_during_compaction = 0;
+    for attempt in 0..12u64 {
+        let mut child = Command::new(&exe)
+            .args(["--exact", "kill_during_compaction_child", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, &p)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Let it run a varying number of rounds, then kill it at a varying moment.
+        let target = 2 + attempt % 4;
+        let mut last_round: Option<u32> = None;
+        let mut in_compaction = false;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(c) = line.strip_prefix('c') {
+                in_compaction = false;
+                if c.parse::<u64>().unwrap() >= target {
+                    break;
+                }
+            } else if let Ok(r) = line.parse::<u32>() {
+                last_round = Some(r);
+                in_compaction = true;
+                if u64::from(r) >= target && attempt % 2 == 0 {
+                    // Kill during the compaction that follows this round, after a delay.
+                    std::thread::sleep(std::time::Duration::from_micros(200 * attempt));
+                    break;
+                }
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if in_compaction {
+            kills_during_compaction += 1;
+        }
+        let s = Store::open(&p, Options::default()).unwrap();
+        let r = last_round.expect("child acknowledged a round");
+        for i in 0..500u32 {
+            let got = s.get(key(i)).unwrap().expect("key present");
+            // Round r was acknowledged; round r + 1 may be partly applied.
+            let g = std::str::from_utf8(&got[9..13]).unwrap().parse::<u32>().unwrap();
+            assert!(g == r || g == r + 1, "key {i}: round {g}, acknowledged {r}");
+            assert_eq!(got, val(i, g));
+        }
+        s.verify().unwrap();
+        drop(s);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "leftover temporary files were cleaned up");
+        std::fs::remove_file(&p).unwrap();
+    }
+    assert!(kills_during_compaction > 0);
+}
