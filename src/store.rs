@@ -224,16 +224,20 @@ impl Inner {
 
     /// Switches the store to a freshly compacted file (writer mutex held).
     pub(crate) fn install_compacted(&self, w: &mut Writer, c: crate::compact::Compacted) {
-        {
+        let (old_map, old_file) = {
             let mut st = self.state.write();
-            st.map = Arc::clone(&c.map);
-            st.file = Arc::clone(&c.file);
+            let old_map = std::mem::replace(&mut st.map, Arc::clone(&c.map));
+            let old_file = std::mem::replace(&mut st.file, Arc::clone(&c.file));
             st.index = c.index;
             st.log_start = c.log_start;
             st.delta.clear();
             st.delta_only = false;
             st.counters = c.counters;
-        }
+            (old_map, old_file)
+        };
+        // munmap of the old mapping (and closing the old file) happen outside the lock,
+        // so readers are not stalled by them.
+        drop((old_map, old_file));
         w.tail = TailWriter::new(c.map);
         w.tail.publish(c.log_end);
         w.file = c.file;
@@ -380,7 +384,9 @@ impl Inner {
             )?);
             map.advise(self.opts.access)?;
             w.tail.replace(Arc::clone(&map));
-            self.state.write().map = map;
+            let old = std::mem::replace(&mut self.state.write().map, map);
+            // Unmapping takes time (page tables); do it after releasing the state lock.
+            drop(old);
             w.prefaulted = 0;
         }
         Ok(())
