@@ -220,7 +220,7 @@ pub fn decode_static(bytes: &[u8]) -> Result<StaticInfo, HeaderError> {
         log_start: u64_at(h.log_start),
         first_index: u64_at(h.first_index),
     };
-    if info.first_index != PAGE || info.log_start < 2 * PAGE || info.log_start % PAGE != 0 {
+    if info.first_index != PAGE || info.log_start < 2 * PAGE || !info.log_start.is_multiple_of(PAGE) {
         return Err(HeaderError::Corrupt("static header layout out of range"));
     }
     Ok(info)
@@ -271,7 +271,7 @@ pub fn decode_checkpoint(seed: u64, bytes: &[u8]) -> Option<CheckpointInfo> {
         && c.index_buckets.is_power_of_two()
         && c.index_buckets <= MAX_BUCKETS
         && c.index_off >= PAGE
-        && c.index_off % PAGE == 0
+        && c.index_off.is_multiple_of(PAGE)
         && c.log_end >= 2 * PAGE;
     sane.then_some(c)
 }
@@ -417,6 +417,7 @@ pub struct RecordRef {
 
 impl RecordRef {
     /// Total record length.
+    #[expect(clippy::len_without_is_empty, reason = "a record always has a 16-byte header")]
     #[must_use]
     pub fn len(&self) -> u64 {
         record_len(self.key_len as usize, self.val_len as usize)
