@@ -136,13 +136,17 @@ impl BucketBuf {
         if self.count() >= SLOTS_PER_BUCKET {
             return Err(BucketFull);
         }
+        // Bounded walk: the count comes from the file and may lie about free slots.
         let mut i = home_slot(hash);
-        while slot(&self.bytes[..], i).1 != 0 {
+        for _ in 0..SLOTS_PER_BUCKET {
+            if slot(&self.bytes[..], i).1 == 0 {
+                self.set_slot(i, hash, off);
+                self.set_count(self.count() + 1);
+                return Ok(());
+            }
             i = (i + 1) % SLOTS_PER_BUCKET;
         }
-        self.set_slot(i, hash, off);
-        self.set_count(self.count() + 1);
-        Ok(())
+        Err(BucketFull)
     }
 
     /// Removes slot `i`, shifting later members of its probe run back so that every
@@ -333,6 +337,16 @@ mod tests {
         assert_eq!(b.entries().count(), b.count());
         b.seal();
         assert!(crate::format::bucket_crc_ok(&b.bytes[..]));
+    }
+
+    #[test]
+    fn upsert_into_a_full_bucket_with_a_lying_count_terminates() {
+        let mut b = BucketBuf::empty();
+        for i in 0..SLOTS_PER_BUCKET as u64 {
+            b.upsert(i << 32, i + 1, None).unwrap();
+        }
+        b.bytes[BUCKET_COUNT_OFF..BUCKET_COUNT_OFF + 2].copy_from_slice(&3u16.to_le_bytes());
+        assert_eq!(b.upsert(77, 1, None), Err(BucketFull));
     }
 
     #[test]
