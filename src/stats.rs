@@ -25,7 +25,9 @@ pub struct Stats {
     pub log_end: u64,
     /// Length of the mapping (address space reserved; costs no memory).
     pub mapped_bytes: u64,
-    /// Bytes of the file resident in the page cache and mapped (`mincore`).
+    /// Pages (4 KiB) of the file resident in the page cache (`mincore` on the mapping).
+    pub resident_pages: u64,
+    /// `resident_pages` in bytes.
     pub resident_bytes: u64,
     /// `file_size / live_bytes` (1.0 for an empty store).
     pub space_amplification: f64,

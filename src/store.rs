@@ -930,6 +930,7 @@ impl Store {
         };
         let st = inner.state.read();
         let c = st.counters;
+        let resident = st.map.resident_pages(alloc);
         let s = inner.sync.lock();
         Stats {
             live_keys: c.live_keys,
@@ -941,7 +942,8 @@ impl Store {
             file_size: alloc,
             log_end: end,
             mapped_bytes: st.map.reserved(),
-            resident_bytes: st.map.resident_pages(alloc) * PAGE,
+            resident_pages: resident,
+            resident_bytes: resident * PAGE,
             space_amplification: if c.live_bytes == 0 {
                 1.0
             } else {
