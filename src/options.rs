@@ -52,7 +52,7 @@ impl Default for Durability {
 
 /// How the application will access the store; applied to the mapping with `madvise`.
 ///
-/// Measured on the development machine (ext4, Linux 6.18, see `docs/FLAGS.md`): `Random`
+/// Measured on the development machine (ext4, Linux 6.18; see the README): `Random`
 /// disables read-ahead and makes a cold scan about 40x slower but reads 16x less data for
 /// sparse lookups; `Sequential` made cold scans *slower* than `Normal`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
