@@ -71,6 +71,9 @@ impl std::fmt::Debug for SyncObserverRef {
     }
 }
 
+/// How long [`FileHandle::lock`] waits out a transiently held lock.
+pub(crate) const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The open, locked store file and its system calls.
 #[derive(Debug)]
 pub(crate) struct FileHandle {
@@ -88,12 +91,26 @@ fn errno_result(op: &'static str, rc: libc::c_int) -> Result<()> {
 impl FileHandle {
     /// Wraps an open file and takes the store lock: exclusive for writers, shared for
     /// read-only opens (`flock`, which also conflicts within one process).
+    ///
+    /// A conflicting lock is retried for up to [`LOCK_PATIENCE`] before giving up with
+    /// [`Error::Locked`]: a `flock` belongs to the open file description, so when any
+    /// thread of a process forks (e.g. `std::process::Command`), the child holds a copy
+    /// of every descriptor until it execs, and a store closed in that window stays locked
+    /// for a moment after `drop`.
     pub(crate) fn lock(file: File, exclusive: bool) -> Result<Self> {
-        let r = if exclusive { file.try_lock() } else { file.try_lock_shared() };
-        match r {
-            Ok(()) => Ok(FileHandle { file }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked),
-            Err(std::fs::TryLockError::Error(e)) => Err(Error::io("flock", e)),
+        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+        loop {
+            let r = if exclusive { file.try_lock() } else { file.try_lock_shared() };
+            match r {
+                Ok(()) => return Ok(FileHandle { file }),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(Error::Locked);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("flock", e)),
+            }
         }
     }
 
