@@ -132,8 +132,9 @@ fn build(
         let mut pos = log_start;
         let mut chunk_start = log_start;
         for &off in offsets {
-            let r = decode_record(old_bytes, seed, off, limit)
-                .map_err(|_| Error::corrupt(off, "live record fails its checksum during compaction"))?;
+            let r = decode_record(old_bytes, seed, off, limit).map_err(|_| {
+                Error::corrupt(off, "live record fails its checksum during compaction")
+            })?;
             let key = old
                 .read(r.key_off(), u64::from(r.key_len))
                 .ok_or(Error::corrupt(off, "record outside the file"))?;
@@ -200,7 +201,13 @@ fn build(
         fh.sync_data()?;
         inner.notify_path(tmp, SyncEvent::File);
         let fh = Arc::new(fh);
-        let map = Arc::new(Mapping::new(&fh, reservation(alloc), log_end, true, inner.opts.populate)?);
+        let map = Arc::new(Mapping::new(
+            &fh,
+            reservation(alloc),
+            log_end,
+            true,
+            inner.opts.populate,
+        )?);
         map.advise(inner.opts.access)?;
         return Ok(Compacted {
             file: fh,

@@ -93,7 +93,10 @@ impl fmt::Display for Error {
                  with Options::salvage(true) to keep the valid prefix)"
             ),
             Error::NotAStore { offset } => {
-                write!(f, "not a mapkv store (bad magic number at byte offset {offset})")
+                write!(
+                    f,
+                    "not a mapkv store (bad magic number at byte offset {offset})"
+                )
             }
             Error::Version { found, supported } => write!(
                 f,

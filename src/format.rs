@@ -220,7 +220,8 @@ pub fn decode_static(bytes: &[u8]) -> Result<StaticInfo, HeaderError> {
         log_start: u64_at(h.log_start),
         first_index: u64_at(h.first_index),
     };
-    if info.first_index != PAGE || info.log_start < 2 * PAGE || !info.log_start.is_multiple_of(PAGE) {
+    if info.first_index != PAGE || info.log_start < 2 * PAGE || !info.log_start.is_multiple_of(PAGE)
+    {
         return Err(HeaderError::Corrupt("static header layout out of range"));
     }
     Ok(info)
@@ -417,7 +418,10 @@ pub struct RecordRef {
 
 impl RecordRef {
     /// Total record length.
-    #[expect(clippy::len_without_is_empty, reason = "a record always has a 16-byte header")]
+    #[expect(
+        clippy::len_without_is_empty,
+        reason = "a record always has a 16-byte header"
+    )]
     #[must_use]
     pub fn len(&self) -> u64 {
         record_len(self.key_len as usize, self.val_len as usize)
@@ -458,7 +462,11 @@ pub enum RecordError {
 ///
 /// # Errors
 /// [`RecordError`] when no well-formed record is there.
-pub fn decode_record_header(file: &[u8], offset: u64, limit: u64) -> Result<RecordRef, RecordError> {
+pub fn decode_record_header(
+    file: &[u8],
+    offset: u64,
+    limit: u64,
+) -> Result<RecordRef, RecordError> {
     let limit = limit.min(file.len() as u64);
     let hdr_end = offset
         .checked_add(RECORD_HEADER as u64)
@@ -487,7 +495,9 @@ pub fn decode_record_header(file: &[u8], offset: u64, limit: u64) -> Result<Reco
     if !kind_ok || rec.flags & !FLAG_BATCH_MORE != 0 || h.reserved != [0, 0] {
         return Err(RecordError::BadHeader);
     }
-    let end = offset.checked_add(rec.len()).ok_or(RecordError::Truncated)?;
+    let end = offset
+        .checked_add(rec.len())
+        .ok_or(RecordError::Truncated)?;
     if end > limit {
         return Err(RecordError::Truncated);
     }
@@ -560,21 +570,40 @@ mod tests {
         assert_eq!((r.key_len, r.val_len, r.kind), (3, 5, KIND_PUT));
         assert_eq!(&buf[r.key_off() as usize..r.val_off() as usize], b"key");
         // Wrong seed, wrong offset and a flipped bit all fail.
-        assert_eq!(decode_record(&buf, 8, 64, buf.len() as u64), Err(RecordError::Checksum));
+        assert_eq!(
+            decode_record(&buf, 8, 64, buf.len() as u64),
+            Err(RecordError::Checksum)
+        );
         let mut moved = vec![0u8; 8];
         moved.extend_from_slice(&rec);
-        assert_eq!(decode_record(&moved, 7, 8, moved.len() as u64), Err(RecordError::Checksum));
+        assert_eq!(
+            decode_record(&moved, 7, 8, moved.len() as u64),
+            Err(RecordError::Checksum)
+        );
         buf[64 + 18] ^= 1;
-        assert_eq!(decode_record(&buf, 7, 64, buf.len() as u64), Err(RecordError::Checksum));
+        assert_eq!(
+            decode_record(&buf, 7, 64, buf.len() as u64),
+            Err(RecordError::Checksum)
+        );
         // Zero space and truncation.
-        assert_eq!(decode_record(&buf, 7, 0, buf.len() as u64), Err(RecordError::Zero));
+        assert_eq!(
+            decode_record(&buf, 7, 0, buf.len() as u64),
+            Err(RecordError::Zero)
+        );
         assert_eq!(decode_record(&buf, 7, 64, 70), Err(RecordError::Truncated));
-        assert_eq!(decode_record(&buf, 7, u64::MAX - 3, u64::MAX), Err(RecordError::Truncated));
+        assert_eq!(
+            decode_record(&buf, 7, u64::MAX - 3, u64::MAX),
+            Err(RecordError::Truncated)
+        );
     }
 
     #[test]
     fn headers_roundtrip() {
-        let s = StaticInfo { seed: 42, log_start: 3 * PAGE, first_index: PAGE };
+        let s = StaticInfo {
+            seed: 42,
+            log_start: 3 * PAGE,
+            first_index: PAGE,
+        };
         let b = encode_static(&s);
         assert_eq!(decode_static(&b), Ok(s));
         let mut bad = b;
@@ -634,7 +663,10 @@ mod tests {
             format!("slot A at {}", checkpoint_off(0)),
             format!("slot B at {}", checkpoint_off(1)),
         ] {
-            assert!(doc.contains(&needle), "docs/FORMAT.md does not say `{needle}`");
+            assert!(
+                doc.contains(&needle),
+                "docs/FORMAT.md does not say `{needle}`"
+            );
         }
     }
 }

@@ -164,7 +164,11 @@ impl BucketBuf {
             }
             let k = home_slot(h);
             // Move j into the hole at i unless j's home lies cyclically in (i, j].
-            let in_range = if i <= j { i < k && k <= j } else { i < k || k <= j };
+            let in_range = if i <= j {
+                i < k && k <= j
+            } else {
+                i < k || k <= j
+            };
             if !in_range {
                 self.set_slot(i, h, off);
                 self.set_slot(j, 0, 0);

@@ -100,7 +100,11 @@ impl FileHandle {
     pub(crate) fn lock(file: File, exclusive: bool) -> Result<Self> {
         let deadline = std::time::Instant::now() + LOCK_PATIENCE;
         loop {
-            let r = if exclusive { file.try_lock() } else { file.try_lock_shared() };
+            let r = if exclusive {
+                file.try_lock()
+            } else {
+                file.try_lock_shared()
+            };
             match r {
                 Ok(()) => return Ok(FileHandle { file }),
                 Err(std::fs::TryLockError::WouldBlock) => {
@@ -119,7 +123,11 @@ impl FileHandle {
     }
 
     pub(crate) fn len(&self) -> Result<u64> {
-        Ok(self.file.metadata().map_err(|e| Error::io("fstat", e))?.len())
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("fstat", e))?
+            .len())
     }
 
     /// `pwrite` of all of `data` at `off`.
@@ -162,9 +170,8 @@ impl FileHandle {
             return Err(Error::InvalidOption("file offset beyond off_t"));
         };
         // SAFETY: fallocate only reads its integer arguments; the fd is valid.
-        let rc = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, o, l)
-        };
+        let rc =
+            unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, o, l) };
         if rc == 0 {
             return Ok(());
         }
@@ -290,7 +297,9 @@ impl Mapping {
         // outside, which the README declares unsupported). Published bytes are never
         // written through the mapping (module docs), so no `&mut` aliases this slice; the
         // returned lifetime is tied to `&self`, which keeps the mapping alive.
-        Some(unsafe { std::slice::from_raw_parts(self.raw.as_ptr().add(off as usize), len as usize) })
+        Some(unsafe {
+            std::slice::from_raw_parts(self.raw.as_ptr().add(off as usize), len as usize)
+        })
     }
 
     /// Everything published, as one slice (for scans).
@@ -338,9 +347,8 @@ impl Mapping {
         let mut vec = vec![0u8; pages];
         // SAFETY: the address is the start of our live mapping and `len` lies inside it;
         // `vec` has one byte per page of the range, as mincore requires.
-        let rc = unsafe {
-            libc::mincore(self.raw.as_mut_ptr().cast(), len, vec.as_mut_ptr().cast())
-        };
+        let rc =
+            unsafe { libc::mincore(self.raw.as_mut_ptr().cast(), len, vec.as_mut_ptr().cast()) };
         if rc != 0 {
             return 0;
         }
@@ -368,14 +376,18 @@ impl TailWriter {
     /// Copies `data` to `off` through the mapping. `off` must be at or past the published
     /// end and the range must be allocated (`alloc_end` is the allocated file length).
     pub(crate) fn write(&mut self, off: u64, data: &[u8], alloc_end: u64) -> Result<()> {
-        let end = off
-            .checked_add(data.len() as u64)
-            .ok_or(Error::corrupt(off, "write past the end of the address space"))?;
+        let end = off.checked_add(data.len() as u64).ok_or(Error::corrupt(
+            off,
+            "write past the end of the address space",
+        ))?;
         if !self.map.writable {
             return Err(Error::ReadOnly);
         }
         if off < self.map.published() || end > alloc_end || end > self.map.reserved {
-            return Err(Error::corrupt(off, "internal: write outside the unpublished tail"));
+            return Err(Error::corrupt(
+                off,
+                "internal: write outside the unpublished tail",
+            ));
         }
         // SAFETY: the range is inside the mapping (`end <= reserved`) and inside the
         // allocated file (`end <= alloc_end`), so no SIGBUS; it is unpublished
@@ -461,12 +473,14 @@ pub mod sys {
         let pages = usize::try_from(len.div_ceil(4096)).unwrap_or(0);
         let mut vec = vec![0u8; pages];
         // SAFETY: `raw` maps the whole file (length `len`), and `vec` has one byte per page.
-        let rc = unsafe {
-            libc::mincore(raw.as_mut_ptr().cast(), raw.len(), vec.as_mut_ptr().cast())
-        };
+        let rc =
+            unsafe { libc::mincore(raw.as_mut_ptr().cast(), raw.len(), vec.as_mut_ptr().cast()) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok((vec.iter().filter(|&&b| b & 1 == 1).count() as u64, pages as u64))
+        Ok((
+            vec.iter().filter(|&&b| b & 1 == 1).count() as u64,
+            pages as u64,
+        ))
     }
 }

@@ -236,7 +236,9 @@ impl Options {
         }
         if let Some(ac) = self.auto_compact {
             if !(ac.dead_ratio > 0.0 && ac.dead_ratio < 1.0) {
-                return Err(Error::InvalidOption("auto_compact dead_ratio must be in (0, 1)"));
+                return Err(Error::InvalidOption(
+                    "auto_compact dead_ratio must be in (0, 1)",
+                ));
             }
         }
         Ok(())

@@ -32,8 +32,8 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::format::{
     bucket_crc_ok, bucket_of, checkpoint_off, decode_checkpoint, decode_static, encode_checkpoint,
-    encode_static, page_up, CheckpointInfo, HeaderError, StaticInfo, KIND_PUT, MAGIC, PAGE,
-    SECTOR, STATE_CHECKPOINTING, STATE_CLEAN,
+    encode_static, page_up, CheckpointInfo, HeaderError, StaticInfo, KIND_PUT, MAGIC, PAGE, SECTOR,
+    STATE_CHECKPOINTING, STATE_CLEAN,
 };
 use crate::index::{key_hash, BucketBuf, Delta};
 use crate::log::{scan, StopReason};
@@ -58,12 +58,20 @@ fn random_seed() -> u64 {
 fn init_store(fh: &FileHandle, opts: &Options) -> Result<()> {
     let size = page_up(opts.initial_size).max(MIN_FILE_SIZE);
     let buckets = (size / 8 / PAGE).max(1);
-    let buckets = if buckets.is_power_of_two() { buckets } else { buckets.next_power_of_two() / 2 };
+    let buckets = if buckets.is_power_of_two() {
+        buckets
+    } else {
+        buckets.next_power_of_two() / 2
+    };
     let log_start = PAGE + buckets * PAGE;
     let size = size.max(log_start + PAGE);
     fh.allocate(0, size)?;
     let seed = random_seed();
-    let info = StaticInfo { seed, log_start, first_index: PAGE };
+    let info = StaticInfo {
+        seed,
+        log_start,
+        first_index: PAGE,
+    };
     fh.write_at(&encode_static(&info), 0)?;
     let c = CheckpointInfo {
         seq: 1,
@@ -85,7 +93,11 @@ fn create_new(path: &Path, opts: &Options) -> Result<Option<FileHandle>> {
         .ok_or(Error::InvalidOption("store path has no file name"))?
         .to_string_lossy()
         .into_owned();
-    let tmp = path.with_file_name(format!(".{name}.mapkv-new.{}.{:x}", std::process::id(), random_seed()));
+    let tmp = path.with_file_name(format!(
+        ".{name}.mapkv-new.{}.{:x}",
+        std::process::id(),
+        random_seed()
+    ));
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -113,7 +125,11 @@ fn cleanup_leftovers(path: &Path) {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return;
     };
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     let name = name.to_string_lossy();
     let compact_prefix = format!("{name}.compact-");
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -175,7 +191,10 @@ fn header_error(e: HeaderError) -> Error {
 
 /// Reads the superblock page and returns the static info and the current checkpoint (if
 /// any slot is valid) with the offset of its slot.
-pub(crate) fn read_superblock(fh: &FileHandle, len: u64) -> Result<(StaticInfo, Option<(CheckpointInfo, u64)>)> {
+pub(crate) fn read_superblock(
+    fh: &FileHandle,
+    len: u64,
+) -> Result<(StaticInfo, Option<(CheckpointInfo, u64)>)> {
     let mut sb = vec![0u8; usize::try_from(len.min(PAGE)).unwrap_or(0)];
     fh.read_at(&mut sb, 0)?;
     if sb.len() < MAGIC.len() || sb[..MAGIC.len()] != MAGIC {
@@ -204,6 +223,14 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     let seed = info.seed;
     let salvage = opts.salvage;
     let mut report = RecoveryReport::default();
+    // Cut inside the index region: no log to salvage, and a rebuild would start past the
+    // end of the file (tests/damaged.rs `salvage_of_a_file_cut_inside_its_index`).
+    if len < info.log_start {
+        return Err(Error::corrupt(
+            len,
+            "file ends before the log starts (nothing to salvage)",
+        ));
+    }
 
     let (ckpt, mut full) = match best {
         Some((c, slot_off)) => {
@@ -211,9 +238,14 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
                 .index_buckets
                 .checked_mul(PAGE)
                 .and_then(|b| b.checked_add(c.index_off));
-            let fits = idx_end.is_some_and(|e| e <= len) && c.log_end <= len && c.log_end >= info.log_start;
+            let fits = idx_end.is_some_and(|e| e <= len)
+                && c.log_end <= len
+                && c.log_end >= info.log_start;
             if !fits && !salvage {
-                return Err(Error::corrupt(slot_off, "checkpoint points outside the file"));
+                return Err(Error::corrupt(
+                    slot_off,
+                    "checkpoint points outside the file",
+                ));
             }
             (c, !fits || c.state == STATE_CHECKPOINTING || salvage)
         }
@@ -226,11 +258,22 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
             },
             true,
         ),
-        None => return Err(Error::corrupt(checkpoint_off(0), "both checkpoint slots are damaged")),
+        None => {
+            return Err(Error::corrupt(
+                checkpoint_off(0),
+                "both checkpoint slots are damaged",
+            ))
+        }
     };
     report.was_clean = ckpt.state == STATE_CLEAN && best.is_some();
 
-    let map = Arc::new(Mapping::new(&fh, crate::store::reservation(len), len, !opts.read_only, opts.populate)?);
+    let map = Arc::new(Mapping::new(
+        &fh,
+        crate::store::reservation(len),
+        len,
+        !opts.read_only,
+        opts.populate,
+    )?);
     map.advise(opts.access)?;
 
     // Replay; if the checkpointed index turns out to be damaged and salvage is on, rebuild.
@@ -240,7 +283,10 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
             file: Arc::clone(&fh),
             seed,
             log_start: info.log_start,
-            index: IndexGeom { off: ckpt.index_off, buckets: ckpt.index_buckets },
+            index: IndexGeom {
+                off: ckpt.index_off,
+                buckets: ckpt.index_buckets,
+            },
             delta: Delta::default(),
             delta_only: full,
             counters: if full {
@@ -279,11 +325,16 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     let valid_end = scan_end.valid_end;
     match scan_end.stop {
         StopReason::End => {}
-        StopReason::Invalid(pos, _) | StopReason::IncompleteBatch(pos) | StopReason::BadJump(pos) => {
+        StopReason::Invalid(pos, _)
+        | StopReason::IncompleteBatch(pos)
+        | StopReason::BadJump(pos) => {
             if pos < ckpt.log_end && best.is_some() {
                 // Synced before the checkpoint was written: not a torn tail.
                 if !salvage {
-                    return Err(Error::corrupt(pos, "damaged record in the checkpointed part of the log"));
+                    return Err(Error::corrupt(
+                        pos,
+                        "damaged record in the checkpointed part of the log",
+                    ));
                 }
                 report.salvaged_bytes = ckpt.log_end - valid_end;
             }
@@ -294,12 +345,17 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
         report.salvaged_bytes = len - valid_end;
     }
     let mut state = state;
-    state.counters.dead_index_bytes = if full { 0 } else { state.counters.dead_index_bytes };
+    state.counters.dead_index_bytes = if full {
+        0
+    } else {
+        state.counters.dead_index_bytes
+    };
     let mut tail = TailWriter::new(Arc::clone(&map));
     // Not yet shared with any reader: lowering the published end is safe here.
     tail.publish(valid_end);
 
-    let unclean = !report.was_clean || scan_end.writes > 0 || scan_end.stop != StopReason::End || full;
+    let unclean =
+        !report.was_clean || scan_end.writes > 0 || scan_end.stop != StopReason::End || full;
     if unclean && !opts.read_only {
         fh.zero_range(valid_end, len - valid_end)?;
     }
@@ -339,7 +395,10 @@ pub(crate) fn verify(inner: &Inner) -> Result<VerifyReport> {
     let scan_end = scan(map.published_bytes(), st.seed, st.log_start, end, |recs| {
         for r in recs {
             rep.records += 1;
-            let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]).to_vec();
+            let key = map
+                .read(r.key_off(), u64::from(r.key_len))
+                .unwrap_or(&[])
+                .to_vec();
             if r.kind == KIND_PUT {
                 live.insert(key, r.offset);
             } else {
@@ -351,7 +410,12 @@ pub(crate) fn verify(inner: &Inner) -> Result<VerifyReport> {
     rep.log_bytes = scan_end.bytes;
     match scan_end.stop {
         StopReason::End if scan_end.valid_end == end => {}
-        StopReason::End => return Err(Error::corrupt(scan_end.valid_end, "log ends before its recorded end")),
+        StopReason::End => {
+            return Err(Error::corrupt(
+                scan_end.valid_end,
+                "log ends before its recorded end",
+            ))
+        }
         StopReason::Invalid(p, _) | StopReason::IncompleteBatch(p) | StopReason::BadJump(p) => {
             return Err(Error::corrupt(p, "record fails verification"))
         }
@@ -374,7 +438,10 @@ pub(crate) fn verify(inner: &Inner) -> Result<VerifyReport> {
                     .map_err(|_| Error::corrupt(boff, "index slot points at an invalid record"))?;
                 let key = st.key_of(&rec)?;
                 if key_hash(st.seed, key) != h || bucket_of(h, st.index.buckets) != b {
-                    return Err(Error::corrupt(boff, "index slot hash does not match its key"));
+                    return Err(Error::corrupt(
+                        boff,
+                        "index slot hash does not match its key",
+                    ));
                 }
                 in_buckets += 1;
             }
@@ -385,12 +452,20 @@ pub(crate) fn verify(inner: &Inner) -> Result<VerifyReport> {
     for (key, off) in &live {
         match st.find_live(key_hash(st.seed, key), key)? {
             Some(r) if r.offset == *off => {}
-            _ => return Err(Error::corrupt(*off, "index does not find the newest record of a key")),
+            _ => {
+                return Err(Error::corrupt(
+                    *off,
+                    "index does not find the newest record of a key",
+                ))
+            }
         }
     }
     rep.live_keys = live.len() as u64;
     if st.counters.live_keys != rep.live_keys {
-        return Err(Error::corrupt(0, "live key count in the checkpoint does not match the log"));
+        return Err(Error::corrupt(
+            0,
+            "live key count in the checkpoint does not match the log",
+        ));
     }
     let _ = in_buckets;
     Ok(rep)

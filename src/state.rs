@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    bucket_of, decode_record_header, record_crc_ok, RecordRef, BUCKET_SIZE, KIND_DELETE,
-    KIND_PUT,
+    bucket_of, decode_record_header, record_crc_ok, RecordRef, BUCKET_SIZE, KIND_DELETE, KIND_PUT,
 };
 use crate::index::{probe, Delta};
 use crate::map::{FileHandle, Mapping};
@@ -114,7 +113,10 @@ impl State {
                 if rec.kind == KIND_PUT {
                     Ok(Some(rec))
                 } else {
-                    Err(Error::corrupt(off, "index bucket points at a delete record"))
+                    Err(Error::corrupt(
+                        off,
+                        "index bucket points at a delete record",
+                    ))
                 }
             }
             None => Ok(None),
@@ -141,12 +143,13 @@ impl State {
             c.live_keys += 1;
         }
         let map = &self.map;
-        self.delta.set(hash, rec.offset, rec.kind == KIND_DELETE, |prev| {
-            decode_record_header(map.published_bytes(), prev, map.published())
-                .ok()
-                .and_then(|p| map.read(p.key_off(), u64::from(p.key_len)))
-                .is_some_and(|k| k == key)
-        });
+        self.delta
+            .set(hash, rec.offset, rec.kind == KIND_DELETE, |prev| {
+                decode_record_header(map.published_bytes(), prev, map.published())
+                    .ok()
+                    .and_then(|p| map.read(p.key_off(), u64::from(p.key_len)))
+                    .is_some_and(|k| k == key)
+            });
         Ok(())
     }
 }

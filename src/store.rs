@@ -44,8 +44,8 @@ use crate::batch::{Batch, Op};
 use crate::error::{Error, Result};
 use crate::format::{
     bucket_of, checkpoint_off, encode_checkpoint, encode_record, page_up, record_len,
-    CheckpointInfo, RecordRef, FLAG_BATCH_MORE, JUMP_LEN, KIND_DELETE, KIND_JUMP,
-    KIND_PUT, PAGE, SLOTS_PER_BUCKET, STATE_CHECKPOINTING, STATE_CLEAN, STATE_DIRTY,
+    CheckpointInfo, RecordRef, FLAG_BATCH_MORE, JUMP_LEN, KIND_DELETE, KIND_JUMP, KIND_PUT, PAGE,
+    SLOTS_PER_BUCKET, STATE_CHECKPOINTING, STATE_CLEAN, STATE_DIRTY,
 };
 use crate::index::{key_hash, probe, BucketBuf, BucketFull};
 use crate::iter::Iter;
@@ -144,12 +144,22 @@ struct SyncState {
 /// Bytes of address space to reserve for a file of `len` bytes.
 pub(crate) fn reservation(len: u64) -> u64 {
     let want = len.saturating_mul(2).max(1 << 30);
-    let cap = if usize::BITS >= 64 { 1u64 << 46 } else { 1 << 30 };
+    let cap = if usize::BITS >= 64 {
+        1u64 << 46
+    } else {
+        1 << 30
+    };
     page_up(want.min(cap.max(len)))
 }
 
 impl Writer {
-    pub(crate) fn new(tail: TailWriter, file: Arc<FileHandle>, end: u64, alloc: u64, ckpt: CheckpointInfo) -> Self {
+    pub(crate) fn new(
+        tail: TailWriter,
+        file: Arc<FileHandle>,
+        end: u64,
+        alloc: u64,
+        ckpt: CheckpointInfo,
+    ) -> Self {
         Writer {
             tail,
             file,
@@ -177,7 +187,13 @@ impl From<Error> for ApplyError {
 }
 
 impl Inner {
-    pub(crate) fn new(path: PathBuf, opts: Options, seed: u64, state: State, writer: Writer) -> Self {
+    pub(crate) fn new(
+        path: PathBuf,
+        opts: Options,
+        seed: u64,
+        state: State,
+        writer: Writer,
+    ) -> Self {
         let end = writer.end;
         Inner {
             path,
@@ -289,7 +305,8 @@ impl Inner {
         self.notify(SyncEvent::File);
         let mut s = self.sync.lock();
         if w.end > s.durable_end {
-            self.bytes_synced.fetch_add(w.end - s.durable_end, Ordering::Relaxed);
+            self.bytes_synced
+                .fetch_add(w.end - s.durable_end, Ordering::Relaxed);
             s.durable_end = w.end;
         }
         s.durable_writes = s.durable_writes.max(writes);
@@ -321,7 +338,13 @@ impl Inner {
             let (map, file, target, writes, epoch) = {
                 let st = self.state.read();
                 let epoch = self.size_epoch.load(Ordering::Acquire);
-                (Arc::clone(&st.map), Arc::clone(&st.file), st.map.published(), st.writes, epoch)
+                (
+                    Arc::clone(&st.map),
+                    Arc::clone(&st.file),
+                    st.map.published(),
+                    st.writes,
+                    epoch,
+                )
             };
             let r = if epoch != synced_epoch {
                 file.sync_data().map(|()| SyncEvent::File)
@@ -338,7 +361,8 @@ impl Inner {
                     self.syncs.fetch_add(1, Ordering::Relaxed);
                     self.notify(ev);
                     if target > s.durable_end {
-                        self.bytes_synced.fetch_add(target - s.durable_end, Ordering::Relaxed);
+                        self.bytes_synced
+                            .fetch_add(target - s.durable_end, Ordering::Relaxed);
                         s.durable_end = target;
                     }
                     s.durable_writes = s.durable_writes.max(writes);
@@ -444,10 +468,16 @@ impl Inner {
         let mut total = 0u64;
         for &(_, k, v) in ops {
             if k.len() > self.opts.max_key_size {
-                return Err(Error::KeyTooLarge { len: k.len(), max: self.opts.max_key_size });
+                return Err(Error::KeyTooLarge {
+                    len: k.len(),
+                    max: self.opts.max_key_size,
+                });
             }
             if v.len() > self.opts.max_value_size {
-                return Err(Error::ValueTooLarge { len: v.len(), max: self.opts.max_value_size });
+                return Err(Error::ValueTooLarge {
+                    len: v.len(),
+                    max: self.opts.max_value_size,
+                });
             }
             total += record_len(k.len(), v.len());
         }
@@ -469,7 +499,11 @@ impl Inner {
         let mut buf = std::mem::take(&mut w.buf);
         buf.clear();
         for (i, &(kind, k, v)) in ops.iter().enumerate() {
-            let flags = if i + 1 < ops.len() { FLAG_BATCH_MORE } else { 0 };
+            let flags = if i + 1 < ops.len() {
+                FLAG_BATCH_MORE
+            } else {
+                0
+            };
             let off = base + buf.len() as u64;
             encode_record(&mut buf, self.seed, off, kind, flags, k, v);
         }
@@ -553,7 +587,12 @@ impl Inner {
     pub(crate) fn checkpoint(&self, w: &mut Writer, fin: u32) -> Result<()> {
         let (geom, keys, delta_only, delta_empty) = {
             let st = self.state.read();
-            (st.index, st.counters.live_keys, st.delta_only, st.delta.is_empty())
+            (
+                st.index,
+                st.counters.live_keys,
+                st.delta_only,
+                st.delta.is_empty(),
+            )
         };
         let max_keys = geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD;
         let r = if delta_only || keys as f64 > max_keys {
@@ -711,7 +750,8 @@ impl Inner {
                 let ob = BucketBuf::from_bytes(st.bucket(nb & (old.buckets - 1))?);
                 for (h, o) in ob.entries() {
                     if bucket_of(h, buckets) == nb {
-                        buf.upsert(h, o, None).map_err(|BucketFull| ApplyError::Full)?;
+                        buf.upsert(h, o, None)
+                            .map_err(|BucketFull| ApplyError::Full)?;
                     }
                 }
             }
@@ -730,7 +770,15 @@ impl Inner {
         }
         // The jump record, then publish past the new index region.
         let mut jump = Vec::with_capacity(JUMP_LEN as usize);
-        encode_record(&mut jump, self.seed, jump_at, KIND_JUMP, 0, b"", &new_log.to_le_bytes());
+        encode_record(
+            &mut jump,
+            self.seed,
+            jump_at,
+            KIND_JUMP,
+            0,
+            b"",
+            &new_log.to_le_bytes(),
+        );
         if let Err(e) = w.file.write_at(&jump, jump_at) {
             return Err(ApplyError::Other(self.poison::<()>(e).unwrap_err()));
         }
@@ -848,7 +896,11 @@ impl Store {
     ///
     /// # Errors
     /// As for [`Store::get`].
-    pub fn get_with<R>(&self, key: impl AsRef<[u8]>, f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
+    pub fn get_with<R>(
+        &self,
+        key: impl AsRef<[u8]>,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>> {
         let key = key.as_ref();
         let h = key_hash(self.inner.seed, key);
         let st = self.inner.state.read();
@@ -953,8 +1005,16 @@ impl Store {
             syncs: inner.syncs.load(Ordering::Relaxed),
             bytes_synced: inner.bytes_synced.load(Ordering::Relaxed),
             checkpoints: inner.checkpoints.load(Ordering::Relaxed),
-            bytes_at_risk: if inner.opts.read_only { 0 } else { end.saturating_sub(s.durable_end) },
-            writes_at_risk: if inner.opts.read_only { 0 } else { st.writes.saturating_sub(s.durable_writes) },
+            bytes_at_risk: if inner.opts.read_only {
+                0
+            } else {
+                end.saturating_sub(s.durable_end)
+            },
+            writes_at_risk: if inner.opts.read_only {
+                0
+            } else {
+                st.writes.saturating_sub(s.durable_writes)
+            },
             delta_entries: st.delta.len() as u64,
             delta_heap_bytes: st.delta.heap_bytes() as u64,
             durability: inner.opts.durability,
@@ -1022,4 +1082,3 @@ fn flusher(inner: &Inner, every: std::time::Duration) {
         let _ = inner.sync_to(end);
     }
 }
-

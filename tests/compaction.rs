@@ -36,8 +36,15 @@ fn space_amplification_after_compaction_is_at_most_1_5() {
         .map(|i| (key(i).len() + val(i, 4).len()) as u64)
         .sum();
     let amp = after.file_size as f64 / live_kv as f64;
-    assert!(amp <= 1.5, "file {} for {live_kv} live bytes: {amp:.3}x", after.file_size);
-    assert!(after.file_size * 3 < before.file_size, "{before:?} -> {after:?}");
+    assert!(
+        amp <= 1.5,
+        "file {} for {live_kv} live bytes: {amp:.3}x",
+        after.file_size
+    );
+    assert!(
+        after.file_size * 3 < before.file_size,
+        "{before:?} -> {after:?}"
+    );
     assert_eq!(after.dead_bytes, 0);
     assert_eq!(after.live_keys, 10_000);
     let check = |s: &Store| {
@@ -186,7 +193,12 @@ fn kill_9_during_compaction_leaves_a_complete_store() {
     let mut kills_during_compaction = 0;
     for attempt in 0..12u64 {
         let mut child = Command::new(&exe)
-            .args(["--exact", "kill_during_compaction_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "kill_during_compaction_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, &p)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -224,7 +236,10 @@ fn kill_9_during_compaction_leaves_a_complete_store() {
         for i in 0..500u32 {
             let got = s.get(key(i)).unwrap().expect("key present");
             // Round r was acknowledged; round r + 1 may be partly applied.
-            let g = std::str::from_utf8(&got[9..13]).unwrap().parse::<u32>().unwrap();
+            let g = std::str::from_utf8(&got[9..13])
+                .unwrap()
+                .parse::<u32>()
+                .unwrap();
             assert!(g == r || g == r + 1, "key {i}: round {g}, acknowledged {r}");
             assert_eq!(got, val(i, g));
         }

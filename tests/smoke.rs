@@ -9,7 +9,9 @@ fn smoke() {
         let s = Store::open(&p, Options::default().durability(d)).unwrap();
         for i in 0..50_000u32 {
             s.put(format!("key{i}"), format!("value{i}")).unwrap();
-            if d == Durability::Always && i > 300 { break; }
+            if d == Durability::Always && i > 300 {
+                break;
+            }
         }
         let n = s.len();
         assert_eq!(s.get(b"key7").unwrap(), Some(b"value7".to_vec()));
@@ -52,7 +54,10 @@ fn compaction_reclaims_space_and_keeps_data() {
     let after = s.stats();
     let live_kv: u64 = (1000..10_000u32).map(|i| 9 + val(i, 3).len() as u64).sum();
     let amp = after.file_size as f64 / live_kv as f64;
-    assert!(amp <= 1.5, "amplification {amp} before {before:?} after {after:?}");
+    assert!(
+        amp <= 1.5,
+        "amplification {amp} before {before:?} after {after:?}"
+    );
     assert!(after.file_size < before.file_size);
     assert_eq!(s.len(), 9000);
     for i in 0..10_000u32 {
