@@ -201,14 +201,11 @@ fn build(
         fh.sync_data()?;
         inner.notify_path(tmp, SyncEvent::File);
         let fh = Arc::new(fh);
-        let map = Arc::new(Mapping::new(
-            &fh,
-            reservation(alloc),
-            log_end,
-            true,
-            inner.opts.populate,
-        )?);
+        let map = Arc::new(Mapping::new(&fh, reservation(alloc), log_end, true)?);
         map.advise(inner.opts.access)?;
+        if inner.opts.populate {
+            map.populate_read(log_end);
+        }
         return Ok(Compacted {
             file: fh,
             map,

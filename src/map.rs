@@ -245,22 +245,17 @@ pub(crate) struct Mapping {
 }
 
 impl Mapping {
-    /// Maps `reserve` bytes of `file` (at least the file's length), shared.
+    /// Maps `reserve` bytes of `file` (at least the file's length), shared. Nothing is
+    /// prefaulted here; see [`Mapping::populate_read`].
     pub(crate) fn new(
         file: &FileHandle,
         reserve: u64,
         published: u64,
         writable: bool,
-        populate: bool,
     ) -> Result<Self> {
         let len = usize::try_from(reserve).map_err(|_| Error::InvalidOption("store too large"))?;
         let mut opts = MmapOptions::new();
         opts.len(len);
-        if populate {
-            // MAP_POPULATE faults in the file's pages (read-only for a shared mapping;
-            // pages past EOF in the reservation are skipped by the kernel).
-            opts.populate();
-        }
         let raw = if writable {
             opts.map_raw(file.file())
         } else {
@@ -273,6 +268,21 @@ impl Mapping {
             published: AtomicU64::new(published),
             writable,
         })
+    }
+
+    /// Warms `[0, len)` up: reads it into the page cache and maps it, read-only, like
+    /// `MAP_POPULATE` but for a range (`MADV_POPULATE_READ`). Only the used part of the
+    /// file is populated: pulling the free tail into the cache too would put it in large
+    /// folios, which made later `sync_file_range`/`msync` of small appends write back whole
+    /// folios (measured 5-7x slower `Async` writes). Falls back to `MADV_WILLNEED`.
+    pub(crate) fn populate_read(&self, len: u64) {
+        let len = len.min(self.reserved) as usize;
+        if len == 0 {
+            return;
+        }
+        if self.raw.advise_range(Advice::PopulateRead, 0, len).is_err() {
+            let _ = self.raw.advise_range(Advice::WillNeed, 0, len);
+        }
     }
 
     pub(crate) fn reserved(&self) -> u64 {

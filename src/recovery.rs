@@ -178,6 +178,17 @@ pub(crate) fn open(path: &Path, opts: Options) -> Result<Inner> {
     load(path.to_path_buf(), opts, Arc::new(fh))
 }
 
+/// True if the log holds no record at `off` (end of file, or a zero record header there).
+fn nothing_after(fh: &FileHandle, off: u64, len: u64) -> Result<bool> {
+    if off >= len {
+        return Ok(true);
+    }
+    let mut hdr = [0u8; crate::format::RECORD_HEADER];
+    let n = (len - off).min(hdr.len() as u64) as usize;
+    fh.read_at(&mut hdr[..n], off)?;
+    Ok(hdr[..n].iter().all(|&b| b == 0))
+}
+
 fn header_error(e: HeaderError) -> Error {
     match e {
         HeaderError::BadMagic => Error::NotAStore { offset: 0 },
@@ -272,7 +283,6 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
         crate::store::reservation(len),
         len,
         !opts.read_only,
-        opts.populate,
     )?);
     map.advise(opts.access)?;
 
@@ -302,6 +312,17 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
             writes: 0,
         };
         let start = if full { info.log_start } else { ckpt.log_end };
+        if !full && nothing_after(&fh, start, len)? {
+            // Clean close: read one record header with pread instead of faulting in the
+            // mapping (a cold fault pulls in megabytes of read-around).
+            let end = crate::log::ScanEnd {
+                valid_end: start,
+                bytes: 0,
+                writes: 0,
+                stop: StopReason::End,
+            };
+            break (st, end);
+        }
         let mut err = None;
         let end = scan(map.published_bytes(), seed, start, len, |recs| {
             for r in recs {
@@ -354,6 +375,9 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     // Not yet shared with any reader: lowering the published end is safe here.
     tail.publish(valid_end);
 
+    if opts.populate {
+        map.populate_read(valid_end);
+    }
     let unclean =
         !report.was_clean || scan_end.writes > 0 || scan_end.stop != StopReason::End || full;
     if unclean && !opts.read_only {

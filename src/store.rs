@@ -69,6 +69,10 @@ const GROW_LOAD: f64 = 0.40;
 /// Under `Async`, a background `fdatasync` at least this often bounds the window at risk
 /// (write-back alone never flushes the device cache nor persists size changes).
 pub(crate) const ASYNC_BOUND: std::time::Duration = std::time::Duration::from_secs(1);
+/// Longest a group-commit leader waits for the other writers before syncing.
+const GROUP_WAIT_MAX: std::time::Duration = std::time::Duration::from_micros(500);
+/// Window of real zeros kept ahead of the tail under `Always`/`Async`.
+const ZERO_AHEAD: u64 = 1 << 20;
 /// Window prefaulted writable ahead of the tail with `populate(true)`.
 const PREFAULT_WINDOW: u64 = 4 << 20;
 
@@ -125,6 +129,9 @@ pub(crate) struct Writer {
     pub(crate) dirty_marked: bool,
     buf: Vec<u8>,
     prefaulted: u64,
+    /// Under `Always`/`Async`: `[end, zeroed)` holds real zeros written by us (not
+    /// unwritten extents), so an append there needs no extent conversion at sync time.
+    zeroed: u64,
     /// An old index region to release once no checkpoint slot can refer to it:
     /// (offset, length, seq of the checkpoint that stopped using it).
     pending_punch: Option<(u64, u64, u64)>,
@@ -139,6 +146,11 @@ struct SyncState {
     /// The growth epoch made durable by the last `fdatasync`.
     size_epoch: u64,
     syncing: bool,
+    /// Writes covered by recent syncs (decays by one per round): how many writers share
+    /// syncs right now. A new leader waits briefly for that many writes to be pending.
+    batch_hint: u64,
+    /// Duration of the last sync; bounds the leader's wait.
+    last_sync: std::time::Duration,
 }
 
 /// Bytes of address space to reserve for a file of `len` bytes.
@@ -169,6 +181,7 @@ impl Writer {
             dirty_marked: false,
             buf: Vec::new(),
             prefaulted: 0,
+            zeroed: end,
             pending_punch: None,
             writes: 0,
         }
@@ -262,6 +275,7 @@ impl Inner {
         w.ckpt = c.ckpt;
         w.dirty_marked = false;
         w.prefaulted = 0;
+        w.zeroed = c.log_end;
         w.pending_punch = None;
         let mut s = self.sync.lock();
         s.size_epoch = self.size_epoch.load(Ordering::Acquire);
@@ -332,7 +346,22 @@ impl Inner {
             s.syncing = true;
             let from = s.durable_end;
             let synced_epoch = s.size_epoch;
+            let (hint, durable_writes) = (s.batch_hint, s.durable_writes);
+            let budget = (s.last_sync / 2).min(GROUP_WAIT_MAX);
             drop(s);
+            if hint > 1 {
+                // Group commit: the writers that shared the last sync are about to come
+                // back (they were just woken). Starting the sync before they append would
+                // cover only some of them and leave the rest for another full sync. Wait
+                // for them, at most half a sync.
+                let deadline = std::time::Instant::now() + budget;
+                while self.state.read().writes.saturating_sub(durable_writes) < hint
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::yield_now();
+                }
+            }
+            let started = std::time::Instant::now();
             // Everything published now is covered by this sync. A growth bumps the epoch
             // before publishing anything in the new space, so `epoch` covers `target`.
             let (map, file, target, writes, epoch) = {
@@ -355,9 +384,12 @@ impl Inner {
             };
             s = self.sync.lock();
             s.syncing = false;
+            s.last_sync = started.elapsed();
             self.sync_cv.notify_all();
             match r {
                 Ok(ev) => {
+                    let batch = writes.saturating_sub(s.durable_writes);
+                    s.batch_hint = batch.max(s.batch_hint.saturating_sub(1));
                     self.syncs.fetch_add(1, Ordering::Relaxed);
                     self.notify(ev);
                     if target > s.durable_end {
@@ -404,7 +436,6 @@ impl Inner {
                 reservation(new_len),
                 w.tail.mapping().published(),
                 true,
-                false,
             )?);
             map.advise(self.opts.access)?;
             w.tail.replace(Arc::clone(&map));
@@ -414,6 +445,26 @@ impl Inner {
             w.prefaulted = 0;
         }
         Ok(())
+    }
+
+    /// Keeps a window of real zeros ahead of the tail (`pwrite` of zeros, write-back
+    /// started at once). `posix_fallocate` leaves *unwritten* extents: the first append
+    /// into each of their blocks makes the next sync also write extent metadata, which
+    /// measured p99 `Always` latency at 2.5x p50 instead of 1.6x. Best effort.
+    fn zero_ahead(w: &mut Writer, need: u64) {
+        if need + ZERO_AHEAD / 2 <= w.zeroed {
+            return;
+        }
+        let from = w.zeroed.max(page_up(need));
+        let to = (from + ZERO_AHEAD).min(w.alloc);
+        if to <= from {
+            return;
+        }
+        let zeros = vec![0u8; (to - from) as usize];
+        if w.file.write_at(&zeros, from).is_ok() {
+            let _ = w.file.start_writeback(from, to - from);
+            w.zeroed = to;
+        }
     }
 
     fn prefault(&self, w: &mut Writer) {
@@ -506,6 +557,9 @@ impl Inner {
             };
             let off = base + buf.len() as u64;
             encode_record(&mut buf, self.seed, off, kind, flags, k, v);
+        }
+        if pwrite {
+            Self::zero_ahead(&mut w, base + total);
         }
         let alloc = w.alloc;
         let r = if pwrite || buf.len() >= PWRITE_THRESHOLD {
