@@ -8,11 +8,18 @@
 //! Errors print one line to stderr (`mapkv: error: ...`) and exit with status 1; usage
 //! errors exit with status 2.
 
+// The crate root is `src/bin/mapkv.rs`, so its modules live in `src/bin/mapkv/`.
+#[path = "mapkv/bench.rs"]
 mod bench;
+#[path = "mapkv/crashtest.rs"]
 mod crashtest;
+#[path = "mapkv/flags.rs"]
 mod flags;
+#[path = "mapkv/measure.rs"]
 mod measure;
+#[path = "mapkv/plot.rs"]
 mod plot;
+#[path = "mapkv/tools.rs"]
 mod tools;
 
 use std::path::Path;
@@ -25,7 +32,7 @@ use clap::{Parser, Subcommand};
 /// Start with `mapkv bench` to see what durability costs on this machine, then
 /// `mapkv put/get/scan/stats` to look inside a store.
 #[derive(Debug, Parser)]
-#[command(name = "mapkv", version, about, long_about = None)]
+#[command(name = "mapkv", version)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

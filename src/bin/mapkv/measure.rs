@@ -27,9 +27,6 @@ pub fn key(i: u64) -> [u8; 16] {
     out
 }
 
-/// Items at or above this index are never written by a benchmark: keys for misses.
-pub const MISS_BASE: u64 = 1 << 40;
-
 /// A value of `len` bytes derived from `i` (not all zeros, so nothing compresses it away).
 pub fn value(i: u64, len: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(len);
@@ -184,10 +181,10 @@ pub fn in_memory_append_rate(n: u64, value_len: usize) -> f64 {
     let val = value(1, value_len);
     let rec = 16 + 16 + value_len;
     let cap = usize::try_from(n).unwrap_or(0) * rec;
-    let mut log: Vec<u8> = Vec::with_capacity(cap);
-    // Touch the buffer first so the timed loop measures the copy, not page faults
-    // (the store's file is likewise already allocated).
-    log.resize(cap, 0);
+    // Touch the buffer first (non-zero fill, so the pages are really written) so the
+    // timed loop measures the copy, not page faults; the store's file is likewise
+    // already allocated.
+    let mut log: Vec<u8> = vec![1u8; cap];
     log.clear();
     let t = Instant::now();
     for i in 0..n {
@@ -199,6 +196,31 @@ pub fn in_memory_append_rate(n: u64, value_len: usize) -> f64 {
     }
     let secs = t.elapsed().as_secs_f64();
     std::hint::black_box(&log);
+    n as f64 / secs.max(1e-9)
+}
+
+/// Like [`in_memory_append_rate`], plus an in-memory index: a `HashMap` from key to
+/// offset (std's default hasher, no capacity reserved), the in-memory equivalent of a
+/// log-plus-index store. Returns puts per second.
+pub fn in_memory_store_rate(n: u64, value_len: usize) -> f64 {
+    let val = value(1, value_len);
+    let rec = 16 + 16 + value_len;
+    let cap = usize::try_from(n).unwrap_or(0) * rec;
+    let mut log: Vec<u8> = vec![1u8; cap];
+    log.clear();
+    let mut index: std::collections::HashMap<[u8; 16], u64> = std::collections::HashMap::new();
+    let t = Instant::now();
+    for i in 0..n {
+        let k = key(i);
+        let off = log.len() as u64;
+        log.extend_from_slice(&(i as u32).to_le_bytes());
+        log.extend_from_slice(&[0u8; 12]);
+        log.extend_from_slice(&k);
+        log.extend_from_slice(&val);
+        index.insert(k, off);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    std::hint::black_box((&log, &index));
     n as f64 / secs.max(1e-9)
 }
 
@@ -266,7 +288,10 @@ impl BlockDev {
 /// Minor/major faults since `before` (getrusage, whole process).
 pub fn faults_since(before: (u64, u64)) -> (u64, u64) {
     let now = mapkv::sys::page_faults();
-    (now.0.saturating_sub(before.0), now.1.saturating_sub(before.1))
+    (
+        now.0.saturating_sub(before.0),
+        now.1.saturating_sub(before.1),
+    )
 }
 
 /// Writes a file of `len` bytes (pattern data) with `chunk`-sized `pwrite`s and syncs it.
@@ -339,6 +364,35 @@ pub fn fmt_bytes(b: u64) -> String {
     }
 }
 
+/// Filesystem type and mount point of the filesystem holding `path`, from
+/// `/proc/self/mountinfo` (longest mount point that is a prefix of the path).
+pub fn fs_type(path: &Path) -> Option<(String, String)> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut best: Option<(usize, String, String)> = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(mnt), Some(dash)) = (fields.get(4), fields.iter().position(|f| *f == "-")) else {
+            continue;
+        };
+        let Some(fstype) = fields.get(dash + 1) else {
+            continue;
+        };
+        let mnt = mnt.replace("\\040", " ");
+        if path.starts_with(&mnt) && best.as_ref().is_none_or(|b| mnt.len() > b.0) {
+            best = Some((mnt.len(), (*fstype).to_owned(), mnt));
+        }
+    }
+    best.map(|(_, t, m)| (t, m))
+}
+
+/// The kernel release (`/proc/sys/kernel/osrelease`).
+pub fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,14 +401,17 @@ mod tests {
     fn percentiles_nearest_rank() {
         let mut v: Vec<u64> = (1..=1000).collect();
         let p = Percentiles::of(&mut v);
-        assert_eq!((p.p50_ns, p.p99_ns, p.p999_ns, p.max_ns), (500, 990, 999, 1000));
+        assert_eq!(
+            (p.p50_ns, p.p99_ns, p.p999_ns, p.max_ns),
+            (500, 990, 999, 1000)
+        );
     }
 
     #[test]
     fn keys_are_distinct_and_hex() {
         let a = key(1);
         assert_ne!(a, key(2));
-        assert_ne!(a, key(MISS_BASE + 1));
+        assert_ne!(a, key(1 << 40));
         assert!(a.iter().all(u8::is_ascii_hexdigit));
     }
 

@@ -29,8 +29,10 @@ impl Encoding {
             return Ok(s.as_bytes().to_vec());
         }
         let s = s.strip_prefix("0x").unwrap_or(s);
-        if s.len() % 2 != 0 {
-            return Err(Failure::msg(format!("{what} {s:?} is not hex: odd number of digits")));
+        if !s.len().is_multiple_of(2) {
+            return Err(Failure::msg(format!(
+                "{what} {s:?} is not hex: odd number of digits"
+            )));
         }
         (0..s.len())
             .step_by(2)
@@ -183,7 +185,9 @@ pub fn put(a: &PutArgs) -> Result<(), Failure> {
     let key = a.enc.parse("key", &a.key)?;
     let value = a.enc.parse("value", &a.value)?;
     let store = open_rw(&a.path)?;
-    store.put(&key, &value).map_err(|e| Failure::store(&a.path, &e))?;
+    store
+        .put(&key, &value)
+        .map_err(|e| Failure::store(&a.path, &e))?;
     close(&a.path, store)
 }
 
@@ -192,12 +196,17 @@ pub fn del(a: &DelArgs) -> Result<(), Failure> {
     let key = a.enc.parse("key", &a.key)?;
     must_exist(&a.path)?;
     let store = open_rw(&a.path)?;
-    let existed = store.delete(&key).map_err(|e| Failure::store(&a.path, &e))?;
+    let existed = store
+        .delete(&key)
+        .map_err(|e| Failure::store(&a.path, &e))?;
     close(&a.path, store)?;
     if existed {
         Ok(())
     } else {
-        Err(Failure::msg(format!("key not found (nothing deleted): {}", a.key)))
+        Err(Failure::msg(format!(
+            "key not found (nothing deleted): {}",
+            a.key
+        )))
     }
 }
 
@@ -238,23 +247,81 @@ pub fn stats(a: &StatsArgs) -> Result<(), Failure> {
     t.set_header(vec!["stat", "value", "meaning"]);
     let rows: Vec<(&str, String, &str)> = vec![
         ("live keys", s.live_keys.to_string(), "keys with a value"),
-        ("live bytes", fmt_bytes(s.live_bytes), "records of live keys, headers included"),
-        ("dead bytes", fmt_bytes(s.dead_bytes), "overwritten/deleted records; `compact` reclaims them"),
-        ("log bytes", fmt_bytes(s.log_bytes), "all records in the log"),
-        ("index bytes", fmt_bytes(s.index_bytes), "the hash index region"),
-        ("dead index bytes", fmt_bytes(s.dead_index_bytes), "old index regions left by growth"),
-        ("file size", fmt_bytes(s.file_size), "allocated size of the file"),
-        ("log end", s.log_end.to_string(), "offset of the next append"),
-        ("mapped", fmt_bytes(s.mapped_bytes), "address space reserved (costs no memory)"),
-        ("resident", fmt_bytes(s.resident_bytes), "file bytes in the page cache (mincore)"),
-        ("space amplification", format!("{:.2}", s.space_amplification), "file size / live bytes"),
-        ("delta entries", s.delta_entries.to_string(), "changes not yet checkpointed into the index"),
-        ("recovery: clean", s.recovery.was_clean.to_string(), "the store had been closed cleanly"),
-        ("recovery: replayed", s.recovery.replayed_writes.to_string(), "writes replayed at open"),
-        ("recovery: rebuilt index", s.recovery.rebuilt_index.to_string(), "index rebuilt from the log"),
+        (
+            "live bytes",
+            fmt_bytes(s.live_bytes),
+            "records of live keys, headers included",
+        ),
+        (
+            "dead bytes",
+            fmt_bytes(s.dead_bytes),
+            "overwritten/deleted records; `compact` reclaims them",
+        ),
+        (
+            "log bytes",
+            fmt_bytes(s.log_bytes),
+            "all records in the log",
+        ),
+        (
+            "index bytes",
+            fmt_bytes(s.index_bytes),
+            "the hash index region",
+        ),
+        (
+            "dead index bytes",
+            fmt_bytes(s.dead_index_bytes),
+            "old index regions left by growth",
+        ),
+        (
+            "file size",
+            fmt_bytes(s.file_size),
+            "allocated size of the file",
+        ),
+        (
+            "log end",
+            s.log_end.to_string(),
+            "offset of the next append",
+        ),
+        (
+            "mapped",
+            fmt_bytes(s.mapped_bytes),
+            "address space reserved (costs no memory)",
+        ),
+        (
+            "resident",
+            fmt_bytes(s.resident_bytes),
+            "file bytes in the page cache (mincore)",
+        ),
+        (
+            "space amplification",
+            format!("{:.2}", s.space_amplification),
+            "file size / live bytes",
+        ),
+        (
+            "delta entries",
+            s.delta_entries.to_string(),
+            "changes not yet checkpointed into the index",
+        ),
+        (
+            "recovery: clean",
+            s.recovery.was_clean.to_string(),
+            "the store had been closed cleanly",
+        ),
+        (
+            "recovery: replayed",
+            s.recovery.replayed_writes.to_string(),
+            "writes replayed at open",
+        ),
+        (
+            "recovery: rebuilt index",
+            s.recovery.rebuilt_index.to_string(),
+            "index rebuilt from the log",
+        ),
         (
             "recovery: torn tail cut at",
-            s.recovery.truncated_at.map_or_else(|| "-".into(), |o| o.to_string()),
+            s.recovery
+                .truncated_at
+                .map_or_else(|| "-".into(), |o| o.to_string()),
             "offset where an incomplete tail was dropped",
         ),
     ];
@@ -273,19 +340,30 @@ pub fn verify(a: &VerifyArgs) -> Result<(), Failure> {
         let size_before = std::fs::metadata(&a.path).map(|m| m.len()).unwrap_or(0);
         let store = Store::open(
             &a.path,
-            Options::default().durability(Durability::None).salvage(true),
+            Options::default()
+                .durability(Durability::None)
+                .salvage(true),
         )
         .map_err(|e| Failure::store(&a.path, &e))?;
         let r = store.stats().recovery;
-        let mut lines = vec![format!("repair of {} (file was {size_before} bytes):", a.path.display())];
+        let mut lines = vec![format!(
+            "repair of {} (file was {size_before} bytes):",
+            a.path.display()
+        )];
         lines.push(format!("  closed cleanly before: {}", r.was_clean));
-        lines.push(format!("  writes replayed after the last checkpoint: {}", r.replayed_writes));
+        lines.push(format!(
+            "  writes replayed after the last checkpoint: {}",
+            r.replayed_writes
+        ));
         lines.push(format!("  index rebuilt from the log: {}", r.rebuilt_index));
         lines.push(match r.truncated_at {
             Some(o) => format!("  log cut at byte offset {o} (incomplete or invalid tail dropped)"),
             None => "  log cut: no".into(),
         });
-        lines.push(format!("  damaged bytes dropped after the valid prefix: {}", r.salvaged_bytes));
+        lines.push(format!(
+            "  damaged bytes dropped after the valid prefix: {}",
+            r.salvaged_bytes
+        ));
         writeln!(out, "{}", lines.join("\n")).map_err(Failure::stdout)?;
         store
     } else {

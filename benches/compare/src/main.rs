@@ -1,0 +1,622 @@
+//! mapkv next to the stores a user would pick instead: LMDB (through `heed`), `redb`,
+//! `sled` and `fjall`, on one workload, in one run, printed as one table.
+//!
+//! Workload (16-byte keys, 100-byte values by default):
+//! 1. **fill**: `--keys` puts of new keys into an empty store, without syncing, in chunks
+//!    of 1,000 (one write transaction per chunk for LMDB and redb, which are
+//!    transactional; single puts for mapkv, sled and fjall). Then one sync (timed
+//!    separately).
+//! 2. **reopen**: close the filled store cleanly and open it again.
+//! 3. **random gets**, hits then misses, one thread, for `--read-secs` each (LMDB and
+//!    redb open one read transaction per 1,000 gets). Values are read in place where the
+//!    engine allows it (mapkv `get_with`, LMDB `&[u8]`, redb `AccessGuard`); sled and
+//!    fjall hand out reference-counted buffers.
+//! 4. **durable puts**: one writer puts new keys into a fresh store, each put durable
+//!    before the next (mapkv `Durability::Always`; LMDB and redb one synced transaction
+//!    per put; sled `insert` + `flush`; fjall `insert` + `persist(SyncData)`), for
+//!    `--durable-secs`.
+//!
+//! Run: `cd benches/compare && cargo run --release -- [--keys N] [--engines a,b]`.
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+const CHUNK: u64 = 1000;
+
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// 16-byte key `i` (hex digits of a scrambled `i`; random order for ordered engines).
+fn key(i: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let v = mix(i);
+    for (n, b) in out.iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[((v >> (60 - 4 * n)) & 0xf) as usize];
+    }
+    out
+}
+
+fn stamp(val: &mut [u8], i: u64) {
+    let n = val.len().min(8);
+    val[..n].copy_from_slice(&i.to_le_bytes()[..n]);
+}
+
+/// One engine under test. `durable` selects the per-write sync configuration where the
+/// engine fixes it at open (mapkv, LMDB).
+trait Engine: Sized {
+    const NAME: &'static str;
+    fn open(dir: &Path, durable: bool) -> Res<Self>;
+    /// Puts keys `first..first + n` without syncing (one transaction if transactional).
+    fn load(&mut self, first: u64, n: u64, val: &mut [u8]) -> Res<()>;
+    /// Makes everything written so far durable.
+    fn sync(&mut self) -> Res<()>;
+    /// Looks up `keys`, returns the total length of the values found.
+    fn get_many(&self, keys: &[[u8; 16]]) -> Res<usize>;
+    /// One put that is durable when it returns.
+    fn put_durable(&mut self, k: &[u8], v: &[u8]) -> Res<()>;
+    /// Clean close.
+    fn close(self) -> Res<()>;
+}
+
+// ------------------------------------------------------------------------------- mapkv
+
+struct Mapkv(mapkv::Store);
+
+impl Engine for Mapkv {
+    const NAME: &'static str = "mapkv";
+    fn open(dir: &Path, durable: bool) -> Res<Self> {
+        let d = if durable {
+            mapkv::Durability::Always
+        } else {
+            mapkv::Durability::None
+        };
+        Ok(Mapkv(mapkv::Store::open(
+            dir.join("data.mkv"),
+            mapkv::Options::default().durability(d),
+        )?))
+    }
+    fn load(&mut self, first: u64, n: u64, val: &mut [u8]) -> Res<()> {
+        for i in first..first + n {
+            stamp(val, i);
+            self.0.put(key(i), &*val)?;
+        }
+        Ok(())
+    }
+    fn sync(&mut self) -> Res<()> {
+        Ok(self.0.flush()?)
+    }
+    fn get_many(&self, keys: &[[u8; 16]]) -> Res<usize> {
+        let mut sum = 0;
+        for k in keys {
+            sum += self.0.get_with(k, <[u8]>::len)?.unwrap_or(0);
+        }
+        Ok(sum)
+    }
+    fn put_durable(&mut self, k: &[u8], v: &[u8]) -> Res<()> {
+        Ok(self.0.put(k, v)?)
+    }
+    fn close(self) -> Res<()> {
+        Ok(self.0.close()?)
+    }
+}
+
+// -------------------------------------------------------------------------- LMDB (heed)
+
+struct Lmdb {
+    env: heed::Env,
+    db: heed::Database<heed::types::Bytes, heed::types::Bytes>,
+}
+
+impl Engine for Lmdb {
+    const NAME: &'static str = "LMDB (heed)";
+    fn open(dir: &Path, durable: bool) -> Res<Self> {
+        let mut o = heed::EnvOpenOptions::new();
+        o.map_size(16 << 30).max_dbs(1);
+        if !durable {
+            // SAFETY: NO_SYNC only drops the sync at commit; it is sound for any use
+            // (heed marks all flags unsafe because some, like WRITE_MAP, are not).
+            unsafe {
+                o.flags(heed::EnvFlags::NO_SYNC);
+            }
+        }
+        // SAFETY: heed's open is unsafe because the file must not be changed by another
+        // program or opened twice in this process with different options; the directory
+        // is a fresh one used only by this handle.
+        let env = unsafe { o.open(dir)? };
+        let mut w = env.write_txn()?;
+        let db = env.create_database(&mut w, None)?;
+        w.commit()?;
+        Ok(Lmdb { env, db })
+    }
+    fn load(&mut self, first: u64, n: u64, val: &mut [u8]) -> Res<()> {
+        let mut w = self.env.write_txn()?;
+        for i in first..first + n {
+            stamp(val, i);
+            self.db.put(&mut w, &key(i), val)?;
+        }
+        w.commit()?;
+        Ok(())
+    }
+    fn sync(&mut self) -> Res<()> {
+        Ok(self.env.force_sync()?)
+    }
+    fn get_many(&self, keys: &[[u8; 16]]) -> Res<usize> {
+        let r = self.env.read_txn()?;
+        let mut sum = 0;
+        for k in keys {
+            sum += self.db.get(&r, k)?.map_or(0, <[u8]>::len);
+        }
+        Ok(sum)
+    }
+    fn put_durable(&mut self, k: &[u8], v: &[u8]) -> Res<()> {
+        let mut w = self.env.write_txn()?;
+        self.db.put(&mut w, k, v)?;
+        w.commit()?;
+        Ok(())
+    }
+    fn close(self) -> Res<()> {
+        self.env.prepare_for_closing().wait();
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------- redb
+
+const REDB_TABLE: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("t");
+
+struct Redb {
+    db: redb::Database,
+    durable: bool,
+}
+
+impl Redb {
+    fn write(&self, f: impl FnOnce(&mut redb::Table<&[u8], &[u8]>) -> Res<()>) -> Res<()> {
+        let mut w = self.db.begin_write()?;
+        if !self.durable {
+            w.set_durability(redb::Durability::None)?;
+        }
+        {
+            let mut t = w.open_table(REDB_TABLE)?;
+            f(&mut t)?;
+        }
+        w.commit()?;
+        Ok(())
+    }
+}
+
+impl Engine for Redb {
+    const NAME: &'static str = "redb";
+    fn open(dir: &Path, durable: bool) -> Res<Self> {
+        let db = redb::Database::create(dir.join("data.redb"))?;
+        let r = Redb { db, durable };
+        r.write(|_| Ok(()))?;
+        Ok(r)
+    }
+    fn load(&mut self, first: u64, n: u64, val: &mut [u8]) -> Res<()> {
+        self.write(|t| {
+            for i in first..first + n {
+                stamp(val, i);
+                t.insert(&key(i)[..], &*val)?;
+            }
+            Ok(())
+        })
+    }
+    fn sync(&mut self) -> Res<()> {
+        // An Immediate commit makes all earlier non-durable commits durable.
+        let w = self.db.begin_write()?;
+        w.commit()?;
+        Ok(())
+    }
+    fn get_many(&self, keys: &[[u8; 16]]) -> Res<usize> {
+        use redb::ReadableDatabase;
+        let r = self.db.begin_read()?;
+        let t = r.open_table(REDB_TABLE)?;
+        let mut sum = 0;
+        for k in keys {
+            sum += t.get(&k[..])?.map_or(0, |g| g.value().len());
+        }
+        Ok(sum)
+    }
+    fn put_durable(&mut self, k: &[u8], v: &[u8]) -> Res<()> {
+        self.write(|t| {
+            t.insert(k, v)?;
+            Ok(())
+        })
+    }
+    fn close(self) -> Res<()> {
+        drop(self.db);
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------- sled
+
+struct Sled(sled::Db);
+
+impl Engine for Sled {
+    const NAME: &'static str = "sled 0.34";
+    fn open(dir: &Path, _durable: bool) -> Res<Self> {
+        Ok(Sled(sled::Config::new().path(dir.join("sled")).open()?))
+    }
+    fn load(&mut self, first: u64, n: u64, val: &mut [u8]) -> Res<()> {
+        for i in first..first + n {
+            stamp(val, i);
+            self.0.insert(key(i), &*val)?;
+        }
+        Ok(())
+    }
+    fn sync(&mut self) -> Res<()> {
+        self.0.flush()?;
+        Ok(())
+    }
+    fn get_many(&self, keys: &[[u8; 16]]) -> Res<usize> {
+        let mut sum = 0;
+        for k in keys {
+            sum += self.0.get(k)?.map_or(0, |v| v.len());
+        }
+        Ok(sum)
+    }
+    fn put_durable(&mut self, k: &[u8], v: &[u8]) -> Res<()> {
+        self.0.insert(k, v)?;
+        self.0.flush()?;
+        Ok(())
+    }
+    fn close(self) -> Res<()> {
+        self.0.flush()?;
+        Ok(())
+    }
+}
+
+// --------------------------------------------------------------------------------- fjall
+
+struct Fjall {
+    db: fjall::Database,
+    ks: fjall::Keyspace,
+}
+
+impl Engine for Fjall {
+    const NAME: &'static str = "fjall 3";
+    fn open(dir: &Path, _durable: bool) -> Res<Self> {
+        let db = fjall::Database::builder(dir.join("fjall")).open()?;
+        let ks = db.keyspace("t", fjall::KeyspaceCreateOptions::default)?;
+        Ok(Fjall { db, ks })
+    }
+    fn load(&mut self, first: u64, n: u64, val: &mut [u8]) -> Res<()> {
+        for i in first..first + n {
+            stamp(val, i);
+            self.ks.insert(key(i), &*val)?;
+        }
+        Ok(())
+    }
+    fn sync(&mut self) -> Res<()> {
+        Ok(self.db.persist(fjall::PersistMode::SyncData)?)
+    }
+    fn get_many(&self, keys: &[[u8; 16]]) -> Res<usize> {
+        let mut sum = 0;
+        for k in keys {
+            sum += self.ks.get(k)?.map_or(0, |v| v.len());
+        }
+        Ok(sum)
+    }
+    fn put_durable(&mut self, k: &[u8], v: &[u8]) -> Res<()> {
+        self.ks.insert(k, v)?;
+        Ok(self.db.persist(fjall::PersistMode::SyncData)?)
+    }
+    fn close(self) -> Res<()> {
+        self.db.persist(fjall::PersistMode::SyncAll)?;
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------ harness
+
+struct Args {
+    keys: u64,
+    value_size: usize,
+    read_secs: f64,
+    durable_secs: f64,
+    engines: Vec<String>,
+    dir: Option<PathBuf>,
+}
+
+fn parse_args() -> Res<Args> {
+    let mut a = Args {
+        keys: 1_000_000,
+        value_size: 100,
+        read_secs: 1.0,
+        durable_secs: 2.0,
+        engines: vec![
+            "mapkv".into(),
+            "lmdb".into(),
+            "redb".into(),
+            "sled".into(),
+            "fjall".into(),
+        ],
+        dir: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--keys" => a.keys = val()?.parse()?,
+            "--value-size" => a.value_size = val()?.parse()?,
+            "--read-secs" => a.read_secs = val()?.parse()?,
+            "--durable-secs" => a.durable_secs = val()?.parse()?,
+            "--engines" => a.engines = val()?.split(',').map(|s| s.trim().to_lowercase()).collect(),
+            "--dir" => a.dir = Some(PathBuf::from(val()?)),
+            "--bench" => {}
+            "-h" | "--help" => {
+                println!(
+                    "mapkv-compare [--keys N=1000000] [--value-size B=100] [--read-secs S=1] \
+                     [--durable-secs S=2] [--engines mapkv,lmdb,redb,sled,fjall] [--dir PATH]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)").into()),
+        }
+    }
+    if a.keys == 0 {
+        return Err("--keys must be at least 1".into());
+    }
+    Ok(a)
+}
+
+#[derive(Default)]
+struct Row {
+    engine: &'static str,
+    fill_per_s: f64,
+    fill_sync_ms: f64,
+    reopen_ms: f64,
+    hits_per_s: f64,
+    misses_per_s: f64,
+    durable_per_s: f64,
+    durable_p50_us: f64,
+    durable_p99_us: f64,
+    disk_bytes: u64,
+}
+
+fn disk_usage(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
+    };
+    rd.flatten()
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                disk_usage(&path)
+            } else {
+                e.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+            }
+        })
+        .sum()
+}
+
+fn reads<E: Engine>(e: &E, keys: &[[u8; 16]], secs: f64) -> Res<(f64, usize)> {
+    let budget = Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let mut n = 0usize;
+    let mut sum = 0usize;
+    let mut pos = 0usize;
+    while n == 0 || start.elapsed() < budget {
+        let end = (pos + CHUNK as usize).min(keys.len());
+        sum += e.get_many(&keys[pos..end])?;
+        n += end - pos;
+        pos = if end == keys.len() { 0 } else { end };
+    }
+    Ok((n as f64 / start.elapsed().as_secs_f64(), sum))
+}
+
+fn shuffled(n: u64, base: u64, seed: u64) -> Vec<[u8; 16]> {
+    let mut order: Vec<u64> = (0..n).collect();
+    let mut s = seed;
+    for i in (1..order.len()).rev() {
+        s = mix(s);
+        order.swap(i, (s % (i as u64 + 1)) as usize);
+    }
+    order.into_iter().map(|i| key(base + i)).collect()
+}
+
+fn bench<E: Engine>(a: &Args, root: &Path, hits: &[[u8; 16]], misses: &[[u8; 16]]) -> Res<Row> {
+    let dir = root.join(format!("{}-fill", E::NAME.split(' ').next().unwrap_or("x")));
+    std::fs::create_dir_all(&dir)?;
+    let mut row = Row {
+        engine: E::NAME,
+        ..Row::default()
+    };
+    let mut val = vec![0x5Au8; a.value_size];
+
+    // 1. Fill.
+    let mut e = E::open(&dir, false)?;
+    let t = Instant::now();
+    let mut i = 0;
+    while i < a.keys {
+        let n = CHUNK.min(a.keys - i);
+        e.load(i, n, &mut val)?;
+        i += n;
+    }
+    row.fill_per_s = a.keys as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    e.sync()?;
+    row.fill_sync_ms = t.elapsed().as_secs_f64() * 1e3;
+    e.close()?;
+    row.disk_bytes = disk_usage(&dir);
+
+    // 2. Reopen.
+    let t = Instant::now();
+    let e = E::open(&dir, false)?;
+    row.reopen_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    // 3. Random gets.
+    let (h, sum) = reads(&e, hits, a.read_secs)?;
+    if sum == 0 {
+        return Err(format!("{}: no hits found after reopen", E::NAME).into());
+    }
+    let (m, sum) = reads(&e, misses, a.read_secs)?;
+    if sum != 0 {
+        return Err(format!("{}: a miss found a value", E::NAME).into());
+    }
+    row.hits_per_s = h;
+    row.misses_per_s = m;
+    e.close()?;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // 4. Durable single-writer puts into a fresh store.
+    let dir = root.join(format!(
+        "{}-durable",
+        E::NAME.split(' ').next().unwrap_or("x")
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let mut e = E::open(&dir, true)?;
+    e.put_durable(b"warm-up", b"")?;
+    let budget = Duration::from_secs_f64(a.durable_secs);
+    let start = Instant::now();
+    let mut lat = Vec::new();
+    let mut i = 0u64;
+    while lat.len() < 3 || start.elapsed() < budget {
+        stamp(&mut val, i);
+        let t = Instant::now();
+        e.put_durable(&key(i), &val)?;
+        lat.push(t.elapsed().as_nanos() as u64);
+        i += 1;
+    }
+    row.durable_per_s = lat.len() as f64 / start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    row.durable_p50_us = lat[lat.len() / 2] as f64 / 1e3;
+    row.durable_p99_us = lat[(lat.len() * 99 / 100).min(lat.len() - 1)] as f64 / 1e3;
+    e.close()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(row)
+}
+
+fn raw_sync_median_us(dir: &Path) -> Res<f64> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("raw-sync.scratch");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    let page = [0xA5u8; 4096];
+    f.write_all_at(&page, 0)?;
+    f.sync_all()?;
+    let mut lat = Vec::new();
+    for _ in 0..100 {
+        let t = Instant::now();
+        f.write_all_at(&page, 0)?;
+        f.sync_data()?;
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    std::fs::remove_file(&path)?;
+    lat.sort_unstable();
+    Ok(lat[lat.len() / 2] as f64 / 1e3)
+}
+
+fn rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2}M", r / 1e6)
+    } else if r >= 1e4 {
+        format!("{:.0}k", r / 1e3)
+    } else if r >= 1e3 {
+        format!("{:.1}k", r / 1e3)
+    } else {
+        format!("{r:.0}")
+    }
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("mapkv-compare: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Res<()> {
+    let a = parse_args()?;
+    let tmp;
+    let root = match &a.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let hits = shuffled(a.keys, 0, 1);
+    let misses = shuffled(a.keys.min(1_000_000), 1 << 40, 2);
+    let raw0 = raw_sync_median_us(&root)?;
+    let mut rows = Vec::new();
+    for name in &a.engines {
+        eprintln!("mapkv-compare: {name} ...");
+        let row = match name.as_str() {
+            "mapkv" => bench::<Mapkv>(&a, &root, &hits, &misses),
+            "lmdb" | "heed" => bench::<Lmdb>(&a, &root, &hits, &misses),
+            "redb" => bench::<Redb>(&a, &root, &hits, &misses),
+            "sled" => bench::<Sled>(&a, &root, &hits, &misses),
+            "fjall" => bench::<Fjall>(&a, &root, &hits, &misses),
+            other => {
+                Err(format!("unknown engine {other:?}: use mapkv, lmdb, redb, sled, fjall").into())
+            }
+        };
+        rows.push(row.map_err(|e| format!("{name}: {e}"))?);
+    }
+    let raw1 = raw_sync_median_us(&root)?;
+
+    println!(
+        "{} keys x 16 B, {} B values; fill in chunks of {CHUNK}; raw 4 KiB pwrite+fdatasync median {raw0:.0} µs \
+         before, {raw1:.0} µs after",
+        a.keys, a.value_size
+    );
+    println!(
+        "{:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>11} {:>11} {:>10}",
+        "engine",
+        "fill/s",
+        "fill sync",
+        "reopen",
+        "hits/s",
+        "misses/s",
+        "durable/s",
+        "durable p50",
+        "durable p99",
+        "disk"
+    );
+    for r in &rows {
+        println!(
+            "{:<12} {:>10} {:>8.1}ms {:>8.2}ms {:>10} {:>10} {:>12} {:>9.0}µs {:>9.0}µs {:>8.0}MB",
+            r.engine,
+            rate(r.fill_per_s),
+            r.fill_sync_ms,
+            r.reopen_ms,
+            rate(r.hits_per_s),
+            rate(r.misses_per_s),
+            rate(r.durable_per_s),
+            r.durable_p50_us,
+            r.durable_p99_us,
+            r.disk_bytes as f64 / 1e6
+        );
+    }
+    if let (Some(m), Some(l)) = (
+        rows.iter().find(|r| r.engine == Mapkv::NAME),
+        rows.iter().find(|r| r.engine == Lmdb::NAME),
+    ) {
+        println!(
+            "mapkv / LMDB: fill {:.2}x, hits {:.2}x, misses {:.2}x, durable puts {:.2}x, reopen {:.2}x faster",
+            m.fill_per_s / l.fill_per_s,
+            m.hits_per_s / l.hits_per_s,
+            m.misses_per_s / l.misses_per_s,
+            m.durable_per_s / l.durable_per_s,
+            l.reopen_ms / m.reopen_ms.max(1e-6)
+        );
+    }
+    Ok(())
+}
