@@ -846,8 +846,9 @@ fn render(a: &BenchArgs, r: &Report) -> String {
     if !lines.is_empty() {
         let _ = writeln!(
             s,
-            "populate(true) moves the cold read of the file into open (MAP_POPULATE) and prefaults \
-             the tail writable (MADV_POPULATE_WRITE):\n{}",
+            "populate(true) moves the cold read of the data into open (MADV_POPULATE_READ of the \
+             used range: MAP_POPULATE for a range) and, for the memcpy policies, prefaults the \
+             tail writable (MADV_POPULATE_WRITE):\n{}",
             lines.join("\n")
         );
     }
