@@ -83,19 +83,33 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
             return Err(e);
         }
     };
-    if let Err(e) = std::fs::rename(&tmp, &inner.path) {
-        let _ = std::fs::remove_file(&tmp);
+    // No sync may be in flight across the switch: a sync of the old file finishing after
+    // the rename would be taken (and reported) as a sync of the new one.
+    inner.pause_syncs();
+    let r = switch(inner, &mut w, built, &tmp);
+    inner.resume_syncs();
+    r
+}
+
+fn switch(
+    inner: &Inner,
+    w: &mut crate::store::Writer,
+    built: Compacted,
+    tmp: &std::path::Path,
+) -> Result<()> {
+    if let Err(e) = std::fs::rename(tmp, &inner.path) {
+        let _ = std::fs::remove_file(tmp);
         return Err(Error::io("rename compacted file", e));
     }
     inner.notify_pub(SyncEvent::Renamed);
     // From here the new file is the store; failing to sync the directory leaves the
     // rename's durability unknown, so the handle is poisoned (reopen recovers).
     if let Err(e) = sync_dir(&inner.path) {
-        inner.install_compacted(&mut w, built);
+        inner.install_compacted(w, built);
         return inner.poison_pub(e);
     }
     inner.notify_pub(SyncEvent::Directory);
-    inner.install_compacted(&mut w, built);
+    inner.install_compacted(w, built);
     Ok(())
 }
 

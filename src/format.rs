@@ -468,13 +468,21 @@ pub fn decode_record_header(
     limit: u64,
 ) -> Result<RecordRef, RecordError> {
     let limit = limit.min(file.len() as u64);
-    let hdr_end = offset
-        .checked_add(RECORD_HEADER as u64)
-        .ok_or(RecordError::Truncated)?;
-    if hdr_end > limit {
+    if offset > limit {
         return Err(RecordError::Truncated);
     }
-    let hb = &file[offset as usize..hdr_end as usize];
+    decode_header_in(&file[offset as usize..limit as usize], offset)
+}
+
+/// Like [`decode_record_header`], for `bytes` that start at the record (file offset
+/// `offset`) and end where the readable data ends.
+///
+/// # Errors
+/// [`RecordError`] when no well-formed record is there.
+pub fn decode_header_in(bytes: &[u8], offset: u64) -> Result<RecordRef, RecordError> {
+    let Some(hb) = bytes.get(..RECORD_HEADER) else {
+        return Err(RecordError::Truncated);
+    };
     if hb.iter().all(|&b| b == 0) {
         return Err(RecordError::Zero);
     }
@@ -495,26 +503,27 @@ pub fn decode_record_header(
     if !kind_ok || rec.flags & !FLAG_BATCH_MORE != 0 || h.reserved != [0, 0] {
         return Err(RecordError::BadHeader);
     }
-    let end = offset
-        .checked_add(rec.len())
-        .ok_or(RecordError::Truncated)?;
-    if end > limit {
+    if offset.checked_add(rec.len()).is_none() || rec.len() > bytes.len() as u64 {
         return Err(RecordError::Truncated);
     }
     Ok(rec)
 }
 
-/// True if the checksum of `rec` (from [`decode_record_header`] on the same `file`) matches.
+/// True if the checksum of `rec` matches, for `bytes` that start at the record.
 #[must_use]
-pub fn record_crc_ok(file: &[u8], seed: u64, rec: &RecordRef) -> bool {
-    let (Some(stored), Some(body)) = (
-        file.get(rec.offset as usize..rec.offset as usize + 4),
-        file.get(rec.offset as usize + 4..rec.end() as usize),
-    ) else {
+pub fn record_crc_ok_in(bytes: &[u8], seed: u64, rec: &RecordRef) -> bool {
+    let (Some(stored), Some(body)) = (bytes.get(..4), bytes.get(4..rec.len() as usize)) else {
         return false;
     };
     let stored = u32::from_le_bytes([stored[0], stored[1], stored[2], stored[3]]);
     crc_seeded(seed, &[&rec.offset.to_le_bytes(), body]) == stored
+}
+
+/// True if the checksum of `rec` (from [`decode_record_header`] on the same `file`) matches.
+#[must_use]
+pub fn record_crc_ok(file: &[u8], seed: u64, rec: &RecordRef) -> bool {
+    file.get(rec.offset as usize..)
+        .is_some_and(|b| record_crc_ok_in(b, seed, rec))
 }
 
 /// Decodes and verifies the record at `offset` of `file` (the whole file's bytes, or a

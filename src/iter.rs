@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::format::decode_record;
+use crate::format::{decode_header_in, record_crc_ok_in, KIND_PUT, RECORD_HEADER};
 use crate::index::BucketBuf;
 use crate::map::Mapping;
 use crate::state::State;
@@ -41,7 +41,9 @@ impl Iter {
 /// Offsets of the live put records (unsorted): delta puts, plus bucket entries whose key
 /// the delta does not supersede.
 pub(crate) fn live_offsets(st: &State) -> Result<Vec<u64>> {
-    let mut offsets = Vec::with_capacity(usize::try_from(st.counters.live_keys).unwrap_or(0));
+    // The counter comes from the file: a capacity hint only, bounded.
+    let hint = usize::try_from(st.counters.live_keys.min(1 << 20)).unwrap_or(0);
+    let mut offsets = Vec::with_capacity(hint);
     for (_, off, delete) in st.delta.iter() {
         if !delete {
             offsets.push(off);
@@ -77,22 +79,29 @@ impl Iterator for Iter {
             return Some(Err(e));
         }
         let off = self.offsets.next()?;
-        let bytes = self.map.published_bytes();
-        Some(
-            decode_record(bytes, self.seed, off, bytes.len() as u64)
-                .map_err(|_| Error::corrupt(off, "index points at an invalid record"))
-                .and_then(|r| {
-                    let k = self.map.read(r.key_off(), u64::from(r.key_len));
-                    let v = self.map.read(r.val_off(), u64::from(r.val_len));
-                    match (k, v) {
-                        (Some(k), Some(v)) => Ok((k.to_vec(), v.to_vec())),
-                        _ => Err(Error::corrupt(off, "record outside the file")),
-                    }
-                }),
-        )
+        Some(read_pair(&self.map, self.seed, off))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
         self.offsets.size_hint()
     }
+}
+
+/// Reads and verifies the put record at `off`, borrowing only its own bytes: the iterator
+/// holds no lock, so it must not borrow bytes a checkpoint may be rewriting meanwhile.
+fn read_pair(map: &Mapping, seed: u64, off: u64) -> Result<(Vec<u8>, Vec<u8>)> {
+    let bad = || Error::corrupt(off, "index points at an invalid record");
+    let hdr = map.read(off, RECORD_HEADER as u64).ok_or_else(bad)?;
+    let klen = u64::from(u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]));
+    let vlen = u64::from(u32::from_le_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]));
+    let bytes = map
+        .read(off, RECORD_HEADER as u64 + klen + vlen)
+        .ok_or_else(bad)?;
+    let rec = decode_header_in(bytes, off).map_err(|_| bad())?;
+    if rec.kind != KIND_PUT || !record_crc_ok_in(bytes, seed, &rec) {
+        return Err(bad());
+    }
+    let k = &bytes[RECORD_HEADER..RECORD_HEADER + klen as usize];
+    let v = &bytes[RECORD_HEADER + klen as usize..];
+    Ok((k.to_vec(), v.to_vec()))
 }

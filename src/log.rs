@@ -65,7 +65,7 @@ pub(crate) fn scan(
         if rec.kind == KIND_JUMP {
             let target = jump_target(file, &rec);
             match target {
-                Some(t) if batch.is_empty() && t > rec.end() && t == page_up(t) && t <= limit => {
+                Some(t) if batch.is_empty() && t <= limit && t > rec.end() && t == page_up(t) => {
                     bytes += rec.len();
                     pos = t;
                     valid_end = t;

@@ -147,6 +147,9 @@ impl FileHandle {
     /// Allocates `[off, off + len)` for real (`posix_fallocate`), extending the file if
     /// needed. Fails with `ENOSPC` up front instead of leaving holes that fault later.
     pub(crate) fn allocate(&self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
         let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
             return Err(Error::InvalidOption("file offset beyond off_t"));
         };

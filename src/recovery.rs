@@ -146,6 +146,28 @@ fn cleanup_leftovers(path: &Path) {
 
 pub(crate) fn open(path: &Path, opts: Options) -> Result<Inner> {
     opts.validate()?;
+    // Compaction renames a new file over the path. A handle that was opened just before
+    // and locked just after holds the old, unlinked file: check and retry.
+    for _ in 0..8 {
+        let fh = open_locked(path, &opts)?;
+        if same_file(path, &fh)? {
+            return load(path.to_path_buf(), opts, Arc::new(fh));
+        }
+    }
+    Err(Error::Locked)
+}
+
+fn same_file(path: &Path, fh: &FileHandle) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let a = fh.file().metadata().map_err(|e| Error::io("fstat", e))?;
+    match std::fs::metadata(path) {
+        Ok(b) => Ok(a.dev() == b.dev() && a.ino() == b.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io("stat", e)),
+    }
+}
+
+fn open_locked(path: &Path, opts: &Options) -> Result<FileHandle> {
     let fh = if opts.read_only {
         let f = OpenOptions::new()
             .read(true)
@@ -155,7 +177,7 @@ pub(crate) fn open(path: &Path, opts: Options) -> Result<Inner> {
     } else {
         let existing = match OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => Some(FileHandle::lock(f, true)?),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => create_new(path, &opts)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => create_new(path, opts)?,
             Err(e) => return Err(Error::io("open", e)),
         };
         let fh = match existing {
@@ -170,12 +192,12 @@ pub(crate) fn open(path: &Path, opts: Options) -> Result<Inner> {
             }
         };
         if fh.len()? == 0 {
-            init_store(&fh, &opts)?;
+            init_store(&fh, opts)?;
         }
         cleanup_leftovers(path);
         fh
     };
-    load(path.to_path_buf(), opts, Arc::new(fh))
+    Ok(fh)
 }
 
 /// True if the log holds no record at `off` (end of file, or a zero record header there).
@@ -343,6 +365,10 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     };
     report.rebuilt_index = full;
     report.replayed_writes = scan_end.writes;
+    // Replay counted record bytes; the scan also saw the JUMP records, which the live
+    // write path counts too. Use the scan's total so the two agree.
+    let mut state = state;
+    state.counters.log_bytes = if full { 0 } else { ckpt.log_bytes } + scan_end.bytes;
     let valid_end = scan_end.valid_end;
     match scan_end.stop {
         StopReason::End => {}
@@ -386,9 +412,26 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     let writer = Writer::new(tail, Arc::clone(&fh), valid_end, len, ckpt);
     let inner = Inner::new(path, opts, seed, state, writer);
     *inner.recovery.lock() = report;
+    if !inner.opts.read_only {
+        // The file may have holes where it should have allocated space (a copy made by a
+        // hole-aware tool): writing into a hole through the mapping on a full disk would
+        // be a SIGBUS. Allocating what is already allocated is cheap.
+        fh.allocate(valid_end, len - valid_end)?;
+    }
     if unclean && !inner.opts.read_only {
         let mut w = inner.writer.lock();
-        inner.checkpoint(&mut w, STATE_CLEAN)?;
+        // The zeroed tail must be durable before a checkpoint may call the log clean:
+        // otherwise a crash can keep the CLEAN slot but not the zeros, and stale records
+        // past `log_end` could later be revived (tests/crash.rs, power loss).
+        inner.sync_file(&w)?;
+        // A checkpoint that fails without poisoning the store (no space to grow the
+        // index) leaves it usable: the replayed writes stay in the in-memory delta and
+        // the next checkpoint retries. Refusing to open would lock the user out of a
+        // store they may want to compact to free space.
+        if let Err(e) = inner.checkpoint(&mut w, STATE_CLEAN) {
+            inner.check_not_poisoned()?;
+            let _ = e;
+        }
     }
     Ok(inner)
 }

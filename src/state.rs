@@ -130,8 +130,10 @@ impl State {
 
     /// Makes the record `rec` (already published) the newest for its key: updates the
     /// delta and the counters. Used by the write path and by replay.
+    /// A damaged old record (or index entry) only skews the counters: the new record is
+    /// valid and must become visible, so a failed lookup counts as "no old value".
     pub(crate) fn apply(&mut self, hash: u64, key: &[u8], rec: &RecordRef) -> Result<()> {
-        let old = self.find_live(hash, key)?;
+        let old = self.find_live(hash, key).unwrap_or(None);
         let c = &mut self.counters;
         c.log_bytes += rec.len();
         if let Some(old) = old {

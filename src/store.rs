@@ -106,6 +106,10 @@ pub(crate) struct Inner {
     /// A sync that samples epoch E with its target and then runs `fdatasync` makes every
     /// size change up to E durable; `SyncState::size_epoch` remembers the last such E.
     size_epoch: AtomicU64,
+    /// Bumped (under the exclusive state lock) when compaction switches files: log
+    /// offsets of different generations are not comparable. A write of an older
+    /// generation is durable: compaction synced a file holding every published write.
+    file_gen: AtomicU64,
     syncs: AtomicU64,
     bytes_synced: AtomicU64,
     checkpoints: AtomicU64,
@@ -134,7 +138,7 @@ pub(crate) struct Writer {
     zeroed: u64,
     /// An old index region to release once no checkpoint slot can refer to it:
     /// (offset, length, seq of the checkpoint that stopped using it).
-    pending_punch: Option<(u64, u64, u64)>,
+    pending_punch: Vec<(u64, u64, u64)>,
     /// Writes applied (a batch counts once).
     pub(crate) writes: u64,
 }
@@ -182,7 +186,7 @@ impl Writer {
             buf: Vec::new(),
             prefaulted: 0,
             zeroed: end,
-            pending_punch: None,
+            pending_punch: Vec::new(),
             writes: 0,
         }
     }
@@ -221,6 +225,7 @@ impl Inner {
             sync_cv: Condvar::new(),
             poisoned: AtomicBool::new(false),
             size_epoch: AtomicU64::new(0),
+            file_gen: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             bytes_synced: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
@@ -228,6 +233,28 @@ impl Inner {
             shutdown_cv: Condvar::new(),
             recovery: Mutex::new(RecoveryReport::default()),
         }
+    }
+
+    /// Waits for any sync in flight, then keeps new ones from starting (compaction's file
+    /// switch). Must be paired with [`Inner::resume_syncs`].
+    pub(crate) fn pause_syncs(&self) {
+        let mut s = self.sync.lock();
+        while s.syncing {
+            self.sync_cv.wait(&mut s);
+        }
+        s.syncing = true;
+    }
+
+    pub(crate) fn resume_syncs(&self) {
+        let mut s = self.sync.lock();
+        s.syncing = false;
+        self.sync_cv.notify_all();
+    }
+
+    /// The file generation and the published end of the log in it.
+    fn published_end(&self) -> (u64, u64) {
+        let st = self.state.read();
+        (self.file_gen.load(Ordering::Acquire), st.map.published())
     }
 
     pub(crate) fn check_not_poisoned(&self) -> Result<()> {
@@ -262,6 +289,7 @@ impl Inner {
             st.delta.clear();
             st.delta_only = false;
             st.counters = c.counters;
+            self.file_gen.fetch_add(1, Ordering::AcqRel);
             (old_map, old_file)
         };
         // munmap of the old mapping (and closing the old file) happen outside the lock,
@@ -276,7 +304,7 @@ impl Inner {
         w.dirty_marked = false;
         w.prefaulted = 0;
         w.zeroed = c.log_end;
-        w.pending_punch = None;
+        w.pending_punch.clear();
         let mut s = self.sync.lock();
         s.size_epoch = self.size_epoch.load(Ordering::Acquire);
         s.durable_end = c.log_end;
@@ -330,11 +358,15 @@ impl Inner {
 
     /// Makes every byte of the log below `end` durable, sharing syncs between concurrent
     /// callers (group commit). Skips the sync entirely if nothing is dirty.
-    fn sync_to(&self, end: u64) -> Result<()> {
+    /// `gen` is the file generation `end` belongs to (see `file_gen`).
+    fn sync_to(&self, gen: u64, end: u64) -> Result<()> {
         let mut s = self.sync.lock();
         loop {
             if self.poisoned.load(Ordering::Acquire) {
                 return Err(Error::Poisoned);
+            }
+            if gen != self.file_gen.load(Ordering::Acquire) {
+                return Ok(());
             }
             if s.durable_end >= end && s.size_epoch == self.size_epoch.load(Ordering::Acquire) {
                 return Ok(());
@@ -364,7 +396,7 @@ impl Inner {
             let started = std::time::Instant::now();
             // Everything published now is covered by this sync. A growth bumps the epoch
             // before publishing anything in the new space, so `epoch` covers `target`.
-            let (map, file, target, writes, epoch) = {
+            let (map, file, target, writes, epoch, sampled_gen) = {
                 let st = self.state.read();
                 let epoch = self.size_epoch.load(Ordering::Acquire);
                 (
@@ -373,6 +405,7 @@ impl Inner {
                     st.map.published(),
                     st.writes,
                     epoch,
+                    self.file_gen.load(Ordering::Acquire),
                 )
             };
             let r = if epoch != synced_epoch {
@@ -386,6 +419,10 @@ impl Inner {
             s.syncing = false;
             s.last_sync = started.elapsed();
             self.sync_cv.notify_all();
+            if sampled_gen != self.file_gen.load(Ordering::Acquire) {
+                // Compaction switched files meanwhile; this sync's offsets are stale.
+                continue;
+            }
             match r {
                 Ok(ev) => {
                     let batch = writes.saturating_sub(s.durable_writes);
@@ -428,8 +465,6 @@ impl Inner {
             w.file.allocate(w.alloc, exact - w.alloc)?;
             new_len = exact;
         }
-        w.alloc = new_len;
-        self.size_epoch.fetch_add(1, Ordering::AcqRel);
         if new_len > w.tail.mapping().reserved() {
             let map = Arc::new(Mapping::new(
                 &w.file,
@@ -444,6 +479,9 @@ impl Inner {
             drop(old);
             w.prefaulted = 0;
         }
+        // Only now, with the space mapped, may anything be published in it.
+        w.alloc = new_len;
+        self.size_epoch.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -597,6 +635,7 @@ impl Inner {
         w.end = end;
         w.writes += 1;
         let since = end - w.ckpt.log_end;
+        let gen = self.file_gen.load(Ordering::Acquire);
         if delta_len >= DELTA_MAX || since >= REPLAY_MAX {
             // The write itself is applied. A checkpoint that fails without poisoning the
             // store (a full disk while growing the index) is retried by a later write; one
@@ -612,7 +651,7 @@ impl Inner {
         }
         drop(w);
         match self.opts.durability {
-            Durability::Always => self.sync_to(end)?,
+            Durability::Always => self.sync_to(gen, end)?,
             Durability::Async => {
                 let file = Arc::clone(&self.state.read().file);
                 if let Err(e) = file.start_writeback(base, end - base) {
@@ -625,7 +664,10 @@ impl Inner {
             let c = self.state.read().counters;
             let dead = c.log_bytes.saturating_sub(c.live_bytes) + c.dead_index_bytes;
             if c.log_bytes >= ac.min_log_bytes && dead as f64 > ac.dead_ratio * c.log_bytes as f64 {
-                crate::compact::compact(self)?;
+                // The write is applied (and durable as its policy promised): a failed
+                // compaction must not make it look failed. A failure that matters
+                // poisoned the store, and the next write reports it.
+                let _ = crate::compact::compact(self);
             }
         }
         Ok(Some(end))
@@ -650,8 +692,19 @@ impl Inner {
         };
         let max_keys = geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD;
         let r = if delta_only || keys as f64 > max_keys {
+            // Counters come from the file and may be bogus: bound them by what fits in it.
+            let keys = keys.min(w.end / crate::format::RECORD_HEADER as u64);
             let want = (keys as f64 / (SLOTS_PER_BUCKET as f64 * GROW_LOAD)).ceil() as u64;
-            self.grow_index(w, want.next_power_of_two().max(geom.buckets * 2), fin)
+            let want = want
+                .clamp(1, crate::format::MAX_BUCKETS)
+                .next_power_of_two();
+            // A rebuild (delta_only) sizes the index by its keys; growth at least doubles.
+            let buckets = if delta_only {
+                want
+            } else {
+                want.max(geom.buckets * 2)
+            };
+            self.grow_index(w, buckets, fin)
         } else if delta_empty && w.end == w.ckpt.log_end {
             let mut c = w.ckpt;
             c.state = fin;
@@ -664,17 +717,67 @@ impl Inner {
                 Err(ApplyError::Other(e)) => Err(e),
             }
         };
+        // A damaged index found on the way: rebuild it from the log (the log is the truth).
+        let r = match r {
+            Err(e) if e.is_corruption() && !delta_only => self.rebuild_index(w, fin),
+            r => r,
+        };
         if r.is_ok() {
             self.checkpoints.fetch_add(1, Ordering::Relaxed);
             // Both slots now postdate the switch: the old region is unreachable.
-            if let Some((off, len, seq)) = w.pending_punch {
-                if w.ckpt.seq > seq {
+            let seq_now = w.ckpt.seq;
+            let (due, keep): (Vec<_>, Vec<_>) =
+                w.pending_punch.drain(..).partition(|p| seq_now > p.2);
+            w.pending_punch = keep;
+            if !due.is_empty() {
+                // Readers may hold slices over the whole published range: punch (which
+                // changes bytes to zeros) only while none is borrowed.
+                let _excl = self.state.write();
+                for (off, len, _) in due {
                     w.file.punch_hole(off, len);
-                    w.pending_punch = None;
                 }
             }
         }
         r
+    }
+
+    /// Replays the whole log into a fresh delta (the index in the file is not trusted)
+    /// and writes a new index region from it. Readers wait during the scan.
+    fn rebuild_index(&self, w: &mut Writer, fin: u32) -> Result<()> {
+        {
+            let mut st = self.state.write();
+            let map = Arc::clone(&st.map);
+            let seed = st.seed;
+            st.delta.clear();
+            st.delta_only = true;
+            let dead_index = st.counters.dead_index_bytes;
+            st.counters = crate::state::Counters {
+                dead_index_bytes: dead_index,
+                ..crate::state::Counters::default()
+            };
+            let log_start = st.log_start;
+            let end = crate::log::scan(map.published_bytes(), seed, log_start, w.end, |recs| {
+                for r in recs {
+                    let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
+                    let _ = st.apply(key_hash(seed, key), key, r);
+                }
+            });
+            st.counters.log_bytes = end.bytes;
+            if end.valid_end != w.end {
+                return Err(Error::corrupt(
+                    end.valid_end,
+                    "damaged record in the log: the index cannot be rebuilt (open with salvage)",
+                ));
+            }
+        }
+        let keys = self.state.read().counters.live_keys;
+        let want = (keys as f64 / (SLOTS_PER_BUCKET as f64 * GROW_LOAD)).ceil() as u64;
+        self.grow_index(
+            w,
+            want.clamp(1, crate::format::MAX_BUCKETS)
+                .next_power_of_two(),
+            fin,
+        )
     }
 
     fn counters_ckpt(&self, fin: u32, geom: IndexGeom, log_end: u64) -> CheckpointInfo {
@@ -743,7 +846,13 @@ impl Inner {
             let b = group[0].0;
             let buf = {
                 let st = self.state.read();
-                let mut buf = BucketBuf::from_bytes(st.bucket(b)?);
+                let bytes = st.bucket(b)?;
+                if !crate::format::bucket_crc_ok(bytes) {
+                    // Never re-seal a damaged bucket (that would hide the damage).
+                    let off = st.index.bucket_off(b);
+                    return Err(Error::corrupt(off, "index bucket checksum mismatch").into());
+                }
+                let mut buf = BucketBuf::from_bytes(bytes);
                 for &(_, h, o, d) in group {
                     Self::apply_entry(&st, &mut buf, h, o, d)?;
                 }
@@ -786,6 +895,9 @@ impl Inner {
         };
         let new_log = new.off + new.bytes();
         self.ensure_space(w, new_log + PAGE)?;
+        // Only non-empty buckets are written below, so the region must read as zeros
+        // (a failed earlier attempt may have left bucket pages here).
+        w.file.zero_range(new.off, new.bytes())?;
         let (old, delta_only, mut entries) = {
             let st = self.state.read();
             let e: Vec<(u64, u64, u64, bool)> = st
@@ -801,7 +913,12 @@ impl Inner {
             let st = self.state.read();
             let mut buf = BucketBuf::empty();
             if !delta_only && old.buckets > 0 {
-                let ob = BucketBuf::from_bytes(st.bucket(nb & (old.buckets - 1))?);
+                let obytes = st.bucket(nb & (old.buckets - 1))?;
+                if !crate::format::bucket_crc_ok(obytes) {
+                    let off = st.index.bucket_off(nb & (old.buckets - 1));
+                    return Err(Error::corrupt(off, "index bucket checksum mismatch").into());
+                }
+                let ob = BucketBuf::from_bytes(obytes);
                 for (h, o) in ob.entries() {
                     if bucket_of(h, buckets) == nb {
                         buf.upsert(h, o, None)
@@ -836,11 +953,19 @@ impl Inner {
         if let Err(e) = w.file.write_at(&jump, jump_at) {
             return Err(ApplyError::Other(self.poison::<()>(e).unwrap_err()));
         }
+        // The old region becomes dead space if it is a real region before the jump (a
+        // rebuild after a damaged checkpoint may not have one).
+        let old_real = old.off >= PAGE
+            && old
+                .buckets
+                .checked_mul(PAGE)
+                .and_then(|b| b.checked_add(old.off))
+                .is_some_and(|e| e <= jump_at);
         {
             let mut st = self.state.write();
             w.tail.publish(new_log);
             st.counters.log_bytes += JUMP_LEN;
-            if !delta_only {
+            if old_real {
                 st.counters.dead_index_bytes += old.bytes();
             }
         }
@@ -855,10 +980,10 @@ impl Inner {
             st.delta.clear();
             st.delta_only = false;
         }
-        if !delta_only {
+        if old_real {
             // The other checkpoint slot still points at the old region; release it only
             // after the next checkpoint (see `checkpoint`).
-            w.pending_punch = Some((old.off, old.bytes(), w.ckpt.seq));
+            w.pending_punch.push((old.off, old.bytes(), w.ckpt.seq));
         }
         w.prefaulted = 0;
         Ok(())
@@ -946,7 +1071,8 @@ impl Store {
 
     /// Calls `f` with the value of `key`, borrowed straight from the mapping (no copy),
     /// and returns its result. Writers that need the index wait while `f` runs; keep it
-    /// short.
+    /// short, and do not call this store from inside `f` (the store's lock is fair: a
+    /// nested read waits behind a queued writer, which waits for `f`: a deadlock).
     ///
     /// # Errors
     /// As for [`Store::get`].
@@ -983,8 +1109,8 @@ impl Store {
         if self.inner.opts.read_only {
             return Ok(());
         }
-        let end = self.inner.state.read().map.published();
-        self.inner.sync_to(end)
+        let (gen, end) = self.inner.published_end();
+        self.inner.sync_to(gen, end)
     }
 
     /// Number of live keys.
@@ -1099,8 +1225,12 @@ impl Store {
             let _ = t.join();
         }
         let inner = &*self.inner;
-        if inner.opts.read_only || inner.poisoned.load(Ordering::Acquire) {
+        if inner.opts.read_only {
             return Ok(());
+        }
+        if inner.poisoned.load(Ordering::Acquire) {
+            // Nothing can be marked clean; the next open recovers.
+            return Err(Error::Poisoned);
         }
         let mut w = inner.writer.lock();
         let changed = w.dirty_marked || w.ckpt.state != STATE_CLEAN || w.end != w.ckpt.log_end;
@@ -1131,8 +1261,8 @@ fn flusher(inner: &Inner, every: std::time::Duration) {
             }
         }
         next = std::time::Instant::now() + every;
-        let end = inner.state.read().map.published();
+        let (gen, end) = inner.published_end();
         // An error poisons the store; writers will report it.
-        let _ = inner.sync_to(end);
+        let _ = inner.sync_to(gen, end);
     }
 }
