@@ -74,8 +74,9 @@ pub const SECTOR_CRC_SPAN: usize = 508;
 /// Checkpoint state: the store was closed cleanly; the index is complete up to
 /// `log_end` and was not being written.
 pub const STATE_CLEAN: u32 = 1;
-/// Checkpoint state: a writer has (or had) the store open. After a crash the index pages
-/// may be torn and must be verified; records after `log_end` must be replayed.
+/// Checkpoint state: a writer has (or had) the store open. Records after `log_end` may
+/// exist and must be replayed; the space after the valid end may hold torn bytes, which
+/// recovery erases. The buckets are intact (they are only rewritten under CHECKPOINTING).
 pub const STATE_DIRTY: u32 = 2;
 
 /// Checkpoint state: a checkpoint was rewriting index buckets in place when this slot was
@@ -283,7 +284,7 @@ pub fn decode_checkpoint(seed: u64, bytes: &[u8]) -> Option<CheckpointInfo> {
 
 /// Size of one bucket: one page, so a bucket is torn or written as a unit of sectors.
 pub const BUCKET_SIZE: usize = PAGE as usize;
-/// Bucket header: crc u32, count u16, reserved u16, live_bytes u64.
+/// Bucket header: crc u32, count u16, 10 reserved zero bytes.
 pub const BUCKET_HEADER: usize = 16;
 /// Bytes per slot: key hash u64, record offset u64 (0 = empty).
 pub const SLOT_SIZE: usize = 16;
@@ -292,8 +293,6 @@ pub const SLOTS_PER_BUCKET: usize = (BUCKET_SIZE - BUCKET_HEADER) / SLOT_SIZE;
 const _: () = assert!(BUCKET_HEADER + SLOTS_PER_BUCKET * SLOT_SIZE == BUCKET_SIZE);
 /// Offset of the `count` field in a bucket.
 pub const BUCKET_COUNT_OFF: usize = 4;
-/// Offset of the `live_bytes` field in a bucket.
-pub const BUCKET_LIVE_OFF: usize = 8;
 /// Most buckets an index may have (2^32 pages = 16 TiB of index).
 pub const MAX_BUCKETS: u64 = 1 << 32;
 

@@ -20,16 +20,17 @@
 //! When the delta grows large (or at clean close), its changes are written into the
 //! index buckets in the file:
 //!
-//! 1. Sync the log, so no bucket can ever point at a record that is not durable.
-//! 2. Write a checkpoint slot with state CHECKPOINTING and sync it.
-//! 3. Rewrite every affected bucket (`pwrite`, under the exclusive state lock per bucket),
-//!    then sync.
-//! 4. Write a checkpoint slot (DIRTY, or CLEAN at close) whose `log_end` is the tail, and
+//! 1. Write a checkpoint slot with state CHECKPOINTING and sync it (`fdatasync`, which
+//!    also makes the log durable: no bucket can ever point at a record that is not).
+//! 2. Rewrite every affected bucket (`pwrite`, under the exclusive state lock per bucket),
+//!    after checking its CRC, then sync. A damaged bucket is never re-sealed: the index
+//!    is rebuilt from the log instead.
+//! 3. Write a checkpoint slot (DIRTY, or CLEAN at close) whose `log_end` is the tail, and
 //!    sync it. Clear the delta.
 //!
-//! A crash before step 2 completes leaves the old checkpoint: buckets untouched, replay
-//! from its `log_end`. A crash between 2 and 4 leaves CHECKPOINTING: buckets may be torn,
-//! so the index is rebuilt from the log. When the index must grow, steps 2-3 are replaced
+//! A crash before step 1 completes leaves the old checkpoint: buckets untouched, replay
+//! from its `log_end`. A crash between 1 and 3 leaves CHECKPOINTING: buckets may be torn,
+//! so the index is rebuilt from the log. When the index must grow, steps 1-2 are replaced
 //! by writing a whole new index region after a JUMP record at the tail (the old region is
 //! not touched), so growth never needs a rebuild.
 
