@@ -1,3 +1,4 @@
+//! Smoke test across policies: fill, delete, batch, iterate, verify, reopen; populate.
 use mapkv::{Batch, Durability, Options, Store};
 
 #[test]
