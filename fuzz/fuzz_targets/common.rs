@@ -1,0 +1,72 @@
+//! Helpers shared by the fuzz targets.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use mapkv::Durability;
+
+/// A per-process scratch directory, on tmpfs when there is one (stores sync a lot).
+pub fn scratch() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        // Remove the scratch directories of fuzz processes that are gone.
+        if let Ok(entries) = std::fs::read_dir(&base) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("mapkv-fuzz-") {
+                    if !Path::new("/proc").join(pid).exists() {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        }
+        let d = base.join(format!("mapkv-fuzz-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("scratch directory");
+        d
+    })
+}
+
+/// A fresh path in the scratch directory (the file removed).
+pub fn fresh(name: &str) -> PathBuf {
+    let p = scratch().join(name);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// One of the four policies (Periodic with a short interval, so the flusher runs).
+pub fn policy(b: u8) -> Durability {
+    match b % 4 {
+        0 => Durability::None,
+        1 => Durability::Async,
+        2 => Durability::Periodic(std::time::Duration::from_millis(2)),
+        _ => Durability::Always,
+    }
+}
+
+/// The key for a small key number (255 is the empty key).
+pub fn key(k: u8) -> Vec<u8> {
+    if k == 255 {
+        Vec::new()
+    } else {
+        format!("k{}", k % 64).into_bytes()
+    }
+}
+
+/// A value of `len` bytes derived from `fill` (a length of 0 is an empty value; lengths
+/// over 16 KiB are capped to keep runs fast, except `big`, which crosses the store's
+/// pwrite threshold).
+pub fn value(len: u16, fill: u8, big: bool) -> Vec<u8> {
+    let n = if big {
+        300 << 10
+    } else {
+        usize::from(len) % (16 << 10)
+    };
+    (0..n).map(|i| fill.wrapping_add((i % 251) as u8)).collect()
+}
