@@ -326,7 +326,11 @@ fn recovery_checkpoint_keeps_bucket_damage_detectable() {
         bytes[pos] ^= 0x10;
         write_file(&path, &bytes);
         let s = Store::open(&path, Options::default()).expect("open");
-        println!("bucket {b}: {:?} verify {:?}", s.stats().recovery, s.verify().map(|_| ()));
+        println!(
+            "bucket {b}: {:?} verify {:?}",
+            s.stats().recovery,
+            s.verify().map(|_| ())
+        );
         drop(s);
         if let Outcome::Prefix(_) = open_damaged(&bytes, &path, &f.model, "bucket flip") {
             missed.push(b);
