@@ -132,6 +132,7 @@ fn cleanup_leftovers(path: &Path) {
     };
     let name = name.to_string_lossy();
     let compact_prefix = format!("{name}.compact-");
+    let create_prefix = format!(".{name}.mapkv-new.");
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -139,7 +140,18 @@ fn cleanup_leftovers(path: &Path) {
         let n = e.file_name();
         let n = n.to_string_lossy();
         if n.starts_with(&compact_prefix) {
+            // We hold the store's exclusive lock: no compaction of it can be running.
             let _ = std::fs::remove_file(e.path());
+        } else if n.starts_with(&create_prefix) {
+            // A creation that crashed before linking its file into place. One still in
+            // progress holds its lock; leave that alone.
+            let orphan = OpenOptions::new()
+                .read(true)
+                .open(e.path())
+                .is_ok_and(|f| f.try_lock().is_ok());
+            if orphan {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
 }

@@ -90,3 +90,20 @@ fn populate_open_and_write() {
     assert_eq!(s.len(), 20_000);
     assert_eq!(s.get(5u32.to_le_bytes()).unwrap(), Some(vec![7u8; 100]));
 }
+
+#[test]
+fn leftovers_of_an_interrupted_creation_are_removed_unless_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("l.mkv");
+    let orphan = dir.path().join(".l.mkv.mapkv-new.1.abc");
+    let busy = dir.path().join(".l.mkv.mapkv-new.2.def");
+    std::fs::write(&orphan, b"partial").unwrap();
+    std::fs::write(&busy, b"in progress").unwrap();
+    let held = std::fs::File::open(&busy).unwrap();
+    held.try_lock().unwrap();
+    let s = Store::open(&p, Options::default()).unwrap();
+    assert!(!orphan.exists(), "an orphaned creation file is cleaned up");
+    assert!(busy.exists(), "a creation in progress (locked) is left alone");
+    drop(s);
+    drop(held);
+}
