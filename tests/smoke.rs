@@ -103,7 +103,10 @@ fn leftovers_of_an_interrupted_creation_are_removed_unless_in_use() {
     held.try_lock().unwrap();
     let s = Store::open(&p, Options::default()).unwrap();
     assert!(!orphan.exists(), "an orphaned creation file is cleaned up");
-    assert!(busy.exists(), "a creation in progress (locked) is left alone");
+    assert!(
+        busy.exists(),
+        "a creation in progress (locked) is left alone"
+    );
     drop(s);
     drop(held);
 }
