@@ -18,23 +18,8 @@ use std::time::{Duration, Instant};
 
 use mapkv::{Durability, Options, Store};
 
-const VALUE_LEN: usize = 100;
-
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-fn key(i: u64) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let v = mix(i);
-    for (n, b) in out.iter_mut().enumerate() {
-        *b = b"0123456789abcdef"[((v >> (60 - 4 * n)) & 0xf) as usize];
-    }
-    out
-}
+mod common;
+use common::{key, VALUE_LEN};
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Pct {
