@@ -432,9 +432,123 @@ impl TailWriter {
 
 /// Operating-system probes used by benchmarks and the CLI.
 pub mod sys {
+    use std::fs::File;
     use std::io;
+    use std::marker::PhantomData;
+    use std::ops::{Deref, DerefMut};
     use std::os::unix::io::AsRawFd;
     use std::path::Path;
+
+    pub use memmap2::Advice;
+
+    /// How [`ScratchFile::map`] maps the file.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct ScratchFlags {
+        /// `MAP_POPULATE`.
+        pub populate: bool,
+        /// `MAP_NORESERVE`.
+        pub noreserve: bool,
+        /// `MAP_PRIVATE` (copy-on-write) instead of `MAP_SHARED`.
+        pub private: bool,
+    }
+
+    /// A file for experiments with mapping flags (the benchmark's `MAP_POPULATE`,
+    /// `MAP_NORESERVE` and `MAP_PRIVATE` sections). A mapping borrows the handle mutably,
+    /// so nothing can write the file through it while the mapping lives.
+    ///
+    /// The contract is the one of a store file: the file must not be changed through
+    /// another handle or by another process while it is mapped.
+    #[derive(Debug)]
+    pub struct ScratchFile {
+        file: File,
+    }
+
+    impl ScratchFile {
+        /// Wraps a file created for the experiment (see the type's contract).
+        #[must_use]
+        pub fn new(file: File) -> Self {
+            ScratchFile { file }
+        }
+
+        /// The file, for `pwrite`/`pread`/`fdatasync` while it is not mapped.
+        #[must_use]
+        pub fn file(&self) -> &File {
+            &self.file
+        }
+
+        /// Maps the first `len` bytes (which must lie inside the file) writable.
+        ///
+        /// # Errors
+        /// The `mmap` error, or `InvalidInput` if `len` exceeds the file.
+        pub fn map(&mut self, len: usize, flags: ScratchFlags) -> io::Result<ScratchMap<'_>> {
+            let file_len = self.file.metadata()?.len();
+            if u64::try_from(len).map_or(true, |l| l > file_len) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "map past end of file",
+                ));
+            }
+            let mut o = memmap2::MmapOptions::new();
+            o.len(len);
+            if flags.populate {
+                o.populate();
+            }
+            if flags.noreserve {
+                o.no_reserve_swap();
+            }
+            let map = if flags.private {
+                // SAFETY: the range lies inside the file (checked above, so no SIGBUS), and
+                // `&mut self` keeps this handle from writing the file while the mapping
+                // lives; other writers are excluded by the type's documented contract.
+                unsafe { o.map_copy(&self.file) }
+            } else {
+                // SAFETY: as above.
+                unsafe { o.map_mut(&self.file) }
+            }?;
+            Ok(ScratchMap {
+                map,
+                _file: PhantomData,
+            })
+        }
+    }
+
+    /// A mapping of a [`ScratchFile`]; dereferences to its bytes.
+    #[derive(Debug)]
+    pub struct ScratchMap<'a> {
+        map: memmap2::MmapMut,
+        _file: PhantomData<&'a mut File>,
+    }
+
+    impl ScratchMap<'_> {
+        /// `madvise` of the whole mapping.
+        ///
+        /// # Errors
+        /// The `madvise` error.
+        pub fn advise(&self, advice: Advice) -> io::Result<()> {
+            self.map.advise(advice)
+        }
+
+        /// `msync(MS_SYNC)` of the pages covering `[off, off + len)`.
+        ///
+        /// # Errors
+        /// The `msync` error.
+        pub fn flush_range(&self, off: usize, len: usize) -> io::Result<()> {
+            self.map.flush_range(off, len)
+        }
+    }
+
+    impl Deref for ScratchMap<'_> {
+        type Target = [u8];
+        fn deref(&self) -> &[u8] {
+            &self.map
+        }
+    }
+
+    impl DerefMut for ScratchMap<'_> {
+        fn deref_mut(&mut self) -> &mut [u8] {
+            &mut self.map
+        }
+    }
 
     /// Minor and major page faults of this process so far (`getrusage(RUSAGE_SELF)`).
     #[must_use]

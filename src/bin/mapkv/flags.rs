@@ -3,19 +3,16 @@
 //! how many bytes one sync really writes, raw and through mapkv's own write paths.
 //!
 //! These experiments need mappings that mapkv itself never makes (private, no-reserve,
-//! populated scratch files), so this is the one module of the binary with `unsafe`: the
-//! `memmap2` constructors that hand out `&mut [u8]` views of a file are `unsafe fn`.
-//! Every mapping here is of a scratch file this module created in the benchmark
-//! directory, which nothing else opens and which is never truncated while mapped.
-#![allow(unsafe_code)]
+//! populated scratch files); they go through `mapkv::sys::ScratchFile`, so the binary
+//! itself has no `unsafe` code. Every mapping here is of a scratch file this module
+//! created in the benchmark directory, which nothing else opens.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
 use indicatif::ProgressBar;
-use memmap2::{Advice, MmapMut, MmapOptions};
+use mapkv::sys::{Advice, ScratchFile, ScratchFlags};
 use serde::Serialize;
 
 use crate::measure::{self, faults_since, fmt_bytes, fmt_ns, fmt_secs, nanos, BlockDev};
@@ -116,39 +113,6 @@ fn median_u(v: &mut [u64]) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-/// Maps `len` bytes of `file` shared and writable.
-fn map_shared(
-    file: &File,
-    len: usize,
-    populate: bool,
-    noreserve: bool,
-) -> std::io::Result<MmapMut> {
-    let mut o = MmapOptions::new();
-    o.len(len);
-    if populate {
-        o.populate();
-    }
-    if noreserve {
-        o.no_reserve_swap();
-    }
-    // SAFETY: `file` is a scratch file created by this module; nothing else has it open
-    // and it is not truncated while the mapping lives, so the `&mut [u8]` view is not
-    // changed behind our back and every byte of `len` (<= file length) is backed.
-    unsafe { o.map_mut(file) }
-}
-
-/// Maps `len` bytes of `file` private (copy-on-write) and writable.
-fn map_private(file: &File, len: usize, noreserve: bool) -> std::io::Result<MmapMut> {
-    let mut o = MmapOptions::new();
-    o.len(len);
-    if noreserve {
-        o.no_reserve_swap();
-    }
-    // SAFETY: as in `map_shared`: a scratch file of at least `len` bytes that only this
-    // module uses and never truncates while mapped.
-    unsafe { o.map_copy(file) }
-}
-
 fn read_touch(m: &[u8]) -> u64 {
     let mut sum = 0u64;
     for off in (0..m.len()).step_by(PAGE) {
@@ -173,9 +137,10 @@ pub fn run(dir: &Path, mib: u64, pb: &ProgressBar) -> Result<FlagsReport, Failur
         "flags: writing a {mib} MiB scratch file with 1 MiB pwrites"
     ));
     let file = measure::write_file(&path, len, 1 << 20).map_err(|e| io_fail("scratch file", &e))?;
+    let mut file = ScratchFile::new(file);
 
     pb.set_message("flags: MAP_POPULATE / MADV_POPULATE_WRITE");
-    let populate = populate_rows(&file, ulen).map_err(|e| io_fail("populate", &e))?;
+    let populate = populate_rows(&mut file, ulen).map_err(|e| io_fail("populate", &e))?;
     pb.inc(1);
 
     pb.set_message("flags: MAP_NORESERVE");
@@ -183,12 +148,12 @@ pub fn run(dir: &Path, mib: u64, pb: &ProgressBar) -> Result<FlagsReport, Failur
     pb.inc(1);
 
     pb.set_message("flags: MAP_PRIVATE vs MAP_SHARED");
-    let private_vs_shared = private_rows(&file, ulen).map_err(|e| io_fail("private", &e))?;
+    let private_vs_shared = private_rows(&mut file, ulen).map_err(|e| io_fail("private", &e))?;
     pb.inc(1);
 
     pb.set_message("flags: bytes per sync");
     let dev = BlockDev::of(dir);
-    let sync_bytes = sync_rows(dir, &file, len, dev.as_ref())?;
+    let sync_bytes = sync_rows(dir, &mut file, len, dev.as_ref())?;
     pb.inc(1);
     drop(file);
     let _ = std::fs::remove_file(&path);
@@ -202,7 +167,7 @@ pub fn run(dir: &Path, mib: u64, pb: &ProgressBar) -> Result<FlagsReport, Failur
     })
 }
 
-fn populate_rows(file: &File, len: usize) -> std::io::Result<Vec<PopulateRow>> {
+fn populate_rows(file: &mut ScratchFile, len: usize) -> std::io::Result<Vec<PopulateRow>> {
     const REPS: usize = 3;
     let mut rows = Vec::new();
     for mode in ["plain", "MAP_POPULATE", "MADV_POPULATE_WRITE"] {
@@ -212,7 +177,11 @@ fn populate_rows(file: &File, len: usize) -> std::io::Result<Vec<PopulateRow>> {
             for write in [false, true] {
                 let f0 = mapkv::sys::page_faults();
                 let t = Instant::now();
-                let mut m = map_shared(file, len, mode == "MAP_POPULATE", false)?;
+                let flags = ScratchFlags {
+                    populate: mode == "MAP_POPULATE",
+                    ..ScratchFlags::default()
+                };
+                let mut m = file.map(len, flags)?;
                 if mode == "MADV_POPULATE_WRITE" {
                     m.advise(Advice::PopulateWrite)?;
                 }
@@ -232,7 +201,7 @@ fn populate_rows(file: &File, len: usize) -> std::io::Result<Vec<PopulateRow>> {
                     wt.push(tt);
                     wf.push(tf);
                     // Clean the pages again so every repetition starts alike.
-                    file.sync_data()?;
+                    file.file().sync_data()?;
                 } else {
                     map_ms.push(mt);
                     map_f.push(mf);
@@ -265,6 +234,7 @@ fn noreserve_rows(dir: &Path) -> std::io::Result<Vec<CommitRow>> {
         .open(&path)?;
     // A sparse 1 GiB file: every mapped byte is inside the file, none is ever touched.
     f.set_len(GIB)?;
+    let mut f = ScratchFile::new(f);
     let len = usize::try_from(GIB).unwrap_or(usize::MAX);
     let mut rows = Vec::new();
     for (name, private, noreserve) in [
@@ -276,11 +246,14 @@ fn noreserve_rows(dir: &Path) -> std::io::Result<Vec<CommitRow>> {
         let mut deltas = Vec::new();
         for _ in 0..3 {
             let before = measure::meminfo_kb("Committed_AS").unwrap_or(0);
-            let m = if private {
-                map_private(&f, len, noreserve)?
-            } else {
-                map_shared(&f, len, false, noreserve)?
-            };
+            let m = f.map(
+                len,
+                ScratchFlags {
+                    populate: false,
+                    noreserve,
+                    private,
+                },
+            )?;
             let during = measure::meminfo_kb("Committed_AS").unwrap_or(0);
             drop(m);
             deltas.push(i64::try_from(during).unwrap_or(0) - i64::try_from(before).unwrap_or(0));
@@ -296,16 +269,18 @@ fn noreserve_rows(dir: &Path) -> std::io::Result<Vec<CommitRow>> {
     Ok(rows)
 }
 
-fn private_rows(file: &File, len: usize) -> std::io::Result<Vec<PrivateRow>> {
+fn private_rows(file: &mut ScratchFile, len: usize) -> std::io::Result<Vec<PrivateRow>> {
     let mut rows = Vec::new();
-    file.sync_data()?;
+    file.file().sync_data()?;
     for (name, private) in [("MAP_SHARED", false), ("MAP_PRIVATE", true)] {
         let marker = if private { 0x5A } else { 0xA5 };
-        let mut m = if private {
-            map_private(file, len, false)?
-        } else {
-            map_shared(file, len, false, false)?
-        };
+        let mut m = file.map(
+            len,
+            ScratchFlags {
+                private,
+                ..ScratchFlags::default()
+            },
+        )?;
         let rss0 = measure::proc_status_kb("RssAnon").unwrap_or(0);
         let f0 = mapkv::sys::page_faults();
         let t = Instant::now();
@@ -313,9 +288,11 @@ fn private_rows(file: &File, len: usize) -> std::io::Result<Vec<PrivateRow>> {
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let faults = faults_since(f0).0;
         let rss1 = measure::proc_status_kb("RssAnon").unwrap_or(0);
-        let mut b = [0u8; 1];
-        file.read_exact_at(&mut b, 0)?;
         drop(m);
+        // A shared mapping's stores stay in the page cache after unmapping; a private
+        // mapping's copies are gone with it.
+        let mut b = [0u8; 1];
+        file.file().read_exact_at(&mut b, 0)?;
         rows.push(PrivateRow {
             mapping: name.into(),
             write_touch_ms: ms,
@@ -324,7 +301,7 @@ fn private_rows(file: &File, len: usize) -> std::io::Result<Vec<PrivateRow>> {
             file_sees_write: b[0] == marker,
         });
     }
-    file.sync_data()?;
+    file.file().sync_data()?;
     Ok(rows)
 }
 
@@ -367,7 +344,7 @@ impl<'a> Meter<'a> {
 
 fn sync_rows(
     dir: &Path,
-    file: &File,
+    file: &mut ScratchFile,
     len: u64,
     dev: Option<&BlockDev>,
 ) -> Result<Vec<SyncBytesRow>, Failure> {
@@ -375,12 +352,16 @@ fn sync_rows(
     let mut rows = Vec::new();
     let ulen = usize::try_from(len).unwrap_or(usize::MAX);
     let ops = OPS.min(len / MIB);
-    file.sync_data().map_err(|e| io_fail("fdatasync", &e))?;
+    file.file()
+        .sync_data()
+        .map_err(|e| io_fail("fdatasync", &e))?;
 
     // 1. 128 bytes stored through a shared mapping, then msync of that 4 KiB page. Each
     //    op lands in a different (clean) 1 MiB folio.
     {
-        let mut m = map_shared(file, ulen, false, false).map_err(|e| io_fail("mmap", &e))?;
+        let mut m = file
+            .map(ulen, ScratchFlags::default())
+            .map_err(|e| io_fail("mmap", &e))?;
         let mut meter = Meter::start(dev);
         for i in 0..ops {
             let off = usize::try_from(i * MIB).unwrap_or(0) + 8192 + 100;
@@ -404,9 +385,10 @@ fn sync_rows(
         for i in 0..ops {
             let off = i * MIB + 3 * 8192 + 100;
             let t = Instant::now();
-            file.write_all_at(&buf, off)
+            let f = file.file();
+            f.write_all_at(&buf, off)
                 .map_err(|e| io_fail("pwrite", &e))?;
-            file.sync_data().map_err(|e| io_fail("fdatasync", &e))?;
+            f.sync_data().map_err(|e| io_fail("fdatasync", &e))?;
             meter.lat.push(nanos(t.elapsed()));
         }
         rows.push(meter.finish("raw: 128 B pwrite + fdatasync"));
