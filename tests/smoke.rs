@@ -110,3 +110,30 @@ fn leftovers_of_an_interrupted_creation_are_removed_unless_in_use() {
     drop(s);
     drop(held);
 }
+
+/// A sync of a clean file still costs a device flush, so `flush()` must not issue one
+/// when nothing was written since the last sync.
+#[test]
+fn flush_with_nothing_dirty_issues_no_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("f.mkv");
+    let s = Store::open(&p, Options::default().durability(Durability::None)).unwrap();
+    s.put(b"k", b"v").unwrap();
+    s.flush().unwrap();
+    let after_first = s.stats().syncs;
+    for _ in 0..5 {
+        s.flush().unwrap();
+    }
+    assert_eq!(
+        s.stats().syncs,
+        after_first,
+        "flush of a clean store synced"
+    );
+    s.put(b"k2", b"v2").unwrap();
+    s.flush().unwrap();
+    assert!(
+        s.stats().syncs > after_first,
+        "flush after a write must sync"
+    );
+    assert_eq!(s.stats().bytes_at_risk, 0);
+}
