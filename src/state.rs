@@ -80,12 +80,14 @@ impl State {
             .ok_or(Error::corrupt(rec.offset, "record value outside the file"))
     }
 
-    fn is_key(&self, off: u64, key: &[u8]) -> Result<bool> {
+    /// The record at `off` if it holds `key` (decoded once, for the caller to keep).
+    fn record_if_key(&self, off: u64, key: &[u8]) -> Result<Option<RecordRef>> {
         let rec = self.header(off)?;
         if rec.kind != KIND_PUT && rec.kind != KIND_DELETE {
             return Err(Error::corrupt(off, "index points at a non-data record"));
         }
-        Ok(rec.key_len as usize == key.len() && self.key_of(&rec)? == key)
+        let hit = rec.key_len as usize == key.len() && self.key_of(&rec)? == key;
+        Ok(hit.then_some(rec))
     }
 
     /// The bytes of bucket `b` of the current index.
@@ -99,26 +101,25 @@ impl State {
     /// The newest record for `key`: a put, a delete (only from the delta), or none.
     pub(crate) fn find(&self, hash: u64, key: &[u8]) -> Result<Option<RecordRef>> {
         for (off, _) in self.delta.candidates(hash) {
-            if self.is_key(off, key)? {
-                return Ok(Some(self.header(off)?));
+            if let Some(rec) = self.record_if_key(off, key)? {
+                return Ok(Some(rec));
             }
         }
         if self.delta_only {
             return Ok(None);
         }
         let bucket = self.bucket(bucket_of(hash, self.index.buckets))?;
-        match probe(bucket, hash, |off| self.is_key(off, key))? {
-            Some((_, off)) => {
-                let rec = self.header(off)?;
-                if rec.kind == KIND_PUT {
-                    Ok(Some(rec))
-                } else {
-                    Err(Error::corrupt(
-                        off,
-                        "index bucket points at a delete record",
-                    ))
-                }
-            }
+        let mut found = None;
+        probe(bucket, hash, |off| {
+            found = self.record_if_key(off, key)?;
+            Ok::<bool, Error>(found.is_some())
+        })?;
+        match found {
+            Some(rec) if rec.kind == KIND_PUT => Ok(Some(rec)),
+            Some(rec) => Err(Error::corrupt(
+                rec.offset,
+                "index bucket points at a delete record",
+            )),
             None => Ok(None),
         }
     }

@@ -650,13 +650,18 @@ impl Inner {
         if !pwrite {
             self.prefault(&mut w);
         }
+        // Async needs the file after the writer mutex is released; take it from here
+        // rather than locking the state again.
+        let async_file =
+            matches!(self.opts.durability, Durability::Async).then(|| Arc::clone(&w.file));
         drop(w);
         match self.opts.durability {
             Durability::Always => self.sync_to(gen, end)?,
             Durability::Async => {
-                let file = Arc::clone(&self.state.read().file);
-                if let Err(e) = file.start_writeback(base, end - base) {
-                    return self.poison(e);
+                if let Some(file) = async_file {
+                    if let Err(e) = file.start_writeback(base, end - base) {
+                        return self.poison(e);
+                    }
                 }
             }
             Durability::None | Durability::Periodic(_) => {}
