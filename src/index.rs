@@ -212,22 +212,47 @@ impl Hasher for IdentityHasher {
 
 type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
 
-/// Delta values carry "this is a delete" in the top bit (file offsets stay below 2^63), so
+/// Delta values carry "this is a delete" in the top bit (file offsets stay below 2^62), so
 /// a checkpoint knows each entry's kind without reading the record.
 const DELETE_TAG: u64 = 1 << 63;
+/// "The key's state in the index is not yet known": see [`Delta::set`].
+const UNRESOLVED_TAG: u64 = 1 << 62;
 
 fn untag(v: u64) -> (u64, bool) {
-    (v & !DELETE_TAG, v & DELETE_TAG != 0)
+    (v & !(DELETE_TAG | UNRESOLVED_TAG), v & DELETE_TAG != 0)
+}
+
+/// One key's entry in the [`Delta`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DeltaEntry {
+    /// The key's hash.
+    pub(crate) hash: u64,
+    /// Offset of the newest record for the key.
+    pub(crate) off: u64,
+    /// That record is a delete.
+    pub(crate) delete: bool,
+    /// The key's old state in the index is not yet in the counters.
+    pub(crate) unresolved: bool,
 }
 
 /// Changes since the last checkpoint: key hash → offset of the newest record (put or
 /// delete) for each key changed. Distinct keys with equal 64-bit hashes are kept apart in
 /// a side table (`more`), which is almost always empty.
+///
+/// The write path does not look a key up in the index: it only records the new offset.
+/// An entry added that way is *unresolved* (its key may or may not have a live record in
+/// the index buckets), and its hash is queued in `unresolved`. The store's counters treat
+/// an unresolved key as new until [`Delta::claim_unresolved`] hands it to a lookup; see
+/// `State::resolve`.
 #[derive(Debug, Default)]
 pub(crate) struct Delta {
     first: IdMap<u64>,
     more: IdMap<Vec<u64>>,
     len: usize,
+    unresolved: Vec<u64>,
+    /// Set once a checkpoint has taken every entry's old state into the counters: the
+    /// per-entry marks no longer count.
+    all_resolved: bool,
 }
 
 impl Delta {
@@ -243,7 +268,15 @@ impl Delta {
     pub(crate) fn clear(&mut self) {
         self.first = IdMap::default();
         self.more = IdMap::default();
+        self.unresolved = Vec::new();
         self.len = 0;
+        self.all_resolved = false;
+    }
+
+    /// Marks every entry resolved (their old states were taken into the counters).
+    pub(crate) fn mark_all_resolved(&mut self) {
+        self.all_resolved = true;
+        self.unresolved = Vec::new();
     }
 
     /// The newest records of all keys with this hash: (offset, is a delete).
@@ -258,49 +291,99 @@ impl Delta {
 
     /// Records that the newest record for the key is at `off` (a delete if `delete`).
     /// `same_key(prev)` tells whether the record at a previous offset with the same hash
-    /// holds the same key.
+    /// holds the same key. Returns the previous entry for the key, (offset, is a delete),
+    /// if the delta had one.
+    ///
+    /// A key new to the delta is queued as unresolved unless `resolved` says the caller
+    /// already knows its state in the index (or there is no index to consult).
     pub(crate) fn set(
         &mut self,
         hash: u64,
         off: u64,
         delete: bool,
+        resolved: bool,
         mut same_key: impl FnMut(u64) -> bool,
-    ) {
+    ) -> Option<(u64, bool)> {
+        debug_assert!(off & (DELETE_TAG | UNRESOLVED_TAG) == 0);
         let tagged = off | if delete { DELETE_TAG } else { 0 };
+        let fresh = if resolved || self.all_resolved {
+            tagged
+        } else {
+            tagged | UNRESOLVED_TAG
+        };
+        // A replaced entry keeps its resolution state: the index has not changed.
+        let replace = |p: &mut u64| {
+            let prev = *p;
+            *p = tagged | (prev & UNRESOLVED_TAG);
+            Some(untag(prev))
+        };
         match self.first.get_mut(&hash) {
             None => {
-                self.first.insert(hash, tagged);
-                self.len += 1;
+                self.first.insert(hash, fresh);
             }
-            Some(prev) if same_key(untag(*prev).0) => *prev = tagged,
+            Some(prev) if same_key(untag(*prev).0) => return replace(prev),
             Some(_) => {
                 let v = self.more.entry(hash).or_default();
                 if let Some(p) = v.iter_mut().find(|p| same_key(untag(**p).0)) {
-                    *p = tagged;
-                } else {
-                    v.push(tagged);
-                    self.len += 1;
+                    return replace(p);
                 }
+                v.push(fresh);
+            }
+        }
+        self.len += 1;
+        if fresh & UNRESOLVED_TAG != 0 {
+            self.unresolved.push(hash);
+        }
+        None
+    }
+
+    /// Number of queued unresolved hashes (an upper bound on unresolved entries).
+    pub(crate) fn unresolved_len(&self) -> usize {
+        self.unresolved.len()
+    }
+
+    /// Takes up to `max` hashes off the unresolved queue, ordered by `order` so that their
+    /// lookups walk the index in order.
+    pub(crate) fn take_unresolved(&mut self, max: usize, order: impl Fn(u64) -> u64) -> Vec<u64> {
+        let at = self.unresolved.len().saturating_sub(max);
+        let mut out = self.unresolved.split_off(at);
+        out.sort_unstable_by_key(|&h| order(h));
+        out
+    }
+
+    /// Marks every unresolved entry with this hash resolved and pushes its offset to `out`.
+    pub(crate) fn claim_unresolved(&mut self, hash: u64, out: &mut Vec<u64>) {
+        let first = self.first.get_mut(&hash).into_iter();
+        let more = self.more.get_mut(&hash).into_iter().flatten();
+        for v in first.chain(more) {
+            if *v & UNRESOLVED_TAG != 0 {
+                *v &= !UNRESOLVED_TAG;
+                out.push(untag(*v).0);
             }
         }
     }
 
-    /// Every (hash, offset, is a delete) in the delta.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
+    /// Every entry of the delta.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = DeltaEntry> + '_ {
         let first = self.first.iter().map(|(&h, &o)| (h, o));
         let more = self
             .more
             .iter()
             .flat_map(|(&h, v)| v.iter().map(move |&o| (h, o)));
-        first.chain(more).map(|(h, o)| {
-            let (off, del) = untag(o);
-            (h, off, del)
+        first.chain(more).map(|(hash, o)| {
+            let (off, delete) = untag(o);
+            DeltaEntry {
+                hash,
+                off,
+                delete,
+                unresolved: o & UNRESOLVED_TAG != 0 && !self.all_resolved,
+            }
         })
     }
 
     /// Approximate heap bytes used.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.first.capacity() * 17 + self.more.capacity() * 33
+        self.first.capacity() * 17 + self.more.capacity() * 33 + self.unresolved.capacity() * 8
     }
 }
 
@@ -368,10 +451,21 @@ mod tests {
         let mut d = Delta::default();
         // Pretend offsets 1 and 2 hold key "a", 3 holds key "b"; all with hash 9.
         let key_of = |o: u64| if o == 3 { 'b' } else { 'a' };
-        d.set(9, 1, false, |_| true);
-        d.set(9, 3, false, |p| key_of(p) == 'b');
-        d.set(9, 2, true, |p| key_of(p) == 'a');
+        assert_eq!(d.set(9, 1, false, false, |_| true), None);
+        assert_eq!(d.set(9, 3, false, false, |p| key_of(p) == 'b'), None);
+        assert_eq!(
+            d.set(9, 2, true, false, |p| key_of(p) == 'a'),
+            Some((1, false))
+        );
         assert_eq!(d.len(), 2);
+        // Both keys were new to the delta: both are unresolved, once each.
+        assert_eq!(d.unresolved_len(), 2);
+        let mut offs = Vec::new();
+        d.claim_unresolved(9, &mut offs);
+        offs.sort_unstable();
+        assert_eq!(offs, vec![2, 3], "claimed with their newest offsets");
+        d.claim_unresolved(9, &mut offs);
+        assert_eq!(offs.len(), 2, "a claimed entry is not claimed again");
         let mut c: Vec<(u64, bool)> = d.candidates(9).collect();
         c.sort_unstable();
         assert_eq!(c, vec![(2, true), (3, false)]);

@@ -44,9 +44,9 @@ pub(crate) fn live_offsets(st: &State) -> Result<Vec<u64>> {
     // The counter comes from the file: a capacity hint only, bounded.
     let hint = usize::try_from(st.counters.live_keys.min(1 << 20)).unwrap_or(0);
     let mut offsets = Vec::with_capacity(hint);
-    for (_, off, delete) in st.delta.iter() {
-        if !delete {
-            offsets.push(off);
+    for e in st.delta.iter() {
+        if !e.delete {
+            offsets.push(e.off);
         }
     }
     if st.delta_only {

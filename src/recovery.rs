@@ -277,7 +277,7 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
         ));
     }
 
-    let (ckpt, mut full) = match best {
+    let (ckpt, full) = match best {
         Some((c, slot_off)) => {
             let idx_end = c
                 .index_buckets
@@ -320,8 +320,9 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     )?);
     map.advise(opts.access)?;
 
-    // Replay; if the checkpointed index turns out to be damaged and salvage is on, rebuild.
-    let (state, scan_end) = loop {
+    // Replay the records after the checkpoint (all of them for a full rebuild). A damaged
+    // index is found by the recovery checkpoint, which then rebuilds it from the log.
+    let (state, scan_end) = {
         let mut st = State {
             map: Arc::clone(&map),
             file: Arc::clone(&fh),
@@ -355,24 +356,15 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
                 writes: 0,
                 stop: StopReason::End,
             };
-            break (st, end);
-        }
-        let mut err = None;
-        let end = scan(map.published_bytes(), seed, start, len, |recs| {
-            for r in recs {
-                if err.is_some() {
-                    return;
+            (st, end)
+        } else {
+            let end = scan(map.published_bytes(), seed, start, len, |recs| {
+                for r in recs {
+                    let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
+                    st.apply(key_hash(seed, key), key, r);
                 }
-                let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
-                if let Err(e) = st.apply(key_hash(seed, key), key, r) {
-                    err = Some(e);
-                }
-            }
-        });
-        match err {
-            None => break (st, end),
-            Some(_) if salvage && !full => full = true,
-            Some(e) => return Err(e),
+            });
+            (st, end)
         }
     };
     report.rebuilt_index = full;
@@ -465,7 +457,11 @@ pub struct VerifyReport {
 }
 
 pub(crate) fn verify(inner: &Inner) -> Result<VerifyReport> {
-    let st = inner.state.read();
+    // Step 3 compares the counters: make them exact, then keep that snapshot.
+    inner.resolve_counters();
+    let mut st = inner.state.write();
+    st.resolve(usize::MAX);
+    let st = parking_lot::RwLockWriteGuard::downgrade(st);
     let map = &st.map;
     let end = map.published();
     let mut rep = VerifyReport::default();

@@ -29,7 +29,8 @@ impl IndexGeom {
     }
 }
 
-/// Live counters, kept exact by every write, replay and checkpoint.
+/// Live counters. `log_bytes` and `dead_index_bytes` are always exact; `live_keys` and
+/// `live_bytes` are exact once [`State::resolve`] has no work left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Counters {
     pub(crate) live_keys: u64,
@@ -105,6 +106,11 @@ impl State {
                 return Ok(Some(rec));
             }
         }
+        self.find_in_index(hash, key)
+    }
+
+    /// The put record for `key` in the index buckets (ignoring the delta), if any.
+    fn find_in_index(&self, hash: u64, key: &[u8]) -> Result<Option<RecordRef>> {
         if self.delta_only {
             return Ok(None);
         }
@@ -131,28 +137,107 @@ impl State {
 
     /// Makes the record `rec` (already published) the newest for its key: updates the
     /// delta and the counters. Used by the write path and by replay.
-    /// A damaged old record (or index entry) only skews the counters: the new record is
-    /// valid and must become visible, so a failed lookup counts as "no old value".
-    pub(crate) fn apply(&mut self, hash: u64, key: &[u8], rec: &RecordRef) -> Result<()> {
-        let old = self.find_live(hash, key).unwrap_or(None);
+    ///
+    /// This does not look the key up in the index (that lookup was most of the cost of a
+    /// write): a key new to the delta is counted as a new key, and [`State::resolve`]
+    /// corrects the counters later, before anyone reads them.
+    pub(crate) fn apply(&mut self, hash: u64, key: &[u8], rec: &RecordRef) {
         let c = &mut self.counters;
         c.log_bytes += rec.len();
-        if let Some(old) = old {
-            c.live_bytes = c.live_bytes.saturating_sub(old.len());
-            c.live_keys = c.live_keys.saturating_sub(1);
-        }
         if rec.kind == KIND_PUT {
             c.live_bytes += rec.len();
             c.live_keys += 1;
         }
         let map = &self.map;
-        self.delta
-            .set(hash, rec.offset, rec.kind == KIND_DELETE, |prev| {
+        let mut prev_len = 0;
+        let prev = self.delta.set(
+            hash,
+            rec.offset,
+            rec.kind == KIND_DELETE,
+            self.delta_only,
+            |prev| {
                 decode_record_header(map.published_bytes(), prev, map.published())
                     .ok()
-                    .and_then(|p| map.read(p.key_off(), u64::from(p.key_len)))
-                    .is_some_and(|k| k == key)
-            });
-        Ok(())
+                    .filter(|p| {
+                        map.read(p.key_off(), u64::from(p.key_len))
+                            .is_some_and(|k| k == key)
+                    })
+                    .inspect(|p| prev_len = p.len())
+                    .is_some()
+            },
+        );
+        if let Some((_, false)) = prev {
+            let c = &mut self.counters;
+            c.live_bytes = c.live_bytes.saturating_sub(prev_len);
+            c.live_keys = c.live_keys.saturating_sub(1);
+        }
+    }
+
+    /// True if the counters are exact (no delta entry waits for its index lookup).
+    pub(crate) fn resolved(&self) -> bool {
+        self.delta.unresolved_len() == 0
+    }
+
+    /// Looks up, in the index, up to `max` keys whose writes were applied without a lookup
+    /// and takes the records they replaced out of the counters. The lookups go in bucket
+    /// order, and read a record only when a bucket slot's hash matches. A damaged record
+    /// or bucket counts as "no old value", as it would have on the write path.
+    pub(crate) fn resolve(&mut self, max: usize) {
+        let buckets = self.index.buckets.max(1);
+        let hashes = self.delta.take_unresolved(max, |h| bucket_of(h, buckets));
+        let mut offs = Vec::new();
+        let mut gone = Resolved::default();
+        for hash in hashes {
+            offs.clear();
+            self.delta.claim_unresolved(hash, &mut offs);
+            for &off in &offs {
+                if let Ok(Some(old)) = self.old_in_index(hash, off) {
+                    gone.add(&old);
+                }
+            }
+        }
+        gone.take_from(&mut self.counters);
+    }
+
+    /// The put record in the index buckets for the key of the record at `off`, if any.
+    fn old_in_index(&self, hash: u64, off: u64) -> Result<Option<RecordRef>> {
+        if self.delta_only {
+            return Ok(None);
+        }
+        let bucket = self.bucket(bucket_of(hash, self.index.buckets))?;
+        let mut key: Option<&[u8]> = None;
+        let mut found = None;
+        probe(bucket, hash, |o| {
+            let k = match key {
+                Some(k) => k,
+                None => *key.insert(self.key_of(&self.header(off)?)?),
+            };
+            found = self.record_if_key(o, k)?;
+            Ok::<bool, Error>(found.is_some())
+        })?;
+        Ok(found.filter(|r| r.kind == KIND_PUT))
+    }
+}
+
+/// Old records found by deferred index lookups, to take out of the live counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Resolved {
+    keys: u64,
+    bytes: u64,
+}
+
+impl Resolved {
+    /// Counts `old` (a put record that a newer write replaced) as no longer live.
+    pub(crate) fn add(&mut self, old: &RecordRef) {
+        if old.kind == KIND_PUT {
+            self.keys += 1;
+            self.bytes += old.len();
+        }
+    }
+
+    /// Takes the counted records out of `c`.
+    pub(crate) fn take_from(self, c: &mut Counters) {
+        c.live_keys = c.live_keys.saturating_sub(self.keys);
+        c.live_bytes = c.live_bytes.saturating_sub(self.bytes);
     }
 }

@@ -11,7 +11,10 @@
 //!    sync often (so that write-back writes only the blocks the record touched rather than
 //!    a whole large page-cache folio) and for large values.
 //! 3. The tail is published, then the delta and counters are updated under the state
-//!    lock: from here on readers see the write.
+//!    lock: from here on readers see the write. The write does not look its key up in
+//!    the index buckets (a cache miss, most of an unsynced write's cost): the key counts
+//!    as new until a reader of the counters (`len`, `stats`) or the next checkpoint,
+//!    which probes the bucket anyway, finds the record it replaced.
 //! 4. The durability policy runs: `Always` waits for a sync covering the write (group
 //!    commit: one leader syncs for everyone waiting), `Async` starts write-back.
 //!
@@ -25,6 +28,8 @@
 //! 2. Rewrite every affected bucket (`pwrite`, under the exclusive state lock per bucket),
 //!    after checking its CRC, then sync. A damaged bucket is never re-sealed: the index
 //!    is rebuilt from the log instead.
+//!    Probing a bucket for a key also finds the record the key replaced, which settles
+//!    the counters for the writes that deferred that lookup.
 //! 3. Write a checkpoint slot (DIRTY, or CLEAN at close) whose `log_end` is the tail, and
 //!    sync it. Clear the delta.
 //!
@@ -48,11 +53,12 @@ use crate::format::{
     CheckpointInfo, RecordRef, FLAG_BATCH_MORE, JUMP_LEN, KIND_DELETE, KIND_JUMP, KIND_PUT, PAGE,
     SLOTS_PER_BUCKET, STATE_CHECKPOINTING, STATE_CLEAN, STATE_DIRTY,
 };
+use crate::index::DeltaEntry;
 use crate::index::{key_hash, probe, BucketBuf, BucketFull};
 use crate::iter::Iter;
 use crate::map::{FileHandle, Mapping, SyncEvent, TailWriter};
 use crate::options::{Durability, Options};
-use crate::state::{IndexGeom, State};
+use crate::state::{IndexGeom, Resolved, State};
 use crate::stats::{RecoveryReport, Stats};
 
 /// Checkpoint when the delta holds this many keys (bounds memory: ~17 bytes a key).
@@ -60,6 +66,9 @@ const DELTA_MAX: usize = 450_000;
 /// ... or when this many log bytes were appended since the last checkpoint (bounds the
 /// replay after a crash).
 const REPLAY_MAX: u64 = 256 << 20;
+/// Deferred index lookups done per hold of the state lock (see `resolve_counters`):
+/// a few milliseconds at most.
+const RESOLVE_CHUNK: usize = 16_384;
 /// Values at least this large are appended with `pwrite` even under `None`/`Periodic`,
 /// so the copy does not happen while holding the mapping's tail.
 const PWRITE_THRESHOLD: usize = 256 << 10;
@@ -625,10 +634,11 @@ impl Inner {
                     val_len: v.len() as u32,
                 };
                 off = rec.end();
-                // A damaged old record only skews the counters; the new record is valid.
-                if st.apply(key_hash(self.seed, k), k, &rec).is_err() {
-                    continue;
-                }
+                st.apply(key_hash(self.seed, k), k, &rec);
+            }
+            if self.opts.auto_compact.is_some() {
+                // Auto-compaction reads the counters after every write: keep them exact.
+                st.resolve(usize::MAX);
             }
             st.writes += 1;
             st.delta.len()
@@ -687,16 +697,23 @@ impl Inner {
     /// durable (with an `fdatasync` that also writes the log) before touching a bucket, and
     /// the growth path writes only into unused space until one sync covers log and index.
     pub(crate) fn checkpoint(&self, w: &mut Writer, fin: u32) -> Result<()> {
-        let (geom, keys, delta_only, delta_empty) = {
+        let (geom, mut keys, delta_only, delta_empty, resolved) = {
             let st = self.state.read();
             (
                 st.index,
                 st.counters.live_keys,
                 st.delta_only,
                 st.delta.is_empty(),
+                st.resolved(),
             )
         };
         let max_keys = geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD;
+        if keys as f64 > max_keys && !resolved {
+            // The key count is an upper bound until the deferred lookups are done (applying
+            // the delta below does them for free); growing on a bound could double the
+            // index for nothing, so pay for the lookups first.
+            keys = self.resolve_counters().live_keys;
+        }
         let r = if delta_only || keys as f64 > max_keys {
             // Counters come from the file and may be bogus: bound them by what fits in it.
             let keys = keys.min(w.end / crate::format::RECORD_HEADER as u64);
@@ -765,7 +782,7 @@ impl Inner {
             let end = crate::log::scan(map.published_bytes(), seed, log_start, w.end, |recs| {
                 for r in recs {
                     let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
-                    let _ = st.apply(key_hash(seed, key), key, r);
+                    st.apply(key_hash(seed, key), key, r);
                 }
             });
             st.counters.log_bytes = end.bytes;
@@ -786,6 +803,24 @@ impl Inner {
         )
     }
 
+    /// Exact counters: finishes the index lookups the write path deferred, a chunk per
+    /// hold of the state lock so readers are not stalled by a long backlog.
+    pub(crate) fn resolve_counters(&self) -> crate::state::Counters {
+        loop {
+            {
+                let st = self.state.read();
+                if st.resolved() {
+                    return st.counters;
+                }
+            }
+            let mut st = self.state.write();
+            st.resolve(RESOLVE_CHUNK);
+            if st.resolved() {
+                return st.counters;
+            }
+        }
+    }
+
     fn counters_ckpt(&self, fin: u32, geom: IndexGeom, log_end: u64) -> CheckpointInfo {
         let st = self.state.read();
         CheckpointInfo {
@@ -801,30 +836,34 @@ impl Inner {
         }
     }
 
-    /// Applies one delta entry (`off`, a delete if `del`) to `buf`. The record is read
-    /// only if the bucket holds another entry with the same hash (to compare keys).
+    /// Applies one delta entry to `buf`, which holds the entry's bucket as of the last
+    /// checkpoint plus the other entries applied so far (each key appears once in the
+    /// delta, so a slot found for this key is its old, checkpointed record: if the entry
+    /// is unresolved, that record is counted into `gone`). The entry's record is read only
+    /// if the bucket holds a slot with the same hash (to compare keys).
     fn apply_entry(
         st: &State,
         buf: &mut BucketBuf,
-        hash: u64,
-        off: u64,
-        del: bool,
+        e: DeltaEntry,
+        gone: &mut Resolved,
     ) -> Result<(), ApplyError> {
         let mut key: Option<&[u8]> = None;
-        let found = probe(&buf.bytes[..], hash, |o| -> Result<bool> {
+        let mut old = None;
+        let found = probe(&buf.bytes[..], e.hash, |o| -> Result<bool> {
             let k = match key {
                 Some(k) => k,
-                None => {
-                    let k = st.key_of(&st.header(off)?)?;
-                    key = Some(k);
-                    k
-                }
+                None => *key.insert(st.key_of(&st.header(e.off)?)?),
             };
             let r = st.header(o)?;
-            Ok(r.key_len as usize == k.len() && st.key_of(&r)? == k)
+            let hit = r.key_len as usize == k.len() && st.key_of(&r)? == k;
+            old = hit.then_some(r);
+            Ok(hit)
         })?;
-        if !del {
-            buf.upsert(hash, off, found.map(|f| f.0))
+        if let (true, Some(old)) = (e.unresolved, old) {
+            gone.add(&old);
+        }
+        if !e.delete {
+            buf.upsert(e.hash, e.off, found.map(|f| f.0))
                 .map_err(|BucketFull| ApplyError::Full)?;
         } else if let Some((i, _)) = found {
             buf.remove(i);
@@ -832,18 +871,32 @@ impl Inner {
         Ok(())
     }
 
-    fn apply_in_place(&self, w: &mut Writer, fin: u32) -> Result<(), ApplyError> {
-        let (geom, mut entries) = {
+    /// The delta's entries with their bucket in an index of `buckets` buckets, sorted by
+    /// bucket.
+    fn delta_by_bucket(&self, buckets: u64) -> Vec<(u64, DeltaEntry)> {
+        let mut entries: Vec<(u64, DeltaEntry)> = {
             let st = self.state.read();
-            let g = st.index;
-            let e: Vec<(u64, u64, u64, bool)> = st
-                .delta
+            st.delta
                 .iter()
-                .map(|(h, o, d)| (bucket_of(h, g.buckets), h, o, d))
-                .collect();
-            (g, e)
+                .map(|e| (bucket_of(e.hash, buckets), e))
+                .collect()
         };
         entries.sort_unstable_by_key(|e| e.0);
+        entries
+    }
+
+    /// Takes the old records found while applying the delta out of the counters, before
+    /// they are written into a checkpoint. The delta's entries then all count as resolved.
+    fn commit_resolved(&self, gone: Resolved) {
+        let mut st = self.state.write();
+        gone.take_from(&mut st.counters);
+        st.delta.mark_all_resolved();
+    }
+
+    fn apply_in_place(&self, w: &mut Writer, fin: u32) -> Result<(), ApplyError> {
+        let geom = self.state.read().index;
+        let entries = self.delta_by_bucket(geom.buckets);
+        let mut gone = Resolved::default();
         let mut c = w.ckpt;
         c.state = STATE_CHECKPOINTING;
         self.write_checkpoint(w, c)?;
@@ -859,8 +912,8 @@ impl Inner {
                     return Err(Error::corrupt(off, "index bucket checksum mismatch").into());
                 }
                 let mut buf = BucketBuf::from_bytes(bytes);
-                for &(_, h, o, d) in group {
-                    Self::apply_entry(&st, &mut buf, h, o, d)?;
+                for &(_, e) in group {
+                    Self::apply_entry(&st, &mut buf, e, &mut gone)?;
                 }
                 buf.seal();
                 buf
@@ -871,6 +924,7 @@ impl Inner {
             }
         }
         self.sync_file(w)?;
+        self.commit_resolved(gone);
         let c = self.counters_ckpt(fin, geom, w.end);
         self.write_checkpoint(w, c)?;
         self.sync_file(w)?;
@@ -904,16 +958,12 @@ impl Inner {
         // Only non-empty buckets are written below, so the region must read as zeros
         // (a failed earlier attempt may have left bucket pages here).
         w.file.zero_range(new.off, new.bytes())?;
-        let (old, delta_only, mut entries) = {
+        let (old, delta_only) = {
             let st = self.state.read();
-            let e: Vec<(u64, u64, u64, bool)> = st
-                .delta
-                .iter()
-                .map(|(h, o, d)| (bucket_of(h, buckets), h, o, d))
-                .collect();
-            (st.index, st.delta_only, e)
+            (st.index, st.delta_only)
         };
-        entries.sort_unstable_by_key(|e| e.0);
+        let entries = self.delta_by_bucket(buckets);
+        let mut gone = Resolved::default();
         let mut next = 0usize;
         for nb in 0..buckets {
             let st = self.state.read();
@@ -933,8 +983,7 @@ impl Inner {
                 }
             }
             while next < entries.len() && entries[next].0 == nb {
-                let (_, h, o, d) = entries[next];
-                Self::apply_entry(&st, &mut buf, h, o, d)?;
+                Self::apply_entry(&st, &mut buf, entries[next].1, &mut gone)?;
                 next += 1;
             }
             drop(st);
@@ -977,6 +1026,7 @@ impl Inner {
         }
         w.end = new_log;
         self.sync_file(w)?;
+        self.commit_resolved(gone);
         let c = self.counters_ckpt(fin, new, new_log);
         self.write_checkpoint(w, c)?;
         self.sync_file(w)?;
@@ -1122,7 +1172,7 @@ impl Store {
     /// Number of live keys.
     #[must_use]
     pub fn len(&self) -> usize {
-        usize::try_from(self.inner.state.read().counters.live_keys).unwrap_or(usize::MAX)
+        usize::try_from(self.inner.resolve_counters().live_keys).unwrap_or(usize::MAX)
     }
 
     /// True if the store holds no key.
@@ -1166,8 +1216,8 @@ impl Store {
             let w = inner.writer.lock();
             (w.alloc, w.end)
         };
+        let c = inner.resolve_counters();
         let st = inner.state.read();
-        let c = st.counters;
         let resident = st.map.resident_pages(alloc);
         let s = inner.sync.lock();
         Stats {

@@ -111,12 +111,12 @@ fn compare(store: &Store, model: &Model) -> Result<(), TestCaseError> {
     prop_assert_eq!(st.live_keys, model.len() as u64);
     prop_assert!(st.file_size >= st.log_end, "{:?}", st);
     prop_assert_eq!(st.dead_bytes, st.log_bytes - st.live_bytes, "{:?}", st);
-    let min_live: u64 = model.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
-    prop_assert!(
-        st.live_bytes >= min_live,
-        "live bytes below the data size: {:?}",
-        st
-    );
+    // A live pair's record is its 16-byte header, the key and the value.
+    let live: u64 = model
+        .iter()
+        .map(|(k, v)| (16 + k.len() + v.len()) as u64)
+        .sum();
+    prop_assert_eq!(st.live_bytes, live, "live bytes: {:?}", st);
     let mut got = Model::new();
     for item in store.iter() {
         let (k, v) = item.map_err(|e| TestCaseError::fail(format!("iter: {e}")))?;
@@ -219,15 +219,11 @@ fn run(ops: &[Op], first_choice: u8) -> Result<(), TestCaseError> {
                 prop_assert_eq!(st.bytes_at_risk, 0, "flush left bytes at risk: {:?}", st);
             }
             Op::Reopen(choice) => {
-                let live_bytes = s.stats().live_bytes;
+                // Closed without reading the counters first: the closing checkpoint must
+                // get them right by itself (compare() checks them exactly).
                 drop(store.take());
                 let s = open(&path, *choice);
                 let st = s.stats();
-                prop_assert_eq!(
-                    st.live_bytes,
-                    live_bytes,
-                    "live bytes changed across reopen"
-                );
                 prop_assert!(
                     st.recovery.was_clean,
                     "reopen after a clean close: {:?}",
@@ -290,6 +286,13 @@ proptest! {
 fn model_heavy_growth() {
     let mut ops = Vec::new();
     for round in 0..12u16 {
+        if round % 2 == 1 {
+            // Deletes (which read the counters) first, so the overwrites below reach the
+            // closing checkpoint with their index lookups still deferred.
+            for k in (0..12).step_by(4) {
+                ops.push(Op::Delete(k + round % 4));
+            }
+        }
         ops.push(Op::Fill(round * 60, 300, round as u8));
         for k in 0..12 {
             ops.push(Op::Put(k, round as u8, (k * 97 + round * 13) % 700));
@@ -299,10 +302,12 @@ fn model_heavy_growth() {
                 .map(|k| (k * 3, (k % 3 != 0).then_some((k as u8, k * 5))))
                 .collect(),
         ));
-        for k in (0..12).step_by(4) {
-            ops.push(Op::Delete(k + round % 4));
+        if round % 2 == 0 {
+            for k in (0..12).step_by(4) {
+                ops.push(Op::Delete(k + round % 4));
+            }
+            ops.push(Op::Compare);
         }
-        ops.push(Op::Compare);
         if round % 3 == 2 {
             ops.push(Op::Compact);
         }
