@@ -223,7 +223,7 @@ fn untag(v: u64) -> (u64, bool) {
 }
 
 /// One key's entry in the [`Delta`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct DeltaEntry {
     /// The key's hash.
     pub(crate) hash: u64,

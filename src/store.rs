@@ -85,6 +85,10 @@ const GROUP_WAIT_MAX: std::time::Duration = std::time::Duration::from_micros(500
 const ZERO_AHEAD: u64 = 1 << 20;
 /// Window prefaulted writable ahead of the tail with `populate(true)`.
 const PREFAULT_WINDOW: u64 = 4 << 20;
+/// `None`/`Periodic` start write-back of the log behind the tail in steps this large.
+const WRITEBACK_STEP: u64 = 8 << 20;
+/// The largest page-cache folio the log tail can sit in (see `early_writeback`).
+const TAIL_FOLIO: u64 = 2 << 20;
 
 /// An open mapkv store. `Send + Sync`: share it between threads with `Arc`.
 ///
@@ -143,6 +147,8 @@ pub(crate) struct Writer {
     pub(crate) dirty_marked: bool,
     buf: Vec<u8>,
     prefaulted: u64,
+    /// Under `None`/`Periodic`: write-back of the log was started up to here.
+    written_back: u64,
     /// Under `Always`/`Async`: `[end, zeroed)` holds real zeros written by us (not
     /// unwritten extents), so an append there needs no extent conversion at sync time.
     zeroed: u64,
@@ -195,10 +201,41 @@ impl Writer {
             dirty_marked: false,
             buf: Vec::new(),
             prefaulted: 0,
+            written_back: end,
             zeroed: end,
             pending_punch: Vec::new(),
             writes: 0,
         }
+    }
+}
+
+/// Consecutive buckets of an index region, rewritten in memory, to write with one `pwrite`.
+#[derive(Default)]
+struct BucketRun {
+    /// Index of the first bucket in `bytes`.
+    first: u64,
+    bytes: Vec<u8>,
+}
+
+impl BucketRun {
+    /// Buckets per run (128 KiB): bounds how long one write holds the state lock.
+    const MAX: usize = 32;
+
+    fn len(&self) -> u64 {
+        (self.bytes.len() / crate::format::BUCKET_SIZE) as u64
+    }
+
+    /// True if bucket `b` can be appended to this run.
+    fn extends_to(&self, b: u64) -> bool {
+        self.bytes.is_empty() || (b == self.first + self.len() && self.len() < Self::MAX as u64)
+    }
+
+    /// Appends bucket `b` (the caller checked [`BucketRun::extends_to`]).
+    fn push(&mut self, b: u64, buf: &BucketBuf) {
+        if self.bytes.is_empty() {
+            self.first = b;
+        }
+        self.bytes.extend_from_slice(&buf.bytes[..]);
     }
 }
 
@@ -313,6 +350,7 @@ impl Inner {
         w.ckpt = c.ckpt;
         w.dirty_marked = false;
         w.prefaulted = 0;
+        w.written_back = c.log_end;
         w.zeroed = c.log_end;
         w.pending_punch.clear();
         let mut s = self.sync.lock();
@@ -515,6 +553,23 @@ impl Inner {
         }
     }
 
+    /// Under `None`/`Periodic`: starts write-back (no wait, no device flush) of the log
+    /// pages the tail has left behind, in steps of `WRITEBACK_STEP`. The next
+    /// checkpoint's (or flusher's) sync must write them anyway; started early, the device
+    /// does it while the writer goes on, and that sync finds them clean. Measured: the
+    /// first sync of a checkpoint after 450k puts fell from ~35 ms to ~5 ms.
+    /// The tail's own (up to 2 MiB) folio is left alone: writing it back would
+    /// write-protect the page that the next append stores into.
+    fn early_writeback(w: &mut Writer) {
+        let to = w.end & !(TAIL_FOLIO - 1);
+        if to < w.written_back + WRITEBACK_STEP {
+            return;
+        }
+        // A hint: a write-back error is reported by the sync that follows.
+        let _ = w.file.start_writeback(w.written_back, to - w.written_back);
+        w.written_back = to;
+    }
+
     fn prefault(&self, w: &mut Writer) {
         if !self.opts.populate || w.end + PREFAULT_WINDOW / 2 < w.prefaulted {
             return;
@@ -659,6 +714,7 @@ impl Inner {
         }
         if !pwrite {
             self.prefault(&mut w);
+            Self::early_writeback(&mut w);
         }
         // Async needs the file after the writer mutex is released; take it from here
         // rather than locking the state again.
@@ -874,15 +930,33 @@ impl Inner {
     /// The delta's entries with their bucket in an index of `buckets` buckets, sorted by
     /// bucket.
     fn delta_by_bucket(&self, buckets: u64) -> Vec<(u64, DeltaEntry)> {
-        let mut entries: Vec<(u64, DeltaEntry)> = {
-            let st = self.state.read();
-            st.delta
-                .iter()
-                .map(|e| (bucket_of(e.hash, buckets), e))
-                .collect()
-        };
-        entries.sort_unstable_by_key(|e| e.0);
-        entries
+        let st = self.state.read();
+        let n = st.delta.len();
+        let keyed = st.delta.iter().map(|e| (bucket_of(e.hash, buckets), e));
+        match usize::try_from(buckets) {
+            // Many entries per bucket (a bulk load): a counting sort, O(entries + buckets).
+            Ok(nb) if nb <= n.saturating_mul(4) => {
+                let mut start = vec![0usize; nb + 1];
+                for e in st.delta.iter() {
+                    start[bucket_of(e.hash, buckets) as usize + 1] += 1;
+                }
+                for i in 0..nb {
+                    start[i + 1] += start[i];
+                }
+                let mut out = vec![(0, DeltaEntry::default()); n];
+                for (b, e) in keyed {
+                    let at = &mut start[b as usize];
+                    out[*at] = (b, e);
+                    *at += 1;
+                }
+                out
+            }
+            _ => {
+                let mut out: Vec<(u64, DeltaEntry)> = keyed.collect();
+                out.sort_unstable_by_key(|e| e.0);
+                out
+            }
+        }
     }
 
     /// Takes the old records found while applying the delta out of the counters, before
@@ -901,34 +975,63 @@ impl Inner {
         c.state = STATE_CHECKPOINTING;
         self.write_checkpoint(w, c)?;
         self.sync_file(w)?;
+        // Consecutive rewritten buckets go out in one `pwrite` (each under the exclusive
+        // lock: readers must not see a half-written bucket), and their write-back starts
+        // at once, so the sync below mostly waits for I/O already under way.
+        let mut run = BucketRun::default();
         for group in entries.chunk_by(|a, b| a.0 == b.0) {
             let b = group[0].0;
-            let buf = {
-                let st = self.state.read();
-                let bytes = st.bucket(b)?;
-                if !crate::format::bucket_crc_ok(bytes) {
-                    // Never re-seal a damaged bucket (that would hide the damage).
-                    let off = st.index.bucket_off(b);
-                    return Err(Error::corrupt(off, "index bucket checksum mismatch").into());
-                }
-                let mut buf = BucketBuf::from_bytes(bytes);
-                for &(_, e) in group {
-                    Self::apply_entry(&st, &mut buf, e, &mut gone)?;
-                }
-                buf.seal();
-                buf
-            };
-            let _excl = self.state.write();
-            if let Err(e) = w.file.write_at(&buf.bytes[..], geom.bucket_off(b)) {
-                return Err(ApplyError::Other(self.poison::<()>(e).unwrap_err()));
+            if !run.extends_to(b) {
+                self.write_run(w, geom, &mut run, true)?;
             }
+            let st = self.state.read();
+            let bytes = st.bucket(b)?;
+            if !crate::format::bucket_crc_ok(bytes) {
+                // Never re-seal a damaged bucket (that would hide the damage).
+                let off = st.index.bucket_off(b);
+                return Err(Error::corrupt(off, "index bucket checksum mismatch").into());
+            }
+            let mut buf = BucketBuf::from_bytes(bytes);
+            for &(_, e) in group {
+                Self::apply_entry(&st, &mut buf, e, &mut gone)?;
+            }
+            buf.seal();
+            run.push(b, &buf);
         }
+        self.write_run(w, geom, &mut run, true)?;
         self.sync_file(w)?;
         self.commit_resolved(gone);
         let c = self.counters_ckpt(fin, geom, w.end);
         self.write_checkpoint(w, c)?;
         self.sync_file(w)?;
         self.state.write().delta.clear();
+        Ok(())
+    }
+
+    /// Writes the buckets collected in `run` to the index region `geom` (under the
+    /// exclusive state lock if `live`: the region is visible to readers) and starts their
+    /// write-back. A failed write poisons the store.
+    fn write_run(
+        &self,
+        w: &Writer,
+        geom: IndexGeom,
+        run: &mut BucketRun,
+        live: bool,
+    ) -> Result<(), ApplyError> {
+        if run.bytes.is_empty() {
+            return Ok(());
+        }
+        let off = geom.bucket_off(run.first);
+        let r = {
+            let _excl = live.then(|| self.state.write());
+            w.file.write_at(&run.bytes, off)
+        };
+        if let Err(e) = r {
+            return Err(ApplyError::Other(self.poison::<()>(e).unwrap_err()));
+        }
+        // A hint: the sync that follows reports any write-back error.
+        let _ = w.file.start_writeback(off, run.bytes.len() as u64);
+        run.bytes.clear();
         Ok(())
     }
 
@@ -964,6 +1067,7 @@ impl Inner {
         };
         let entries = self.delta_by_bucket(buckets);
         let mut gone = Resolved::default();
+        let mut run = BucketRun::default();
         let mut next = 0usize;
         for nb in 0..buckets {
             let st = self.state.read();
@@ -987,13 +1091,16 @@ impl Inner {
                 next += 1;
             }
             drop(st);
+            // Empty buckets stay as the zeros written above.
             if buf.count() > 0 {
                 buf.seal();
-                if let Err(e) = w.file.write_at(&buf.bytes[..], new.bucket_off(nb)) {
-                    return Err(ApplyError::Other(self.poison::<()>(e).unwrap_err()));
+                if !run.extends_to(nb) {
+                    self.write_run(w, new, &mut run, false)?;
                 }
+                run.push(nb, &buf);
             }
         }
+        self.write_run(w, new, &mut run, false)?;
         // The jump record, then publish past the new index region.
         let mut jump = Vec::with_capacity(JUMP_LEN as usize);
         encode_record(
