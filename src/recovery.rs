@@ -458,7 +458,8 @@ pub struct VerifyReport {
 
 pub(crate) fn verify(inner: &Inner) -> Result<VerifyReport> {
     // Step 3 compares the counters: make them exact, then keep that snapshot.
-    inner.resolve_counters();
+    let _resolving = inner.resolving.lock();
+    inner.resolve_counters_locked();
     let mut st = inner.state.write();
     st.resolve(usize::MAX);
     let st = parking_lot::RwLockWriteGuard::downgrade(st);

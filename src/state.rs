@@ -200,7 +200,7 @@ impl State {
     }
 
     /// The put record in the index buckets for the key of the record at `off`, if any.
-    fn old_in_index(&self, hash: u64, off: u64) -> Result<Option<RecordRef>> {
+    pub(crate) fn old_in_index(&self, hash: u64, off: u64) -> Result<Option<RecordRef>> {
         if self.delta_only {
             return Ok(None);
         }

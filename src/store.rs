@@ -113,6 +113,12 @@ pub(crate) struct Inner {
     pub(crate) seed: u64,
     pub(crate) state: RwLock<State>,
     pub(crate) writer: Mutex<Writer>,
+    /// Held by whoever settles deferred index lookups (see `State::resolve`) from more
+    /// than one hold of the state lock: a checkpoint, from the moment it reads which delta
+    /// entries are unresolved until it has taken them into the counters, and
+    /// `resolve_counters`. Without it, both could count the same old record. Taken
+    /// before the state lock, after the writer mutex.
+    pub(crate) resolving: Mutex<()>,
     sync: Mutex<SyncState>,
     sync_cv: Condvar,
     poisoned: AtomicBool,
@@ -265,6 +271,7 @@ impl Inner {
             seed,
             state: RwLock::new(state),
             writer: Mutex::new(writer),
+            resolving: Mutex::new(()),
             sync: Mutex::new(SyncState {
                 durable_end: end,
                 ..SyncState::default()
@@ -753,6 +760,7 @@ impl Inner {
     /// durable (with an `fdatasync` that also writes the log) before touching a bucket, and
     /// the growth path writes only into unused space until one sync covers log and index.
     pub(crate) fn checkpoint(&self, w: &mut Writer, fin: u32) -> Result<()> {
+        let _resolving = self.resolving.lock();
         let (geom, mut keys, delta_only, delta_empty, resolved) = {
             let st = self.state.read();
             (
@@ -768,7 +776,7 @@ impl Inner {
             // The key count is an upper bound until the deferred lookups are done (applying
             // the delta below does them for free); growing on a bound could double the
             // index for nothing, so pay for the lookups first.
-            keys = self.resolve_counters().live_keys;
+            keys = self.resolve_by_buckets(geom).live_keys;
         }
         let r = if delta_only || keys as f64 > max_keys {
             // Counters come from the file and may be bogus: bound them by what fits in it.
@@ -862,6 +870,12 @@ impl Inner {
     /// Exact counters: finishes the index lookups the write path deferred, a chunk per
     /// hold of the state lock so readers are not stalled by a long backlog.
     pub(crate) fn resolve_counters(&self) -> crate::state::Counters {
+        let _resolving = self.resolving.lock();
+        self.resolve_counters_locked()
+    }
+
+    /// [`Inner::resolve_counters`] for a caller that holds `resolving`.
+    pub(crate) fn resolve_counters_locked(&self) -> crate::state::Counters {
         loop {
             {
                 let st = self.state.read();
@@ -957,6 +971,27 @@ impl Inner {
                 out
             }
         }
+    }
+
+    /// Settles every deferred lookup with one pass over the index `geom` in bucket order:
+    /// each bucket is read once, and no delta lookups are needed (unlike the queue that
+    /// `resolve_counters` works through). The caller holds the writer and `resolving`.
+    fn resolve_by_buckets(&self, geom: IndexGeom) -> crate::state::Counters {
+        let entries = self.delta_by_bucket(geom.buckets);
+        let mut gone = Resolved::default();
+        {
+            let st = self.state.read();
+            for group in entries.chunk_by(|a, b| a.0 == b.0) {
+                for &(_, e) in group.iter().filter(|(_, e)| e.unresolved) {
+                    // A damaged bucket or record counts as "no old value".
+                    if let Ok(Some(old)) = st.old_in_index(e.hash, e.off) {
+                        gone.add(&old);
+                    }
+                }
+            }
+        }
+        self.commit_resolved(gone);
+        self.state.read().counters
     }
 
     /// Takes the old records found while applying the delta out of the counters, before

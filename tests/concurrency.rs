@@ -598,3 +598,56 @@ fn sync_in_flight_during_compaction_does_not_hide_later_writes() {
          flushed, and flush() must sync it:\n before flush: {st:?}\n after flush: {st2:?}"
     );
 }
+
+/// `len()` called from other threads while the writer's checkpoints settle the counters
+/// (450k+ writes trigger them mid-run) must neither double-count nor miss the old records
+/// of overwritten keys: the final counters are exact.
+#[test]
+fn len_during_checkpoints_keeps_counters_exact() {
+    let (_dir, path) = tmp();
+    const KEYS: u64 = 460_000;
+    let k = |i: u64| format!("k{i:08}").into_bytes();
+    {
+        let s = Store::open(&path, Options::default().durability(Durability::None)).unwrap();
+        for i in 0..KEYS {
+            s.put(k(i), b"first").unwrap();
+        }
+    }
+    // Every key is in the index now. Overwrite them all twice while readers poll
+    // len(): the writes cross at least one delta-size checkpoint.
+    let s = Store::open(&path, Options::default().durability(Durability::None)).unwrap();
+    let done = AtomicBool::new(false);
+    let polls = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    let n = s.len() as u64;
+                    assert!(n <= KEYS + 1, "len() {n} counts overwritten keys twice");
+                    polls.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        for round in 0..2u64 {
+            for i in 0..KEYS {
+                s.put(k(i), format!("v{round}")).unwrap();
+            }
+        }
+        s.put(b"extra", b"").unwrap();
+        done.store(true, Ordering::Relaxed);
+    });
+    assert!(polls.load(Ordering::Relaxed) > 0);
+    assert!(
+        s.stats().checkpoints >= 1,
+        "the test must cross a checkpoint"
+    );
+    assert_eq!(s.len() as u64, KEYS + 1);
+    let st = s.stats();
+    let live = KEYS * (16 + 9 + 2) + (16 + 5);
+    assert_eq!((st.live_keys, st.live_bytes), (KEYS + 1, live), "{st:?}");
+    s.verify().unwrap();
+    drop(s);
+    let s = Store::open(&path, Options::default()).unwrap();
+    assert_eq!(s.len() as u64, KEYS + 1);
+    assert_eq!(s.stats().live_bytes, live);
+}
