@@ -79,6 +79,8 @@ const GROW_LOAD: f64 = 0.40;
 /// Under `Async`, a background `fdatasync` at least this often bounds the window at risk
 /// (write-back alone never flushes the device cache nor persists size changes).
 pub(crate) const ASYNC_BOUND: std::time::Duration = std::time::Duration::from_secs(1);
+/// Writers waiting for a sync yield (rather than sleep) if syncs take at most this long.
+const SPIN_MAX: std::time::Duration = std::time::Duration::from_micros(200);
 /// Longest a group-commit leader waits for the other writers before syncing.
 const GROUP_WAIT_MAX: std::time::Duration = std::time::Duration::from_micros(500);
 /// Window of real zeros kept ahead of the tail under `Always`/`Async`.
@@ -119,6 +121,12 @@ pub(crate) struct Inner {
     /// `resolve_counters`. Without it, both could count the same old record. Taken
     /// before the state lock, after the writer mutex.
     pub(crate) resolving: Mutex<()>,
+    /// `State::writes`, readable without the state lock (a group-commit leader polls it
+    /// while it waits for the other writers).
+    published_writes: AtomicU64,
+    /// Bumped (under the sync mutex) whenever a sync finishes or syncs resume: what a
+    /// waiting writer watches.
+    syncs_done: AtomicU64,
     sync: Mutex<SyncState>,
     sync_cv: Condvar,
     poisoned: AtomicBool,
@@ -171,7 +179,13 @@ struct SyncState {
     durable_writes: u64,
     /// The growth epoch made durable by the last `fdatasync`.
     size_epoch: u64,
+    /// A sync is running.
     syncing: bool,
+    /// Compaction is switching files: no sync may start.
+    paused: bool,
+    /// Writers asleep until a sync finishes (after yielding for a while, see `sync_to`);
+    /// unparked when one does.
+    waiters: Vec<std::thread::Thread>,
     /// Writes covered by recent syncs (decays by one per round): how many writers share
     /// syncs right now. A new leader waits briefly for that many writes to be pending.
     batch_hint: u64,
@@ -272,6 +286,8 @@ impl Inner {
             state: RwLock::new(state),
             writer: Mutex::new(writer),
             resolving: Mutex::new(()),
+            published_writes: AtomicU64::new(0),
+            syncs_done: AtomicU64::new(0),
             sync: Mutex::new(SyncState {
                 durable_end: end,
                 ..SyncState::default()
@@ -293,16 +309,20 @@ impl Inner {
     /// switch). Must be paired with [`Inner::resume_syncs`].
     pub(crate) fn pause_syncs(&self) {
         let mut s = self.sync.lock();
-        while s.syncing {
+        while s.syncing || s.paused {
             self.sync_cv.wait(&mut s);
         }
-        s.syncing = true;
+        s.paused = true;
     }
 
     pub(crate) fn resume_syncs(&self) {
         let mut s = self.sync.lock();
-        s.syncing = false;
+        s.paused = false;
+        self.syncs_done.fetch_add(1, Ordering::Release);
         self.sync_cv.notify_all();
+        for t in s.waiters.drain(..) {
+            t.unpark();
+        }
     }
 
     /// The file generation and the published end of the log in it.
@@ -426,10 +446,33 @@ impl Inner {
             if s.durable_end >= end && s.size_epoch == self.size_epoch.load(Ordering::Acquire) {
                 return Ok(());
             }
-            if s.syncing {
-                self.sync_cv.wait(&mut s);
+            if s.paused || s.syncing {
+                let seen = self.syncs_done.load(Ordering::Acquire);
+                if !s.paused && s.last_sync <= SPIN_MAX {
+                    // A fast sync: yield for about its length before sleeping (as RocksDB's
+                    // write thread does). Waking a parked thread costs a context switch
+                    // that, with 4 writers on 2 cores, added a fifth to every fast sync.
+                    let deadline = std::time::Instant::now() + s.last_sync;
+                    drop(s);
+                    while self.syncs_done.load(Ordering::Acquire) == seen
+                        && std::time::Instant::now() < deadline
+                    {
+                        std::thread::yield_now();
+                    }
+                    s = self.sync.lock();
+                }
+                if self.syncs_done.load(Ordering::Acquire) == seen {
+                    // Spurious wake-ups are fine: the state is checked again under the lock.
+                    s.waiters.push(std::thread::current());
+                    drop(s);
+                    std::thread::park();
+                    s = self.sync.lock();
+                }
                 continue;
             }
+            // Lead a sync. (Letting a second sync start while one runs was measured:
+            // the device does take concurrent flushes, but each then covered fewer writes,
+            // 1.6 instead of 3.9 with 4 writers, for 25% fewer writes/s.)
             s.syncing = true;
             let from = s.durable_end;
             let synced_epoch = s.size_epoch;
@@ -442,7 +485,11 @@ impl Inner {
                 // cover only some of them and leave the rest for another full sync. Wait
                 // for them, at most half a sync.
                 let deadline = std::time::Instant::now() + budget;
-                while self.state.read().writes.saturating_sub(durable_writes) < hint
+                while self
+                    .published_writes
+                    .load(Ordering::Acquire)
+                    .saturating_sub(durable_writes)
+                    < hint
                     && std::time::Instant::now() < deadline
                 {
                     std::thread::yield_now();
@@ -473,7 +520,11 @@ impl Inner {
             s = self.sync.lock();
             s.syncing = false;
             s.last_sync = started.elapsed();
+            self.syncs_done.fetch_add(1, Ordering::Release);
             self.sync_cv.notify_all();
+            for t in s.waiters.drain(..) {
+                t.unpark();
+            }
             if sampled_gen != self.file_gen.load(Ordering::Acquire) {
                 // Compaction switched files meanwhile; this sync's offsets are stale.
                 continue;
@@ -703,6 +754,7 @@ impl Inner {
                 st.resolve(usize::MAX);
             }
             st.writes += 1;
+            self.published_writes.store(st.writes, Ordering::Release);
             st.delta.len()
         };
         w.end = end;
