@@ -12,12 +12,17 @@ use crate::error::{Error, Result};
 /// after any crash, the store reopens to the state after some prefix of the applied writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// Never sync on the write path. The kernel writes dirty pages back when it likes
-    /// (about every 5-30 s on default Linux settings). [`Store::flush`](crate::Store::flush)
-    /// and a clean close make everything durable.
+    /// Never sync on the write path. [`Store::flush`](crate::Store::flush) and a clean
+    /// close make everything durable.
     ///
     /// On power loss, writes since the last `flush()` may be lost. Appends are a `memcpy`
-    /// into the mapping: the fastest policy.
+    /// into the mapping: the fastest policy. The write path never waits for I/O, with one
+    /// exception: a checkpoint of the index (every 450k changed keys or 256 MiB of log, and
+    /// at close) syncs the log and the buckets it rewrites. To keep that short, a
+    /// background thread starts write-back (`sync_file_range`, no wait, no device flush,
+    /// so not durable) of log pages the tail has moved 2 MiB past, 8 MiB at a time, and
+    /// keeps the 4 MiB after the tail prefaulted writable so appends take no page fault.
+    /// Any other write-back is the kernel's choice (about every 5-30 s by default).
     None,
     /// After each write, start write-back of the bytes it appended with
     /// `sync_file_range(SYNC_FILE_RANGE_WRITE)` and return without waiting.
@@ -34,7 +39,9 @@ pub enum Durability {
     Async,
     /// A background thread makes everything durable at least once per interval
     /// (`fdatasync` only when something is dirty). On power loss at most about one
-    /// interval of writes may be lost. Writers never wait for the flusher.
+    /// interval of writes may be lost. Writers never wait for the flusher. Appends are a
+    /// `memcpy` into the mapping, with the same background write-back and prefault as
+    /// [`Durability::None`].
     Periodic(Duration),
     /// A write returns only once it is durable (`pwrite`, then `fdatasync`). Concurrent
     /// writers share syncs (group commit): one sync covers every write appended before it
@@ -130,10 +137,10 @@ impl Options {
     ///
     /// Writes: `MAP_POPULATE` (and `MADV_POPULATE_READ`) map pages *read-only* on a
     /// writable shared mapping, so the first write to each 4 KiB page would still fault
-    /// (measured 10x slower first writes than without populate). With `populate(true)`
-    /// the `None`/`Periodic` write path therefore also prefaults the region just ahead of
-    /// the log tail with `MADV_POPULATE_WRITE`, the only real write prefault, a few MiB
-    /// at a time.
+    /// (measured 10x slower first writes than without populate). This option therefore
+    /// does nothing for appends. Under `None`/`Periodic` a background thread always keeps
+    /// the next 4 MiB after the log tail prefaulted with `MADV_POPULATE_WRITE`, the only
+    /// real write prefault, whatever this option says.
     ///
     /// Defaults to `false`.
     #[must_use]

@@ -896,6 +896,31 @@ fn counters_exact_after_unobserved_overwrites_of_indexed_keys() {
     assert_matches(&s, &model);
 }
 
+/// Under `None` and `Periodic`, the background thread prefaults the log just after the
+/// tail (the pages become resident without any append touching them).
+#[test]
+fn log_after_the_tail_gets_prefaulted_in_the_background() {
+    for d in [Durability::None, Durability::Periodic(Duration::from_secs(60))] {
+        let (_dir, path) = tmp();
+        let s = open(&path, Options::default().durability(d).initial_size(64 << 20));
+        let before = s.stats().resident_pages;
+        s.put(b"k", b"v").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let grown = loop {
+            let now = s.stats().resident_pages;
+            // 2 MiB of the 4 MiB window is 512 pages.
+            if now >= before + 512 {
+                break true;
+            }
+            if std::time::Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(grown, "{d:?}: nothing prefaulted after the tail: {:?}", s.stats());
+    }
+}
+
 #[test]
 fn stats_report_bytes_at_risk_by_policy() {
     let (_dir, path) = tmp();
