@@ -1399,7 +1399,12 @@ impl Store {
         self.inner.sync_to(gen, end)
     }
 
-    /// Number of live keys.
+    /// Number of live keys, exact.
+    ///
+    /// Cost: the write path does not look keys up in the index, so after writes of keys
+    /// the index may already hold, the first `len` (or [`Store::stats`]) finishes those
+    /// lookups, in bucket order: at most one per key written since the last checkpoint or
+    /// counter read. Otherwise O(1). A call during a checkpoint waits for it.
     #[must_use]
     pub fn len(&self) -> usize {
         usize::try_from(self.inner.resolve_counters().live_keys).unwrap_or(usize::MAX)
@@ -1435,7 +1440,8 @@ impl Store {
         crate::recovery::verify(&self.inner)
     }
 
-    /// Counters and sizes; see [`Stats`].
+    /// Counters and sizes; see [`Stats`]. The key and byte counters are exact, at the
+    /// cost described in [`Store::len`].
     #[must_use]
     pub fn stats(&self) -> Stats {
         let inner = &*self.inner;
