@@ -105,7 +105,10 @@ const TAIL_FOLIO: u64 = 2 << 20;
 #[derive(Debug)]
 pub struct Store {
     inner: Arc<Inner>,
-    background: Option<JoinHandle<()>>,
+    /// The background thread (see `background`), started by the first write so that
+    /// opening a store stays O(1) and read-only use never pays for a thread.
+    background: Mutex<Option<JoinHandle<()>>>,
+    background_started: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -1286,34 +1289,48 @@ impl Store {
     /// not a usable store, [`Error::Io`] for system errors. Never panics on file content.
     pub fn open(path: impl AsRef<Path>, options: Options) -> Result<Store> {
         let inner = Arc::new(crate::recovery::open(path.as_ref(), options)?);
-        // The background thread: periodic syncs (`Periodic`, `Async`) and the tail work of
-        // the memcpy write path (`None`, `Periodic`).
-        let (needed, interval) = match inner.opts.durability {
-            Durability::Periodic(every) => (true, Some(every)),
-            Durability::Async => (true, Some(ASYNC_BOUND)),
-            Durability::None => (true, None),
-            Durability::Always => (false, None),
+        Ok(Store {
+            inner,
+            background: Mutex::new(None),
+            background_started: AtomicBool::new(false),
+        })
+    }
+
+    /// Starts the background thread if this store needs one and it is not running:
+    /// periodic syncs (`Periodic`, `Async`) and the tail work of the memcpy write path
+    /// (`None`, `Periodic`).
+    fn start_background(&self) -> Result<()> {
+        if self.background_started.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut slot = self.background.lock();
+        let interval = match self.inner.opts.durability {
+            Durability::Periodic(every) => Some(every),
+            Durability::Async => Some(ASYNC_BOUND),
+            Durability::None | Durability::Always => None,
         };
-        let background = if needed && !inner.opts.read_only {
-            let inner2 = Arc::clone(&inner);
-            Some(
+        let needed = !matches!(self.inner.opts.durability, Durability::Always);
+        if slot.is_none() && needed && !self.inner.opts.read_only {
+            let inner = Arc::clone(&self.inner);
+            *slot = Some(
                 std::thread::Builder::new()
                     .name("mapkv-background".into())
-                    .spawn(move || background(&inner2, interval))
+                    .spawn(move || background(&inner, interval))
                     .map_err(|e| Error::io("spawn background thread", e))?,
-            )
-        } else {
-            None
-        };
-        Ok(Store { inner, background })
+            );
+        }
+        self.background_started.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Sets `key` to `value` (an empty value is a value, not a delete).
     ///
     /// # Errors
     /// [`Error::KeyTooLarge`]/[`Error::ValueTooLarge`], [`Error::ReadOnly`], an I/O error
-    /// (a full disk while growing the file is one; nothing is lost), [`Error::Poisoned`].
+    /// (a full disk while growing the file is one; nothing is lost; so is a failure to
+    /// start the store's background thread at its first write), [`Error::Poisoned`].
     pub fn put(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
+        self.start_background()?;
         self.inner
             .write_ops(&[(KIND_PUT, key.as_ref(), value.as_ref())], false)
             .map(drop)
@@ -1324,6 +1341,7 @@ impl Store {
     /// # Errors
     /// As for [`Store::put`].
     pub fn delete(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        self.start_background()?;
         let out = self
             .inner
             .write_ops(&[(KIND_DELETE, key.as_ref(), b"")], true)?;
@@ -1336,6 +1354,7 @@ impl Store {
     /// # Errors
     /// As for [`Store::put`]; a rejected batch changes nothing.
     pub fn write(&self, batch: &Batch) -> Result<()> {
+        self.start_background()?;
         let ops: Vec<(u8, &[u8], &[u8])> = batch
             .ops
             .iter()
@@ -1511,7 +1530,7 @@ impl Store {
     }
 
     fn shutdown(&mut self) -> Result<()> {
-        if let Some(t) = self.background.take() {
+        if let Some(t) = self.background.get_mut().take() {
             self.inner.background.lock().stop = true;
             self.inner.background_cv.notify_all();
             let _ = t.join();
