@@ -21,7 +21,8 @@ pub enum Durability {
     /// at close) syncs the log and the buckets it rewrites. To keep that short, a
     /// background thread starts write-back (`sync_file_range`, no wait, no device flush,
     /// so not durable) of log pages the tail has moved 2 MiB past, 8 MiB at a time, and
-    /// keeps the 4 MiB after the tail prefaulted writable so appends take no page fault.
+    /// keeps the 4 MiB after the tail prefaulted writable so appends take no page fault
+    /// (prefaulting dirties those pages: a whole-file sync meanwhile writes their zeros).
     /// Any other write-back is the kernel's choice (about every 5-30 s by default).
     None,
     /// After each write, start write-back of the bytes it appended with
