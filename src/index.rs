@@ -317,12 +317,17 @@ impl Delta {
             *p = tagged | (prev & UNRESOLVED_TAG);
             Some(untag(prev))
         };
-        match self.first.get_mut(&hash) {
-            None => {
-                self.first.insert(hash, fresh);
+        // One probe of the table whether the key is new or not.
+        match self.first.entry(hash) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(fresh);
             }
-            Some(prev) if same_key(untag(*prev).0) => return replace(prev),
-            Some(_) => {
+            std::collections::hash_map::Entry::Occupied(mut prev)
+                if same_key(untag(*prev.get()).0) =>
+            {
+                return replace(prev.get_mut())
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
                 let v = self.more.entry(hash).or_default();
                 if let Some(p) = v.iter_mut().find(|p| same_key(untag(**p).0)) {
                     return replace(p);
