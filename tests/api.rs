@@ -928,7 +928,10 @@ fn overwrites_do_not_grow_the_index() {
         }
         let s = open(&path, opts());
         let st = s.stats();
-        assert_eq!(st.index_bytes, index_bytes, "round {round}: the index grew: {st:?}");
+        assert_eq!(
+            st.index_bytes, index_bytes,
+            "round {round}: the index grew: {st:?}"
+        );
         assert_eq!(s.len(), 800);
         assert_eq!(st.live_bytes, 800 * (16 + 9 + 7));
     }
