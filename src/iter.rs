@@ -45,8 +45,8 @@ pub(crate) fn live_offsets(st: &State) -> Result<Vec<u64>> {
     let hint = usize::try_from(st.counters.live_keys.min(1 << 20)).unwrap_or(0);
     let mut offsets = Vec::with_capacity(hint);
     for e in st.delta.iter() {
-        if !e.delete {
-            offsets.push(e.off);
+        if !e.delete() {
+            offsets.push(e.off());
         }
     }
     if st.delta_only {

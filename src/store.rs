@@ -1011,18 +1011,18 @@ impl Inner {
         let found = probe(&buf.bytes[..], e.hash, |o| -> Result<bool> {
             let k = match key {
                 Some(k) => k,
-                None => *key.insert(st.key_of(&st.header(e.off)?)?),
+                None => *key.insert(st.key_of(&st.header(e.off())?)?),
             };
             let r = st.header(o)?;
             let hit = r.key_len as usize == k.len() && st.key_of(&r)? == k;
             old = hit.then_some(r);
             Ok(hit)
         })?;
-        if let (true, Some(old)) = (e.unresolved, old) {
+        if let (true, Some(old)) = (e.unresolved(), old) {
             gone.add(&old);
         }
-        if !e.delete {
-            buf.upsert(e.hash, e.off, found.map(|f| f.0))
+        if !e.delete() {
+            buf.upsert(e.hash, e.off(), found.map(|f| f.0))
                 .map_err(|BucketFull| ApplyError::Full)?;
         } else if let Some((i, _)) = found {
             buf.remove(i);
@@ -1030,52 +1030,31 @@ impl Inner {
         Ok(())
     }
 
-    /// The delta's entries with their bucket in an index of `buckets` buckets, sorted by
-    /// bucket.
-    fn delta_by_bucket(&self, buckets: u64) -> Vec<(u64, DeltaEntry)> {
-        let st = self.state.read();
-        let n = st.delta.len();
-        let keyed = st.delta.iter().map(|e| (bucket_of(e.hash, buckets), e));
-        match usize::try_from(buckets) {
-            // Many entries per bucket (a bulk load): a counting sort, O(entries + buckets).
-            Ok(nb) if nb <= n.saturating_mul(4) => {
-                let mut start = vec![0usize; nb + 1];
-                for e in st.delta.iter() {
-                    start[bucket_of(e.hash, buckets) as usize + 1] += 1;
-                }
-                for i in 0..nb {
-                    start[i + 1] += start[i];
-                }
-                let mut out = vec![(0, DeltaEntry::default()); n];
-                for (b, e) in keyed {
-                    let at = &mut start[b as usize];
-                    out[*at] = (b, e);
-                    *at += 1;
-                }
-                out
-            }
-            _ => {
-                let mut out: Vec<(u64, DeltaEntry)> = keyed.collect();
-                out.sort_unstable_by_key(|e| e.0);
-                out
-            }
-        }
+    /// The delta's entries sorted by their bucket in an index of `buckets` buckets.
+    fn delta_by_bucket(&self, buckets: u64) -> Vec<DeltaEntry> {
+        let entries: Vec<DeltaEntry> = self.state.read().delta.iter().collect();
+        crate::index::sort_by_bucket(entries, buckets)
     }
 
-    /// Settles every deferred lookup with one pass over the index `geom` in bucket order:
-    /// each bucket is read once, and no delta lookups are needed (unlike the queue that
-    /// `resolve_counters` works through). The caller holds the writer and `resolving`.
+    /// Settles every deferred lookup with one pass over the index `geom`: each bucket is
+    /// read once when the index is large (the entries are sorted by bucket first), and no
+    /// delta lookups are needed (unlike the queue that `resolve_counters` works through).
+    /// The caller holds the writer and `resolving`.
     fn resolve_by_buckets(&self, geom: IndexGeom) -> crate::state::Counters {
-        let entries = self.delta_by_bucket(geom.buckets);
+        // An index that fits in the cache is probed in the delta's own order.
+        const SORT_ABOVE: u64 = 8 << 20;
+        let entries = if geom.bytes() > SORT_ABOVE {
+            self.delta_by_bucket(geom.buckets)
+        } else {
+            self.state.read().delta.iter().collect()
+        };
         let mut gone = Resolved::default();
         {
             let st = self.state.read();
-            for group in entries.chunk_by(|a, b| a.0 == b.0) {
-                for &(_, e) in group.iter().filter(|(_, e)| e.unresolved) {
-                    // A damaged bucket or record counts as "no old value".
-                    if let Ok(Some(old)) = st.old_in_index(e.hash, e.off) {
-                        gone.add(&old);
-                    }
+            for e in entries.iter().filter(|e| e.unresolved()) {
+                // A damaged bucket or record counts as "no old value".
+                if let Ok(Some(old)) = st.old_in_index(e.hash, e.off()) {
+                    gone.add(&old);
                 }
             }
         }
@@ -1103,8 +1082,9 @@ impl Inner {
         // lock: readers must not see a half-written bucket), and their write-back starts
         // at once, so the sync below mostly waits for I/O already under way.
         let mut run = BucketRun::default();
-        for group in entries.chunk_by(|a, b| a.0 == b.0) {
-            let b = group[0].0;
+        let bucket = |e: &DeltaEntry| bucket_of(e.hash, geom.buckets);
+        for group in entries.chunk_by(|a, b| bucket(a) == bucket(b)) {
+            let b = bucket(&group[0]);
             if !run.extends_to(b) {
                 self.write_run(w, geom, &mut run, true)?;
             }
@@ -1116,7 +1096,7 @@ impl Inner {
                 return Err(Error::corrupt(off, "index bucket checksum mismatch").into());
             }
             let mut buf = BucketBuf::from_bytes(bytes);
-            for &(_, e) in group {
+            for &e in group {
                 Self::apply_entry(&st, &mut buf, e, &mut gone)?;
             }
             buf.seal();
@@ -1210,8 +1190,8 @@ impl Inner {
                     }
                 }
             }
-            while next < entries.len() && entries[next].0 == nb {
-                Self::apply_entry(&st, &mut buf, entries[next].1, &mut gone)?;
+            while next < entries.len() && bucket_of(entries[next].hash, buckets) == nb {
+                Self::apply_entry(&st, &mut buf, entries[next], &mut gone)?;
                 next += 1;
             }
             drop(st);
@@ -1225,6 +1205,12 @@ impl Inner {
             }
         }
         self.write_run(w, new, &mut run, false)?;
+        if next != entries.len() {
+            // Unreachable with sorted entries; never switch to an index that misses keys.
+            return Err(ApplyError::Other(Error::Unsupported(
+                "internal: delta entries left over after building the index",
+            )));
+        }
         // The jump record, then publish past the new index region.
         let mut jump = Vec::with_capacity(JUMP_LEN as usize);
         encode_record(
