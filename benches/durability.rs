@@ -11,7 +11,6 @@
 //! `cargo bench --bench durability` (about 40 s; `-- --secs 5` for longer phases,
 //! `-- --dir PATH` for another disk). Under `cargo test --benches` it runs a short smoke.
 
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -65,31 +64,7 @@ fn regime(ns: u64) -> &'static str {
 
 /// 4 KiB pwrite + fdatasync on a scratch file in `dir`, for `budget`.
 fn raw_sync(dir: &Path, budget: Duration) -> Pct {
-    let path = dir.join("raw-sync.scratch");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .expect("scratch file");
-    let page = [0xA5u8; 4096];
-    for i in 0..64u64 {
-        f.write_all_at(&page, i * 4096).expect("pwrite");
-    }
-    f.sync_all().expect("fsync");
-    let mut lat = Vec::new();
-    let start = Instant::now();
-    let mut i = 0u64;
-    while lat.len() < 5 || (start.elapsed() < budget && lat.len() < 2000) {
-        let t = Instant::now();
-        f.write_all_at(&page, (i % 64) * 4096).expect("pwrite");
-        f.sync_data().expect("fdatasync");
-        lat.push(t.elapsed().as_nanos() as u64);
-        i += 1;
-    }
-    drop(f);
-    let _ = std::fs::remove_file(&path);
+    let mut lat = mapkv::sys::raw_sync_latencies(dir, 2000, budget).expect("raw sync");
     pct(&mut lat)
 }
 

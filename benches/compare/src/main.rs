@@ -496,26 +496,9 @@ fn bench<E: Engine>(a: &Args, root: &Path, hits: &[[u8; 16]], misses: &[[u8; 16]
     Ok(row)
 }
 
+/// Median of 100 raw syncs (4 KiB `pwrite` + `fdatasync`) in `dir`, in µs.
 fn raw_sync_median_us(dir: &Path) -> Res<f64> {
-    use std::os::unix::fs::FileExt;
-    let path = dir.join("raw-sync.scratch");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
-    let page = [0xA5u8; 4096];
-    f.write_all_at(&page, 0)?;
-    f.sync_all()?;
-    let mut lat = Vec::new();
-    for _ in 0..100 {
-        let t = Instant::now();
-        f.write_all_at(&page, 0)?;
-        f.sync_data()?;
-        lat.push(t.elapsed().as_nanos() as u64);
-    }
-    std::fs::remove_file(&path)?;
+    let mut lat = mapkv::sys::raw_sync_latencies(dir, 100, Duration::from_secs(60))?;
     lat.sort_unstable();
     Ok(lat[lat.len() / 2] as f64 / 1e3)
 }

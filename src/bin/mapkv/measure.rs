@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::Write as _;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -134,36 +134,9 @@ impl RawSync {
     }
 }
 
-/// Measures [`RawSync`] in `dir`.
+/// Measures [`RawSync`] in `dir` (see [`mapkv::sys::raw_sync_latencies`]).
 pub fn raw_sync(dir: &Path, max: usize, budget: Duration) -> std::io::Result<RawSync> {
-    let path = dir.join("raw-sync.scratch");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
-    // Overwrite blocks that already exist, as the store does after fallocate: no
-    // allocation on the timed path.
-    let page = [0xA5u8; 4096];
-    for i in 0..64u64 {
-        f.write_all_at(&page, i * 4096)?;
-    }
-    f.sync_all()?;
-    let start = Instant::now();
-    let mut lat = Vec::with_capacity(max);
-    let mut i = 0u64;
-    while lat.len() < max && (lat.len() < 5 || start.elapsed() < budget) {
-        let mut buf = page;
-        buf[..8].copy_from_slice(&i.to_le_bytes());
-        let t = Instant::now();
-        f.write_all_at(&buf, (i % 64) * 4096)?;
-        f.sync_data()?;
-        lat.push(nanos(t.elapsed()));
-        i += 1;
-    }
-    drop(f);
-    let _ = std::fs::remove_file(&path);
+    let mut lat = mapkv::sys::raw_sync_latencies(dir, max, budget)?;
     Ok(RawSync {
         lat: Percentiles::of(&mut lat),
     })
