@@ -14,6 +14,12 @@ fn tmp() -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// Puts `k` = `v` into both the store and the model of what it should hold.
+fn put_both(s: &Store, model: &mut BTreeMap<Vec<u8>, Vec<u8>>, k: Vec<u8>, v: Vec<u8>) {
+    s.put(&k, &v).unwrap();
+    model.insert(k, v);
+}
+
 fn open(path: &Path, opts: Options) -> Store {
     Store::open(path, opts).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
@@ -308,15 +314,13 @@ fn iter_yields_every_live_pair_once() {
     for i in 0..3000u32 {
         let k = format!("key-{i}").into_bytes();
         let v = format!("v{i}-{}", "x".repeat((i % 37) as usize)).into_bytes();
-        s.put(&k, &v).unwrap();
-        model.insert(k, v);
+        put_both(&s, &mut model, k, v);
     }
     // Overwrite every third key, delete every fifth.
     for i in (0..3000u32).step_by(3) {
         let k = format!("key-{i}").into_bytes();
         let v = format!("over{i}").into_bytes();
-        s.put(&k, &v).unwrap();
-        model.insert(k, v);
+        put_both(&s, &mut model, k, v);
     }
     for i in (0..3000u32).step_by(5) {
         let k = format!("key-{i}").into_bytes();
@@ -396,8 +400,7 @@ fn iter_across_many_index_growths() {
         while next < target {
             let k = format!("growth-{next}").into_bytes();
             let v = next.to_le_bytes().repeat(1 + (next % 5) as usize);
-            s.put(&k, &v).unwrap();
-            model.insert(k, v);
+            put_both(&s, &mut model, k, v);
             next += 1;
         }
         // Some churn so the index also holds overwritten and deleted keys.
@@ -439,8 +442,7 @@ fn reopen_keeps_everything_under_every_policy() {
             for i in 0..300u32 {
                 let k = format!("{d:?}-{i}").into_bytes();
                 let v = vec![(i % 256) as u8; (i as usize * 7) % 900];
-                s.put(&k, &v).unwrap();
-                model.insert(k, v);
+                put_both(&s, &mut model, k, v);
             }
             for i in (0..300u32).step_by(4) {
                 let k = format!("{d:?}-{i}").into_bytes();
@@ -850,8 +852,7 @@ fn counters_exact_after_unobserved_overwrites_of_indexed_keys() {
         let s = open(&path, Options::default().durability(Durability::None));
         for i in 0..3000u32 {
             let v = vec![i as u8; (i % 70) as usize];
-            s.put(key(i), &v).unwrap();
-            model.insert(key(i), v);
+            put_both(&s, &mut model, key(i), v);
         }
     }
     for round in 0..3u32 {
@@ -859,8 +860,7 @@ fn counters_exact_after_unobserved_overwrites_of_indexed_keys() {
         let s = open(&path, Options::default().durability(Durability::None));
         for i in (round..3000).step_by(3) {
             let v = vec![round as u8; ((i * 7 + round) % 90) as usize];
-            s.put(key(i), &v).unwrap();
-            model.insert(key(i), v);
+            put_both(&s, &mut model, key(i), v);
         }
         for i in (round..3000).step_by(11) {
             assert_eq!(s.delete(key(i)).unwrap(), model.remove(&key(i)).is_some());
@@ -1041,8 +1041,7 @@ fn compact_keeps_data_or_is_unsupported() {
         for i in 0..500u32 {
             let k = format!("c{i}").into_bytes();
             let v = format!("round{round}-{i}-{}", "y".repeat((i % 50) as usize)).into_bytes();
-            s.put(&k, &v).unwrap();
-            model.insert(k, v);
+            put_both(&s, &mut model, k, v);
         }
     }
     for i in (0..500u32).step_by(3) {
@@ -1186,8 +1185,7 @@ fn iter_outlives_the_store_handle() {
     let mut model = BTreeMap::new();
     for i in 0..500u32 {
         let (k, v) = (format!("k{i}").into_bytes(), vec![(i % 256) as u8; 100]);
-        s.put(&k, &v).unwrap();
-        model.insert(k, v);
+        put_both(&s, &mut model, k, v);
     }
     let it = s.iter();
     drop(s);
