@@ -1085,6 +1085,31 @@ impl PowerLossConfig {
             compact: true,
         }
     }
+
+    /// Switches to one of three workloads by `round % 3`: the default mix (0); few keys
+    /// with large values (1: file growth, the `pwrite` path); records of one fixed size
+    /// (2: new records line up with stale ones a crash left behind).
+    pub fn vary(&mut self, round: u64) {
+        match round % 3 {
+            1 => {
+                self.workload = Workload {
+                    keyspace: 40,
+                    large_prob: 0.08,
+                    large_value: 300 << 10,
+                    ..Workload::default()
+                };
+                self.writes_per_session = 40;
+            }
+            2 => {
+                self.workload = Workload {
+                    keyspace: 300,
+                    fixed_size: Some(100),
+                    ..Workload::default()
+                };
+            }
+            _ => {}
+        }
+    }
 }
 
 /// What [`power_loss`] did and found.

@@ -174,28 +174,12 @@ fn power_loss(policy: Durability, secs: f64) {
     let start = Instant::now();
     let deadline = start + budget(secs);
     let mut round = 0u64;
-    // Three workloads in equal time slices: many small keys (index growth, checkpoints at
-    // close and recovery); few keys with large values (file growth, the pwrite path);
-    // records of one fixed size (new records line up with stale ones left by a crash).
+    // Three workloads in equal time slices (see `PowerLossConfig::vary`).
     while Instant::now() < deadline || round < 3 {
         let mut cfg = PowerLossConfig::new(policy, sim::Rng::derive(seed, round), dir.path());
         cfg.time_limit = Some(budget(secs) / 3);
         cfg.sessions = 1000;
-        if round % 3 == 2 {
-            cfg.workload = Workload {
-                keyspace: 300,
-                fixed_size: Some(100),
-                ..Workload::default()
-            };
-        } else if round % 3 == 1 {
-            cfg.workload = Workload {
-                keyspace: 40,
-                large_prob: 0.08,
-                large_value: 300 << 10,
-                ..Workload::default()
-            };
-            cfg.writes_per_session = 40;
-        }
+        cfg.vary(round);
         let rep = sim::power_loss(&cfg);
         total.merge(&rep);
         assert!(

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mapkv::sim::{self, KillHarness, PowerLossConfig, PowerLossReport, Workload};
+use mapkv::sim::{self, KillHarness, PowerLossConfig, PowerLossReport};
 use mapkv::Durability;
 
 /// Arguments of `mapkv crashtest`.
@@ -144,21 +144,7 @@ pub fn run(args: &CrashtestArgs) -> Result<bool, String> {
             );
             cfg.time_limit = Some((per_policy / 3).max(Duration::from_millis(300)));
             cfg.sessions = 1000;
-            if round % 3 == 2 {
-                cfg.workload = Workload {
-                    keyspace: 300,
-                    fixed_size: Some(100),
-                    ..Workload::default()
-                };
-            } else if round % 3 == 1 {
-                cfg.workload = Workload {
-                    keyspace: 40,
-                    large_prob: 0.08,
-                    large_value: 300 << 10,
-                    ..Workload::default()
-                };
-                cfg.writes_per_session = 40;
-            }
+            cfg.vary(round);
             match std::panic::catch_unwind(|| sim::power_loss(&cfg)) {
                 Ok(r) => rep.merge(&r),
                 Err(_) => rep.violations.push(format!(
