@@ -53,6 +53,8 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
     }
     inner.check_not_poisoned()?;
     let mut w = inner.writer.lock();
+    // A background checkpoint would go on writing the old file.
+    inner.finish_job(&mut w)?;
     // Snapshot the live records; the writer mutex keeps them current.
     let (old_map, mut offsets) = {
         let st = inner.state.read();

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::{decode_header_in, record_crc_ok_in, KIND_PUT, RECORD_HEADER};
-use crate::index::BucketBuf;
+use crate::index::{BucketBuf, Delta};
 use crate::map::Mapping;
 use crate::state::State;
 use crate::store::Inner;
@@ -38,16 +38,36 @@ impl Iter {
     }
 }
 
-/// Offsets of the live put records (unsorted): delta puts, plus bucket entries whose key
-/// the delta does not supersede.
+/// Offsets of the live put records (unsorted): delta puts, frozen delta puts whose key
+/// the delta does not supersede, and bucket entries whose key neither supersedes.
 pub(crate) fn live_offsets(st: &State) -> Result<Vec<u64>> {
     // The counter comes from the file: a capacity hint only, bounded.
     let hint = usize::try_from(st.counters.live_keys.min(1 << 20)).unwrap_or(0);
     let mut offsets = Vec::with_capacity(hint);
+    let newer = |deltas: &[&Delta], h: u64, off: u64| -> Result<bool> {
+        for d in deltas {
+            for (n, _) in d.candidates(h) {
+                let (a, b) = (st.header(off)?, st.header(n)?);
+                if st.key_of(&a)? == st.key_of(&b)? {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    };
     for e in st.delta.iter() {
         if !e.delete() {
             offsets.push(e.off());
         }
+    }
+    let mut deltas = vec![&st.delta];
+    if let Some(f) = &st.frozen {
+        for e in f.delta.iter() {
+            if !e.delete() && !newer(&deltas, e.hash, e.off())? {
+                offsets.push(e.off());
+            }
+        }
+        deltas.push(&f.delta);
     }
     if st.delta_only {
         return Ok(offsets);
@@ -55,15 +75,7 @@ pub(crate) fn live_offsets(st: &State) -> Result<Vec<u64>> {
     for b in 0..st.index.buckets {
         let bucket = BucketBuf::from_bytes(st.bucket(b)?);
         for (h, off) in bucket.entries() {
-            let mut superseded = false;
-            for (d, _) in st.delta.candidates(h) {
-                let (a, b) = (st.header(off)?, st.header(d)?);
-                if st.key_of(&a)? == st.key_of(&b)? {
-                    superseded = true;
-                    break;
-                }
-            }
-            if !superseded {
+            if !newer(&deltas, h, off)? {
                 offsets.push(off);
             }
         }

@@ -97,6 +97,7 @@ pub struct Options {
     pub(crate) max_value_size: usize,
     pub(crate) salvage: bool,
     pub(crate) auto_compact: Option<AutoCompact>,
+    pub(crate) checkpoint_keys: usize,
     pub(crate) sync_observer: Option<crate::map::SyncObserverRef>,
 }
 
@@ -121,6 +122,7 @@ impl Default for Options {
             max_value_size: 256 << 20,
             salvage: false,
             auto_compact: None,
+            checkpoint_keys: 450_000,
             sync_observer: None,
         }
     }
@@ -224,6 +226,22 @@ impl Options {
         self
     }
 
+    /// Checkpoint (write the in-memory delta of changed keys into the index in the file)
+    /// once this many keys changed since the last one, or once 256 MiB of log were
+    /// appended since it, whichever comes first.
+    ///
+    /// The checkpoint runs on a thread of its own while writers go on (they wait only if
+    /// the next one is due before it finished), so the trade-off is memory, not write
+    /// latency: the delta costs about 32 bytes of heap per key, and up to twice this many
+    /// keys are held while a checkpoint runs. Fewer keys mean more checkpoints, each of
+    /// which rewrites the index buckets it touches. Recovery after a crash replays the
+    /// log written since the last checkpoint. At least 1. Defaults to 450,000.
+    #[must_use]
+    pub fn checkpoint_keys(mut self, keys: usize) -> Self {
+        self.checkpoint_keys = keys;
+        self
+    }
+
     /// Install an observer that is told about every sync the store issues, with the byte
     /// range it covered. Used by the crash simulator ([`crate::sim`]) to know which bytes
     /// were durable at each moment. Defaults to none.
@@ -245,6 +263,9 @@ impl Options {
             if d.is_zero() {
                 return Err(Error::InvalidOption("Periodic interval must be non-zero"));
             }
+        }
+        if self.checkpoint_keys == 0 {
+            return Err(Error::InvalidOption("checkpoint_keys must be at least 1"));
         }
         if let Some(ac) = self.auto_compact {
             if !(ac.dead_ratio > 0.0 && ac.dead_ratio < 1.0) {

@@ -333,6 +333,7 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
                 buckets: ckpt.index_buckets,
             },
             delta: Delta::default(),
+            frozen: None,
             delta_only: full,
             counters: if full {
                 Counters::default()
@@ -413,8 +414,8 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     if unclean && !opts.read_only {
         fh.zero_range(valid_end, len - valid_end)?;
     }
-    let writer = Writer::new(tail, Arc::clone(&fh), valid_end, len, ckpt);
-    let inner = Inner::new(path, opts, seed, state, writer);
+    let writer = Writer::new(tail, Arc::clone(&fh), valid_end, len, ckpt.log_end);
+    let inner = Inner::new(path, opts, seed, state, writer, ckpt);
     *inner.recovery.lock() = report;
     if !inner.opts.read_only {
         // The file may have holes where it should have allocated space (a copy made by a
@@ -427,7 +428,7 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
         // The zeroed tail must be durable before a checkpoint may call the log clean:
         // otherwise a crash can keep the CLEAN slot but not the zeros, and stale records
         // past `log_end` could later be revived (tests/crash.rs, power loss).
-        inner.sync_file(&w)?;
+        inner.sync_file(&w.file)?;
         // A checkpoint that fails without poisoning the store (no space to grow the
         // index) leaves it usable: the replayed writes stay in the in-memory delta and
         // the next checkpoint retries. Refusing to open would lock the user out of a

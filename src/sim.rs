@@ -1065,6 +1065,10 @@ pub struct PowerLossConfig {
     pub time_limit: Option<Duration>,
     /// Also call `compact()` now and then (skipped if the store says Unsupported).
     pub compact: bool,
+    /// [`Options::checkpoint_keys`] of the store: small values make background
+    /// checkpoints (and index growth) run, and crash points land in them, many times per
+    /// session.
+    pub checkpoint_keys: usize,
 }
 
 impl PowerLossConfig {
@@ -1083,6 +1087,7 @@ impl PowerLossConfig {
             workload: Workload::default(),
             time_limit: None,
             compact: true,
+            checkpoint_keys: 40,
         }
     }
 
@@ -1226,7 +1231,8 @@ impl Session<'_> {
     fn open(&self) -> crate::Result<Store> {
         let opts = Options::default()
             .durability(self.cfg.durability)
-            .initial_size(self.cfg.initial_size);
+            .initial_size(self.cfg.initial_size)
+            .checkpoint_keys(self.cfg.checkpoint_keys);
         Store::open(&self.path, self.rec.observe(opts))
     }
 
@@ -1510,8 +1516,10 @@ pub fn policy_name(d: Durability) -> String {
 /// The child side of a kill -9 round: opens the store at `path`, prints [`READY_LINE`],
 /// then applies writes `0, 1, ...` of stream `seed` ([`kill_workload`]), printing
 /// `ACK_PREFIX i` after write `i` returned, until `max_writes`; then closes cleanly.
-/// Every 400 writes it also compacts (so a kill can land inside a compaction). Meant to
-/// be killed at a random moment by the parent ([`KillHarness`]).
+/// Every 400 writes it also compacts (so a kill can land inside a compaction). For even
+/// seeds the store checkpoints every 48 changed keys (so a kill can land inside a
+/// background checkpoint). Meant to be killed at a random moment by the parent
+/// ([`KillHarness`]).
 ///
 /// # Errors
 /// A failed open or write (printed to stderr by the caller; the parent reports it).
@@ -1522,13 +1530,13 @@ pub fn child_writer(
     max_writes: u64,
     out: &mut dyn std::io::Write,
 ) -> Result<(), String> {
-    let store = Store::open(
-        path,
-        Options::default()
-            .durability(durability)
-            .initial_size(12 << 10),
-    )
-    .map_err(|e| format!("child open: {e}"))?;
+    let mut opts = Options::default()
+        .durability(durability)
+        .initial_size(12 << 10);
+    if seed.is_multiple_of(2) {
+        opts = opts.checkpoint_keys(48);
+    }
+    let store = Store::open(path, opts).map_err(|e| format!("child open: {e}"))?;
     writeln!(out, "{READY_LINE}")
         .and_then(|()| out.flush())
         .map_err(|e| e.to_string())?;

@@ -49,6 +49,10 @@ pub(crate) struct State {
     pub(crate) log_start: u64,
     pub(crate) index: IndexGeom,
     pub(crate) delta: Delta,
+    /// A delta being written into the index by a background checkpoint: older than
+    /// `delta`, newer than the buckets. Lookups consult `delta`, then this, then the
+    /// buckets; the checkpoint drops it when it switches to the updated index.
+    pub(crate) frozen: Option<Box<Frozen>>,
     /// The buckets in the file are not trustworthy (read-only open of a store whose
     /// checkpoint was interrupted): the delta holds the whole index.
     pub(crate) delta_only: bool,
@@ -57,18 +61,36 @@ pub(crate) struct State {
     pub(crate) writes: u64,
 }
 
+/// Header of the record at `off` in `map` (see [`State::header`]).
+pub(crate) fn header_in(map: &Mapping, off: u64) -> Result<RecordRef> {
+    decode_record_header(map.published_bytes(), off, map.published())
+        .map_err(|_| Error::corrupt(off, "index points at an invalid record"))
+}
+
+/// Key bytes of a record in `map` (see [`State::key_of`]).
+pub(crate) fn key_in<'m>(map: &'m Mapping, rec: &RecordRef) -> Result<&'m [u8]> {
+    map.read(rec.key_off(), u64::from(rec.key_len))
+        .ok_or(Error::corrupt(rec.offset, "record key outside the file"))
+}
+
+/// See [`State::frozen`].
+#[derive(Debug)]
+pub(crate) struct Frozen {
+    pub(crate) delta: Delta,
+    /// The counters as of the end of the log the frozen delta covers (what the
+    /// checkpoint will record), minus the old records found since for its entries.
+    pub(crate) counters: Counters,
+}
+
 impl State {
     /// Header of the record at `off` (untrusted offset: bounds-checked, not checksummed).
     pub(crate) fn header(&self, off: u64) -> Result<RecordRef> {
-        decode_record_header(self.map.published_bytes(), off, self.map.published())
-            .map_err(|_| Error::corrupt(off, "index points at an invalid record"))
+        header_in(&self.map, off)
     }
 
     /// Key bytes of a record.
     pub(crate) fn key_of(&self, rec: &RecordRef) -> Result<&[u8]> {
-        self.map
-            .read(rec.key_off(), u64::from(rec.key_len))
-            .ok_or(Error::corrupt(rec.offset, "record key outside the file"))
+        key_in(&self.map, rec)
     }
 
     /// Value bytes of a put record, after verifying the record's checksum.
@@ -106,7 +128,21 @@ impl State {
                 return Ok(Some(rec));
             }
         }
+        if let Some(f) = &self.frozen {
+            for (off, _) in f.delta.candidates(hash) {
+                if let Some(rec) = self.record_if_key(off, key)? {
+                    return Ok(Some(rec));
+                }
+            }
+        }
         self.find_in_index(hash, key)
+    }
+
+    /// True if the records at offsets `a` and `b` hold the same key (a damaged record
+    /// holds no key).
+    pub(crate) fn same_key(&self, a: u64, b: u64) -> bool {
+        let key = |off| self.header(off).and_then(|r| self.key_of(&r));
+        matches!((key(a), key(b)), (Ok(x), Ok(y)) if x == y)
     }
 
     /// The put record for `key` in the index buckets (ignoring the delta), if any.
@@ -176,27 +212,58 @@ impl State {
     /// True if the counters are exact (no delta entry waits for its index lookup).
     pub(crate) fn resolved(&self) -> bool {
         self.delta.unresolved_len() == 0
+            && self
+                .frozen
+                .as_ref()
+                .is_none_or(|f| f.delta.unresolved_len() == 0)
     }
 
     /// Looks up, in the index, up to `max` keys whose writes were applied without a lookup
     /// and takes the records they replaced out of the counters. The lookups go in bucket
     /// order, and read a record only when a bucket slot's hash matches. A damaged record
     /// or bucket counts as "no old value", as it would have on the write path.
-    pub(crate) fn resolve(&mut self, max: usize) {
+    ///
+    /// Entries of a frozen delta go first (their old records are in the buckets, and also
+    /// come out of the counters its checkpoint will record); then entries of the delta,
+    /// whose old records are in the frozen delta or else in the buckets.
+    pub(crate) fn resolve(&mut self, mut max: usize) {
         let buckets = self.index.buckets.max(1);
-        let hashes = self.delta.take_unresolved(max, |h| bucket_of(h, buckets));
-        let mut offs = Vec::new();
-        let mut gone = Resolved::default();
-        for hash in hashes {
-            offs.clear();
-            self.delta.claim_unresolved(hash, &mut offs);
-            for &off in &offs {
+        let order = |h| bucket_of(h, buckets);
+        if let Some(f) = self.frozen.as_mut() {
+            let claimed = claim(&mut f.delta, max, order);
+            max = max.saturating_sub(claimed.len());
+            let mut gone = Resolved::default();
+            for (hash, off) in claimed {
                 if let Ok(Some(old)) = self.old_in_index(hash, off) {
                     gone.add(&old);
                 }
             }
+            gone.take_from(&mut self.counters);
+            if let Some(f) = self.frozen.as_mut() {
+                gone.take_from(&mut f.counters);
+            }
+        }
+        let claimed = claim(&mut self.delta, max, order);
+        let mut gone = Resolved::default();
+        for (hash, off) in claimed {
+            if let Ok(Some(old)) = self.old_before_delta(hash, off) {
+                gone.add(&old);
+            }
         }
         gone.take_from(&mut self.counters);
+    }
+
+    /// The put record that the delta entry at `off` replaced: the frozen delta's record
+    /// for its key if there is one, else the one in the index buckets.
+    fn old_before_delta(&self, hash: u64, off: u64) -> Result<Option<RecordRef>> {
+        if let Some(f) = &self.frozen {
+            for (foff, delete) in f.delta.candidates(hash) {
+                if self.same_key(foff, off) {
+                    return (!delete).then(|| self.header(foff)).transpose();
+                }
+            }
+        }
+        self.old_in_index(hash, off)
     }
 
     /// The put record in the index buckets for the key of the record at `off`, if any.
@@ -217,6 +284,19 @@ impl State {
         })?;
         Ok(found.filter(|r| r.kind == KIND_PUT))
     }
+}
+
+/// Takes up to `max` unresolved entries of `delta` off its queue (marking them resolved),
+/// ordered by `order`: (hash, offset of the entry's record).
+fn claim(delta: &mut Delta, max: usize, order: impl Fn(u64) -> u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut offs = Vec::new();
+    for hash in delta.take_unresolved(max, order) {
+        offs.clear();
+        delta.claim_unresolved(hash, &mut offs);
+        out.extend(offs.iter().map(|&o| (hash, o)));
+    }
+    out
 }
 
 /// Old records found by deferred index lookups, to take out of the live counters.

@@ -58,12 +58,10 @@ use crate::index::{key_hash, probe, BucketBuf, BucketFull};
 use crate::iter::Iter;
 use crate::map::{FileHandle, Mapping, SyncEvent, TailWriter};
 use crate::options::{Durability, Options};
-use crate::state::{IndexGeom, Resolved, State};
+use crate::state::{header_in, key_in, Frozen, IndexGeom, Resolved, State};
 use crate::stats::{RecoveryReport, Stats};
 
-/// Checkpoint when the delta holds this many keys (bounds memory: ~17 bytes a key).
-const DELTA_MAX: usize = 450_000;
-/// ... or when this many log bytes were appended since the last checkpoint (bounds the
+/// Checkpoint when the delta holds `Options::checkpoint_keys` keys, or when this many log bytes were appended since the last checkpoint (bounds the
 /// replay after a crash).
 const REPLAY_MAX: u64 = 256 << 20;
 /// Deferred index lookups done per hold of the state lock (see `resolve_counters`):
@@ -124,6 +122,10 @@ pub(crate) struct Inner {
     /// `resolve_counters`. Without it, both could count the same old record. Taken
     /// before the state lock, after the writer mutex.
     pub(crate) resolving: Mutex<()>,
+    /// The checkpoint slots. Held by a background checkpoint for its whole run, and by
+    /// anyone else only to write a slot (never while a background checkpoint runs: the
+    /// writer waits for it first). Taken after `resolving`, before the state lock.
+    slots: Mutex<Slots>,
     /// `State::writes`, readable without the state lock (a group-commit leader polls it
     /// while it waits for the other writers).
     published_writes: AtomicU64,
@@ -172,6 +174,36 @@ impl Background {
     }
 }
 
+/// The checkpoint slots in the file (see [`Inner::slots`]).
+#[derive(Debug)]
+struct Slots {
+    /// The checkpoint slot last written (or read at open).
+    last: CheckpointInfo,
+    /// Old index regions to release once no checkpoint slot can refer to them:
+    /// (offset, length, seq of the checkpoint that stopped using it).
+    pending_punch: Vec<(u64, u64, u64)>,
+}
+
+/// A checkpoint running on its own thread (see `Inner::start_checkpoint`).
+#[derive(Debug)]
+struct Job {
+    thread: JoinHandle<Result<()>>,
+    plan: JobPlan,
+}
+
+/// What a background checkpoint does: write the frozen delta into the index, in place or
+/// into a new, larger region the writer already claimed; `log_end` is the log end the
+/// frozen delta covers, which its final slot records.
+#[derive(Debug, Clone)]
+struct JobPlan {
+    file: Arc<FileHandle>,
+    log_end: u64,
+    old: IndexGeom,
+    /// The claimed region, and whether the old region is real space before it (to be
+    /// counted dead and released).
+    grow: Option<(IndexGeom, bool)>,
+}
+
 /// Writer-side state, behind the writer mutex.
 #[derive(Debug)]
 pub(crate) struct Writer {
@@ -181,8 +213,10 @@ pub(crate) struct Writer {
     pub(crate) end: u64,
     /// Allocated file length.
     pub(crate) alloc: u64,
-    /// The checkpoint slot last written (or read at open).
-    pub(crate) ckpt: CheckpointInfo,
+    /// The log end that the last checkpoint, finished or running, covers.
+    ckpt_end: u64,
+    /// The background checkpoint, if one was started and not yet joined.
+    job: Option<Job>,
     /// A DIRTY checkpoint was written in this session.
     pub(crate) dirty_marked: bool,
     buf: Vec<u8>,
@@ -192,9 +226,6 @@ pub(crate) struct Writer {
     /// Under `Always`/`Async`: `[end, zeroed)` holds real zeros written by us (not
     /// unwritten extents), so an append there needs no extent conversion at sync time.
     zeroed: u64,
-    /// An old index region to release once no checkpoint slot can refer to it:
-    /// (offset, length, seq of the checkpoint that stopped using it).
-    pending_punch: Vec<(u64, u64, u64)>,
     /// Writes applied (a batch counts once).
     pub(crate) writes: u64,
 }
@@ -236,20 +267,20 @@ impl Writer {
         file: Arc<FileHandle>,
         end: u64,
         alloc: u64,
-        ckpt: CheckpointInfo,
+        ckpt_end: u64,
     ) -> Self {
         Writer {
             tail,
             file,
             end,
             alloc,
-            ckpt,
+            ckpt_end,
+            job: None,
             dirty_marked: false,
             buf: Vec::new(),
             prefaulted: 0,
             written_back: end,
             zeroed: end,
-            pending_punch: Vec::new(),
             writes: 0,
         }
     }
@@ -303,6 +334,7 @@ impl Inner {
         seed: u64,
         state: State,
         writer: Writer,
+        ckpt: CheckpointInfo,
     ) -> Self {
         let end = writer.end;
         Inner {
@@ -312,6 +344,10 @@ impl Inner {
             state: RwLock::new(state),
             writer: Mutex::new(writer),
             resolving: Mutex::new(()),
+            slots: Mutex::new(Slots {
+                last: ckpt,
+                pending_punch: Vec::new(),
+            }),
             published_writes: AtomicU64::new(0),
             syncs_done: AtomicU64::new(0),
             sync: Mutex::new(SyncState {
@@ -387,6 +423,7 @@ impl Inner {
             st.index = c.index;
             st.log_start = c.log_start;
             st.delta.clear();
+            st.frozen = None;
             st.delta_only = false;
             st.counters = c.counters;
             self.file_gen.fetch_add(1, Ordering::AcqRel);
@@ -400,12 +437,15 @@ impl Inner {
         w.file = c.file;
         w.end = c.log_end;
         w.alloc = c.alloc;
-        w.ckpt = c.ckpt;
+        w.ckpt_end = c.ckpt.log_end;
+        *self.slots.lock() = Slots {
+            last: c.ckpt,
+            pending_punch: Vec::new(),
+        };
         w.dirty_marked = false;
         w.prefaulted = 0;
         w.written_back = c.log_end;
         w.zeroed = c.log_end;
-        w.pending_punch.clear();
         let mut s = self.sync.lock();
         s.size_epoch = self.size_epoch.load(Ordering::Acquire);
         s.durable_end = c.log_end;
@@ -435,22 +475,26 @@ impl Inner {
 
     // ------------------------------------------------------------------ syncing
 
-    /// `fdatasync` of the whole file, by the writer (checkpoints). Everything published is
-    /// durable afterwards.
-    pub(crate) fn sync_file(&self, w: &Writer) -> Result<()> {
-        let writes = self.state.read().writes;
-        // The writer mutex is held: no growth can happen during this sync.
+    /// `fdatasync` of the whole file (checkpoints). Everything published before the call
+    /// is durable afterwards.
+    pub(crate) fn sync_file(&self, file: &FileHandle) -> Result<()> {
+        // The published end, then the growth epoch: a growth bumps the epoch before it
+        // publishes anything in the new space, so this epoch covers `end`.
+        let (end, writes) = {
+            let st = self.state.read();
+            (st.map.published(), st.writes)
+        };
         let epoch = self.size_epoch.load(Ordering::Acquire);
-        if let Err(e) = w.file.sync_data() {
+        if let Err(e) = file.sync_data() {
             return self.poison(e);
         }
         self.syncs.fetch_add(1, Ordering::Relaxed);
         self.notify(SyncEvent::File);
         let mut s = self.sync.lock();
-        if w.end > s.durable_end {
+        if end > s.durable_end {
             self.bytes_synced
-                .fetch_add(w.end - s.durable_end, Ordering::Relaxed);
-            s.durable_end = w.end;
+                .fetch_add(end - s.durable_end, Ordering::Relaxed);
+            s.durable_end = end;
         }
         s.durable_writes = s.durable_writes.max(writes);
         s.size_epoch = s.size_epoch.max(epoch);
@@ -684,9 +728,12 @@ impl Inner {
         if w.dirty_marked {
             return Ok(());
         }
-        let mut c = w.ckpt;
-        c.state = STATE_DIRTY;
-        self.write_checkpoint(w, c)?;
+        {
+            let mut slots = self.slots.lock();
+            let mut c = slots.last;
+            c.state = STATE_DIRTY;
+            self.write_slot(&mut slots, &w.file, c)?;
+        }
         if let Err(e) = w.file.sync_data() {
             return self.poison(e);
         }
@@ -696,21 +743,36 @@ impl Inner {
         Ok(())
     }
 
-    fn write_checkpoint(&self, w: &mut Writer, mut c: CheckpointInfo) -> Result<()> {
-        c.seq = w.ckpt.seq + 1;
+    /// Writes `c` into the slot after `slots.last` (they alternate). Not synced.
+    fn write_slot(
+        &self,
+        slots: &mut Slots,
+        file: &FileHandle,
+        mut c: CheckpointInfo,
+    ) -> Result<()> {
+        c.seq = slots.last.seq + 1;
         let bytes = encode_checkpoint(self.seed, &c);
         let slot = (c.seq % 2) as usize;
-        if let Err(e) = w.file.write_at(&bytes, checkpoint_off(slot)) {
+        if let Err(e) = file.write_at(&bytes, checkpoint_off(slot)) {
             return self.poison(e);
         }
-        w.ckpt = c;
+        slots.last = c;
         Ok(())
+    }
+
+    /// [`Inner::write_slot`] for a caller that does not hold the slots.
+    fn write_checkpoint(&self, w: &Writer, c: CheckpointInfo) -> Result<()> {
+        self.write_slot(&mut self.slots.lock(), &w.file, c)
     }
 
     /// Applies one write (a single op or a batch) atomically. Returns the log end after
     /// it, or `None` if `only_if_present` is set and the (single) key does not exist, in
     /// which case nothing is written.
-    fn write_ops(&self, ops: &[(u8, &[u8], &[u8])], only_if_present: bool) -> Result<Option<u64>> {
+    fn write_ops(
+        self: &Arc<Self>,
+        ops: &[(u8, &[u8], &[u8])],
+        only_if_present: bool,
+    ) -> Result<Option<u64>> {
         self.check_writable()?;
         if ops.is_empty() {
             return Ok(Some(0));
@@ -733,6 +795,9 @@ impl Inner {
         }
         let pwrite = matches!(self.opts.durability, Durability::Always | Durability::Async);
         let mut w = self.writer.lock();
+        if w.job.as_ref().is_some_and(|j| j.thread.is_finished()) {
+            self.finish_job(&mut w)?;
+        }
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned);
         }
@@ -772,6 +837,12 @@ impl Inner {
         }
         let end = base + buf.len() as u64;
         w.buf = buf;
+        // Auto-compaction reads the counters after every write: keep them exact, unless
+        // a checkpoint is settling them right now (it holds `resolving` for its run).
+        let resolving = self
+            .opts
+            .auto_compact
+            .and_then(|_| self.resolving.try_lock());
         let delta_len = {
             let mut st = self.state.write();
             w.tail.publish(end);
@@ -787,23 +858,23 @@ impl Inner {
                 off = rec.end();
                 st.apply(key_hash(self.seed, k), k, &rec);
             }
-            if self.opts.auto_compact.is_some() {
-                // Auto-compaction reads the counters after every write: keep them exact.
+            if resolving.is_some() {
                 st.resolve(usize::MAX);
             }
             st.writes += 1;
             self.published_writes.store(st.writes, Ordering::Release);
             st.delta.len()
         };
+        drop(resolving);
         w.end = end;
         w.writes += 1;
-        let since = end - w.ckpt.log_end;
+        let since = end - w.ckpt_end;
         let gen = self.file_gen.load(Ordering::Acquire);
-        if delta_len >= DELTA_MAX || since >= REPLAY_MAX {
+        if delta_len >= self.opts.checkpoint_keys || since >= REPLAY_MAX {
             // The write itself is applied. A checkpoint that fails without poisoning the
             // store (a full disk while growing the index) is retried by a later write; one
             // that poisoned it (a failed sync) must not let this write be acknowledged.
-            if let Err(e) = self.checkpoint(&mut w, STATE_DIRTY) {
+            if let Err(e) = self.start_checkpoint(&mut w) {
                 if self.poisoned.load(Ordering::Acquire) {
                     return Err(e);
                 }
@@ -850,7 +921,7 @@ impl Inner {
     /// the growth path writes only into unused space until one sync covers log and index.
     pub(crate) fn checkpoint(&self, w: &mut Writer, fin: u32) -> Result<()> {
         let _resolving = self.resolving.lock();
-        let (geom, mut keys, delta_only, delta_empty, resolved) = {
+        let (geom, mut keys, delta_only, delta_empty, resolved, frozen) = {
             let st = self.state.read();
             (
                 st.index,
@@ -858,8 +929,15 @@ impl Inner {
                 st.delta_only,
                 st.delta.is_empty(),
                 st.resolved(),
+                st.frozen.is_some(),
             )
         };
+        if frozen {
+            // Callers finish the background checkpoint first (`finish_job`).
+            return Err(Error::Unsupported(
+                "internal: checkpoint while a background checkpoint runs",
+            ));
+        }
         let max_keys = geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD;
         if keys as f64 > max_keys && !resolved {
             // The key count is an upper bound until the deferred lookups are done (applying
@@ -867,13 +945,11 @@ impl Inner {
             // index for nothing, so pay for the lookups first.
             keys = self.resolve_by_buckets(geom).live_keys;
         }
+        let logged_end = self.slots.lock().last.log_end;
         let r = if delta_only || keys as f64 > max_keys {
             // Counters come from the file and may be bogus: bound them by what fits in it.
             let keys = keys.min(w.end / crate::format::RECORD_HEADER as u64);
-            let want = (keys as f64 / (SLOTS_PER_BUCKET as f64 * GROW_LOAD)).ceil() as u64;
-            let want = want
-                .clamp(1, crate::format::MAX_BUCKETS)
-                .next_power_of_two();
+            let want = buckets_for(keys);
             // A rebuild (delta_only) sizes the index by its keys; growth at least doubles.
             let buckets = if delta_only {
                 want
@@ -881,11 +957,13 @@ impl Inner {
                 want.max(geom.buckets * 2)
             };
             self.grow_index(w, buckets, fin)
-        } else if delta_empty && w.end == w.ckpt.log_end {
-            let mut c = w.ckpt;
+        } else if delta_empty && w.end == logged_end {
+            let mut slots = self.slots.lock();
+            let mut c = slots.last;
             c.state = fin;
-            self.write_checkpoint(w, c)?;
-            self.sync_file(w)
+            self.write_slot(&mut slots, &w.file, c)?;
+            drop(slots);
+            self.sync_file(&w.file)
         } else {
             match self.apply_in_place(w, fin) {
                 Ok(()) => Ok(()),
@@ -899,22 +977,263 @@ impl Inner {
             r => r,
         };
         if r.is_ok() {
+            w.ckpt_end = w.end;
             self.checkpoints.fetch_add(1, Ordering::Relaxed);
-            // Both slots now postdate the switch: the old region is unreachable.
-            let seq_now = w.ckpt.seq;
-            let (due, keep): (Vec<_>, Vec<_>) =
-                w.pending_punch.drain(..).partition(|p| seq_now > p.2);
-            w.pending_punch = keep;
-            if !due.is_empty() {
-                // Readers may hold slices over the whole published range: punch (which
-                // changes bytes to zeros) only while none is borrowed.
-                let _excl = self.state.write();
-                for (off, len, _) in due {
-                    w.file.punch_hole(off, len);
-                }
-            }
+            self.release_old_regions(&mut self.slots.lock(), &w.file);
         }
         r
+    }
+
+    /// Punches the old index regions that no checkpoint slot refers to any more.
+    fn release_old_regions(&self, slots: &mut Slots, file: &FileHandle) {
+        // Both slots postdate a switch once the slot seq has moved past it.
+        let seq_now = slots.last.seq;
+        let (due, keep): (Vec<_>, Vec<_>) =
+            slots.pending_punch.drain(..).partition(|p| seq_now > p.2);
+        slots.pending_punch = keep;
+        if !due.is_empty() {
+            // Readers may hold slices over the whole published range: punch (which
+            // changes bytes to zeros) only while none is borrowed.
+            let _excl = self.state.write();
+            for (off, len, _) in due {
+                file.punch_hole(off, len);
+            }
+        }
+    }
+
+    // -------------------------------------------------------- background checkpoints
+
+    /// Starts a checkpoint of the delta on a thread of its own, so the writer does not
+    /// wait for it (a fifth of a bulk load's time went to checkpoints, and under `None`
+    /// their syncs were the only syncs on the write path). The delta is *frozen*: readers
+    /// consult it after the new delta the writes go on into, and before the buckets,
+    /// until the checkpoint switches to the updated index. Growth claims its new region
+    /// here, behind a JUMP at the tail, so the writer appends after it meanwhile.
+    ///
+    /// A checkpoint still running is waited for first: at most one runs, which bounds
+    /// memory to two deltas. A store rebuilding its index from the log (`delta_only`)
+    /// checkpoints synchronously.
+    fn start_checkpoint(self: &Arc<Self>, w: &mut Writer) -> Result<()> {
+        self.finish_job(w)?;
+        let (geom, upper, unresolved, delta_len, delta_only) = {
+            let st = self.state.read();
+            (
+                st.index,
+                st.counters.live_keys,
+                st.delta.unresolved_len() as u64,
+                st.delta.len(),
+                st.delta_only,
+            )
+        };
+        if delta_len == 0 {
+            return Ok(());
+        }
+        if delta_only {
+            return self.checkpoint(w, STATE_DIRTY);
+        }
+        let max_keys = (geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD) as u64;
+        // `upper` counts every unresolved key as new. Each can only replace a key that is
+        // in the buckets, so the exact count is at least `lower`.
+        let in_buckets = self.slots.lock().last.live_keys;
+        let lower = upper.saturating_sub(unresolved.min(in_buckets));
+        let keys = if upper > max_keys && lower <= max_keys {
+            // Growing on the bound could double the index for nothing.
+            let _resolving = self.resolving.lock();
+            self.resolve_by_buckets(geom).live_keys
+        } else {
+            lower
+        };
+        let grow = if keys > max_keys {
+            let keys = keys.min(w.end / crate::format::RECORD_HEADER as u64);
+            Some(self.claim_region(w, buckets_for(keys).max(geom.buckets * 2))?)
+        } else {
+            None
+        };
+        {
+            let mut st = self.state.write();
+            let delta = std::mem::take(&mut st.delta);
+            let counters = st.counters;
+            st.frozen = Some(Box::new(Frozen { delta, counters }));
+        }
+        w.ckpt_end = w.end;
+        let plan = JobPlan {
+            file: Arc::clone(&w.file),
+            log_end: w.end,
+            old: geom,
+            grow,
+        };
+        let me = Arc::clone(self);
+        let job_plan = plan.clone();
+        match std::thread::Builder::new()
+            .name("mapkv-checkpoint".into())
+            .spawn(move || me.run_job(&job_plan))
+        {
+            Ok(thread) => {
+                w.job = Some(Job { thread, plan });
+                Ok(())
+            }
+            // No thread to be had: do the work here.
+            Err(_) => {
+                let r = self.run_job(&plan);
+                self.job_done(w, &plan, r)
+            }
+        }
+    }
+
+    /// Waits for the background checkpoint, if any, and deals with its outcome.
+    ///
+    /// # Errors
+    /// The checkpoint's error if it poisoned the store; a failure that did not (a damaged
+    /// bucket, a full bucket) is repaired by rebuilding the index from the log, whose
+    /// error is returned.
+    pub(crate) fn finish_job(&self, w: &mut Writer) -> Result<()> {
+        let Some(job) = w.job.take() else {
+            return Ok(());
+        };
+        let r = job.thread.join().unwrap_or(Err(Error::Unsupported(
+            "internal: the checkpoint thread panicked",
+        )));
+        self.job_done(w, &job.plan, r)
+    }
+
+    fn job_done(&self, w: &mut Writer, plan: &JobPlan, r: Result<()>) -> Result<()> {
+        let Err(e) = r else {
+            return Ok(());
+        };
+        self.check_not_poisoned()?;
+        let _ = e;
+        // The buckets may be half-updated (in place) or the new region unfinished: the
+        // log is the truth. The claimed region is dead space; the old one stays current.
+        let _resolving = self.resolving.lock();
+        if let Some((new, old_real)) = plan.grow {
+            let mut st = self.state.write();
+            let c = &mut st.counters;
+            if old_real {
+                c.dead_index_bytes = c.dead_index_bytes.saturating_sub(plan.old.bytes());
+            }
+            c.dead_index_bytes += new.bytes();
+        }
+        self.rebuild_index(w, STATE_DIRTY)?;
+        w.ckpt_end = w.end;
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Claims a new index region of `buckets` buckets after a JUMP record at the tail
+    /// (growth). The region reads as zeros until a checkpoint writes it; the writer
+    /// appends after it. Returns the region, and whether the old one is real space that
+    /// now counts as dead.
+    fn claim_region(&self, w: &mut Writer, buckets: u64) -> Result<(IndexGeom, bool)> {
+        let jump_at = w.end;
+        let new = IndexGeom {
+            off: page_up(jump_at + JUMP_LEN),
+            buckets,
+        };
+        let new_log = new.off + new.bytes();
+        self.ensure_space(w, new_log + PAGE)?;
+        // Only non-empty buckets are written, so the region must read as zeros (space
+        // past the tail may hold bytes of an earlier session that were never published).
+        w.file.zero_range(new.off, new.bytes())?;
+        let mut jump = Vec::with_capacity(JUMP_LEN as usize);
+        encode_record(
+            &mut jump,
+            self.seed,
+            jump_at,
+            KIND_JUMP,
+            0,
+            b"",
+            &new_log.to_le_bytes(),
+        );
+        if let Err(e) = w.file.write_at(&jump, jump_at) {
+            return self.poison(e);
+        }
+        let old = self.state.read().index;
+        let old_real = region_is_real(old, jump_at);
+        {
+            let mut st = self.state.write();
+            w.tail.publish(new_log);
+            st.counters.log_bytes += JUMP_LEN;
+            if old_real {
+                st.counters.dead_index_bytes += old.bytes();
+            }
+        }
+        w.end = new_log;
+        w.prefaulted = 0;
+        Ok((new, old_real))
+    }
+
+    /// A background checkpoint (see `start_checkpoint`): the checkpoint protocol of the
+    /// module docs, for the frozen delta, ending in a DIRTY slot at `plan.log_end`.
+    fn run_job(&self, plan: &JobPlan) -> Result<()> {
+        let _resolving = self.resolving.lock();
+        let mut slots = self.slots.lock();
+        let geom = plan.grow.map_or(plan.old, |g| g.0);
+        let (map, entries) = {
+            let st = self.state.read();
+            let Some(f) = &st.frozen else {
+                return Err(Error::Unsupported("internal: no frozen delta"));
+            };
+            (Arc::clone(&st.map), f.delta.iter().collect())
+        };
+        let entries = crate::index::sort_by_bucket(entries, geom.buckets);
+        let mut gone = Resolved::default();
+        let applied = match plan.grow {
+            None => {
+                let mut c = slots.last;
+                c.state = STATE_CHECKPOINTING;
+                self.write_slot(&mut slots, &plan.file, c)?;
+                self.sync_file(&plan.file)?;
+                self.rewrite_buckets(&map, &plan.file, geom, &entries, &mut gone)
+            }
+            Some((new, _)) => {
+                self.build_region(&map, &plan.file, Some(plan.old), new, &entries, &mut gone)
+            }
+        };
+        match applied {
+            Ok(()) => {}
+            Err(ApplyError::Full) => return Err(Error::Unsupported("index bucket full")),
+            Err(ApplyError::Other(e)) => return Err(e),
+        }
+        self.sync_file(&plan.file)?;
+        let counters = {
+            let mut st = self.state.write();
+            gone.take_from(&mut st.counters);
+            let Some(f) = st.frozen.as_mut() else {
+                return Err(Error::Unsupported("internal: no frozen delta"));
+            };
+            gone.take_from(&mut f.counters);
+            f.delta.mark_all_resolved();
+            f.counters
+        };
+        let c = CheckpointInfo {
+            seq: 0,
+            state: STATE_DIRTY,
+            index_off: geom.off,
+            index_buckets: geom.buckets,
+            log_end: plan.log_end,
+            live_keys: counters.live_keys,
+            live_bytes: counters.live_bytes,
+            log_bytes: counters.log_bytes,
+            dead_index_bytes: counters.dead_index_bytes,
+        };
+        self.write_slot(&mut slots, &plan.file, c)?;
+        self.sync_file(&plan.file)?;
+        {
+            let mut st = self.state.write();
+            st.index = geom;
+            st.frozen = None;
+        }
+        if let Some((_, true)) = plan.grow {
+            // The other slot still points at the old region; release it only after the
+            // next checkpoint.
+            let seq = slots.last.seq;
+            slots
+                .pending_punch
+                .push((plan.old.off, plan.old.bytes(), seq));
+        }
+        self.release_old_regions(&mut slots, &plan.file);
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Replays the whole log into a fresh delta (the index in the file is not trusted)
@@ -925,6 +1244,7 @@ impl Inner {
             let map = Arc::clone(&st.map);
             let seed = st.seed;
             st.delta.clear();
+            st.frozen = None;
             st.delta_only = true;
             let dead_index = st.counters.dead_index_bytes;
             st.counters = crate::state::Counters {
@@ -947,13 +1267,7 @@ impl Inner {
             }
         }
         let keys = self.state.read().counters.live_keys;
-        let want = (keys as f64 / (SLOTS_PER_BUCKET as f64 * GROW_LOAD)).ceil() as u64;
-        self.grow_index(
-            w,
-            want.clamp(1, crate::format::MAX_BUCKETS)
-                .next_power_of_two(),
-            fin,
-        )
+        self.grow_index(w, buckets_for(keys), fin)
     }
 
     /// Exact counters: finishes the index lookups the write path deferred, a chunk per
@@ -1001,7 +1315,7 @@ impl Inner {
     /// is unresolved, that record is counted into `gone`). The entry's record is read only
     /// if the bucket holds a slot with the same hash (to compare keys).
     fn apply_entry(
-        st: &State,
+        map: &Mapping,
         buf: &mut BucketBuf,
         e: DeltaEntry,
         gone: &mut Resolved,
@@ -1011,10 +1325,10 @@ impl Inner {
         let found = probe(&buf.bytes[..], e.hash, |o| -> Result<bool> {
             let k = match key {
                 Some(k) => k,
-                None => *key.insert(st.key_of(&st.header(e.off())?)?),
+                None => *key.insert(key_in(map, &header_in(map, e.off())?)?),
             };
-            let r = st.header(o)?;
-            let hit = r.key_len as usize == k.len() && st.key_of(&r)? == k;
+            let r = header_in(map, o)?;
+            let hit = r.key_len as usize == k.len() && key_in(map, &r)? == k;
             old = hit.then_some(r);
             Ok(hit)
         })?;
@@ -1074,42 +1388,63 @@ impl Inner {
         let geom = self.state.read().index;
         let entries = self.delta_by_bucket(geom.buckets);
         let mut gone = Resolved::default();
-        let mut c = w.ckpt;
-        c.state = STATE_CHECKPOINTING;
+        {
+            let mut slots = self.slots.lock();
+            let mut c = slots.last;
+            c.state = STATE_CHECKPOINTING;
+            self.write_slot(&mut slots, &w.file, c)?;
+        }
+        self.sync_file(&w.file)?;
+        let map = Arc::clone(w.tail.mapping());
+        self.rewrite_buckets(&map, &w.file, geom, &entries, &mut gone)?;
+        self.sync_file(&w.file)?;
+        self.commit_resolved(gone);
+        let c = self.counters_ckpt(fin, geom, w.end);
         self.write_checkpoint(w, c)?;
-        self.sync_file(w)?;
-        // Consecutive rewritten buckets go out in one `pwrite` (each under the exclusive
-        // lock: readers must not see a half-written bucket), and their write-back starts
-        // at once, so the sync below mostly waits for I/O already under way.
+        self.sync_file(&w.file)?;
+        self.state.write().delta.clear();
+        Ok(())
+    }
+
+    /// Applies `entries` (sorted by bucket) to the buckets of the current index `geom`
+    /// in place. Consecutive rewritten buckets go out in one `pwrite` (each under the
+    /// exclusive lock: readers must not see a half-written bucket), and their write-back
+    /// starts at once, so the sync that follows mostly waits for I/O already under way.
+    ///
+    /// `map` is a mapping that holds every record of `entries` and the region (the
+    /// writer may replace the state's mapping meanwhile: this one stays valid).
+    /// Only checkpoints write buckets, so the buckets read here are stable.
+    fn rewrite_buckets(
+        &self,
+        map: &Mapping,
+        file: &FileHandle,
+        geom: IndexGeom,
+        entries: &[DeltaEntry],
+        gone: &mut Resolved,
+    ) -> Result<(), ApplyError> {
         let mut run = BucketRun::default();
         let bucket = |e: &DeltaEntry| bucket_of(e.hash, geom.buckets);
         for group in entries.chunk_by(|a, b| bucket(a) == bucket(b)) {
             let b = bucket(&group[0]);
             if !run.extends_to(b) {
-                self.write_run(w, geom, &mut run, true)?;
+                self.write_run(file, geom, &mut run, true)?;
             }
-            let st = self.state.read();
-            let bytes = st.bucket(b)?;
+            let off = geom.bucket_off(b);
+            let bytes = map
+                .read(off, crate::format::BUCKET_SIZE as u64)
+                .ok_or(Error::corrupt(off, "index bucket outside the file"))?;
             if !crate::format::bucket_crc_ok(bytes) {
                 // Never re-seal a damaged bucket (that would hide the damage).
-                let off = st.index.bucket_off(b);
                 return Err(Error::corrupt(off, "index bucket checksum mismatch").into());
             }
             let mut buf = BucketBuf::from_bytes(bytes);
             for &e in group {
-                Self::apply_entry(&st, &mut buf, e, &mut gone)?;
+                Self::apply_entry(map, &mut buf, e, gone)?;
             }
             buf.seal();
             run.push(b, &buf);
         }
-        self.write_run(w, geom, &mut run, true)?;
-        self.sync_file(w)?;
-        self.commit_resolved(gone);
-        let c = self.counters_ckpt(fin, geom, w.end);
-        self.write_checkpoint(w, c)?;
-        self.sync_file(w)?;
-        self.state.write().delta.clear();
-        Ok(())
+        self.write_run(file, geom, &mut run, true)
     }
 
     /// Writes the buckets collected in `run` to the index region `geom` (under the
@@ -1117,7 +1452,7 @@ impl Inner {
     /// write-back. A failed write poisons the store.
     fn write_run(
         &self,
-        w: &Writer,
+        file: &FileHandle,
         geom: IndexGeom,
         run: &mut BucketRun,
         live: bool,
@@ -1128,13 +1463,13 @@ impl Inner {
         let off = geom.bucket_off(run.first);
         let r = {
             let _excl = live.then(|| self.state.write());
-            w.file.write_at(&run.bytes, off)
+            file.write_at(&run.bytes, off)
         };
         if let Err(e) = r {
             return Err(ApplyError::Other(self.poison::<()>(e).unwrap_err()));
         }
         // A hint: the sync that follows reports any write-back error.
-        let _ = w.file.start_writeback(off, run.bytes.len() as u64);
+        let _ = file.start_writeback(off, run.bytes.len() as u64);
         run.bytes.clear();
         Ok(())
     }
@@ -1154,32 +1489,33 @@ impl Inner {
         }
     }
 
-    fn try_grow(&self, w: &mut Writer, buckets: u64, fin: u32) -> Result<(), ApplyError> {
-        let jump_at = w.end;
-        let new = IndexGeom {
-            off: page_up(jump_at + JUMP_LEN),
-            buckets,
-        };
-        let new_log = new.off + new.bytes();
-        self.ensure_space(w, new_log + PAGE)?;
-        // Only non-empty buckets are written below, so the region must read as zeros
-        // (a failed earlier attempt may have left bucket pages here).
-        w.file.zero_range(new.off, new.bytes())?;
-        let (old, delta_only) = {
-            let st = self.state.read();
-            (st.index, st.delta_only)
-        };
-        let entries = self.delta_by_bucket(buckets);
-        let mut gone = Resolved::default();
+    /// Writes the index region `new` (zeros, not visible to readers) from the buckets of
+    /// the region `old` (if any: a rebuild has none) plus `entries`, sorted by their
+    /// bucket in `new`. Only non-empty buckets are written.
+    fn build_region(
+        &self,
+        map: &Mapping,
+        file: &FileHandle,
+        old: Option<IndexGeom>,
+        new: IndexGeom,
+        entries: &[DeltaEntry],
+        gone: &mut Resolved,
+    ) -> Result<(), ApplyError> {
+        let buckets = new.buckets;
         let mut run = BucketRun::default();
         let mut next = 0usize;
         for nb in 0..buckets {
-            let st = self.state.read();
             let mut buf = BucketBuf::empty();
-            if !delta_only && old.buckets > 0 {
-                let obytes = st.bucket(nb & (old.buckets - 1))?;
+            if let Some(old) = old.filter(|o| o.buckets > 0) {
+                let ob = old.buckets;
+                let obytes = map
+                    .read(
+                        old.bucket_off(nb & (ob - 1)),
+                        crate::format::BUCKET_SIZE as u64,
+                    )
+                    .ok_or(Error::corrupt(old.off, "index bucket outside the file"))?;
                 if !crate::format::bucket_crc_ok(obytes) {
-                    let off = st.index.bucket_off(nb & (old.buckets - 1));
+                    let off = old.bucket_off(nb & (ob - 1));
                     return Err(Error::corrupt(off, "index bucket checksum mismatch").into());
                 }
                 let ob = BucketBuf::from_bytes(obytes);
@@ -1191,62 +1527,59 @@ impl Inner {
                 }
             }
             while next < entries.len() && bucket_of(entries[next].hash, buckets) == nb {
-                Self::apply_entry(&st, &mut buf, entries[next], &mut gone)?;
+                Self::apply_entry(map, &mut buf, entries[next], gone)?;
                 next += 1;
             }
-            drop(st);
-            // Empty buckets stay as the zeros written above.
+            // Empty buckets stay as the zeros the region was claimed with.
             if buf.count() > 0 {
                 buf.seal();
                 if !run.extends_to(nb) {
-                    self.write_run(w, new, &mut run, false)?;
+                    self.write_run(file, new, &mut run, false)?;
                 }
                 run.push(nb, &buf);
             }
         }
-        self.write_run(w, new, &mut run, false)?;
+        self.write_run(file, new, &mut run, false)?;
         if next != entries.len() {
             // Unreachable with sorted entries; never switch to an index that misses keys.
             return Err(ApplyError::Other(Error::Unsupported(
                 "internal: delta entries left over after building the index",
             )));
         }
-        // The jump record, then publish past the new index region.
-        let mut jump = Vec::with_capacity(JUMP_LEN as usize);
-        encode_record(
-            &mut jump,
-            self.seed,
-            jump_at,
-            KIND_JUMP,
-            0,
-            b"",
-            &new_log.to_le_bytes(),
-        );
-        if let Err(e) = w.file.write_at(&jump, jump_at) {
-            return Err(ApplyError::Other(self.poison::<()>(e).unwrap_err()));
-        }
-        // The old region becomes dead space if it is a real region before the jump (a
-        // rebuild after a damaged checkpoint may not have one).
-        let old_real = old.off >= PAGE
-            && old
-                .buckets
-                .checked_mul(PAGE)
-                .and_then(|b| b.checked_add(old.off))
-                .is_some_and(|e| e <= jump_at);
-        {
+        Ok(())
+    }
+
+    fn try_grow(&self, w: &mut Writer, buckets: u64, fin: u32) -> Result<(), ApplyError> {
+        let (old, delta_only) = {
+            let st = self.state.read();
+            (st.index, st.delta_only)
+        };
+        let (new, old_real) = self.claim_region(w, buckets)?;
+        let entries = self.delta_by_bucket(buckets);
+        let mut gone = Resolved::default();
+        let map = Arc::clone(w.tail.mapping());
+        if let Err(e) = self.build_region(
+            &map,
+            &w.file,
+            (!delta_only).then_some(old),
+            new,
+            &entries,
+            &mut gone,
+        ) {
+            // The claimed region stays dead space; the old region stays current.
             let mut st = self.state.write();
-            w.tail.publish(new_log);
-            st.counters.log_bytes += JUMP_LEN;
+            let c = &mut st.counters;
             if old_real {
-                st.counters.dead_index_bytes += old.bytes();
+                c.dead_index_bytes = c.dead_index_bytes.saturating_sub(old.bytes());
             }
+            c.dead_index_bytes += new.bytes();
+            return Err(e);
         }
-        w.end = new_log;
-        self.sync_file(w)?;
+        self.sync_file(&w.file)?;
         self.commit_resolved(gone);
-        let c = self.counters_ckpt(fin, new, new_log);
+        let c = self.counters_ckpt(fin, new, w.end);
         self.write_checkpoint(w, c)?;
-        self.sync_file(w)?;
+        self.sync_file(&w.file)?;
         {
             let mut st = self.state.write();
             st.index = new;
@@ -1256,11 +1589,30 @@ impl Inner {
         if old_real {
             // The other checkpoint slot still points at the old region; release it only
             // after the next checkpoint (see `checkpoint`).
-            w.pending_punch.push((old.off, old.bytes(), w.ckpt.seq));
+            let mut slots = self.slots.lock();
+            let seq = slots.last.seq;
+            slots.pending_punch.push((old.off, old.bytes(), seq));
         }
-        w.prefaulted = 0;
         Ok(())
     }
+}
+
+/// Buckets for an index holding `keys` keys at `GROW_LOAD`.
+fn buckets_for(keys: u64) -> u64 {
+    let want = (keys as f64 / (SLOTS_PER_BUCKET as f64 * GROW_LOAD)).ceil() as u64;
+    want.clamp(1, crate::format::MAX_BUCKETS)
+        .next_power_of_two()
+}
+
+/// True if the index region `old` is real space in the log before `jump_at` (a rebuild
+/// after a damaged checkpoint may have no region), so it becomes dead when replaced.
+fn region_is_real(old: IndexGeom, jump_at: u64) -> bool {
+    old.off >= PAGE
+        && old
+            .buckets
+            .checked_mul(PAGE)
+            .and_then(|b| b.checked_add(old.off))
+            .is_some_and(|e| e <= jump_at)
 }
 
 impl Store {
@@ -1492,8 +1844,11 @@ impl Store {
             } else {
                 st.writes.saturating_sub(s.durable_writes)
             },
-            delta_entries: st.delta.len() as u64,
-            delta_heap_bytes: st.delta.heap_bytes() as u64,
+            delta_entries: (st.delta.len() + st.frozen.as_ref().map_or(0, |f| f.delta.len()))
+                as u64,
+            delta_heap_bytes: (st.delta.heap_bytes()
+                + st.frozen.as_ref().map_or(0, |f| f.delta.heap_bytes()))
+                as u64,
             durability: inner.opts.durability,
             populated: inner.opts.populate,
             recovery: inner.recovery.lock().clone(),
@@ -1525,12 +1880,16 @@ impl Store {
         if inner.opts.read_only {
             return Ok(());
         }
+        let mut w = inner.writer.lock();
+        // Always joined, even on a poisoned store: the thread holds the store open.
+        let finished = inner.finish_job(&mut w);
         if inner.poisoned.load(Ordering::Acquire) {
             // Nothing can be marked clean; the next open recovers.
             return Err(Error::Poisoned);
         }
-        let mut w = inner.writer.lock();
-        let changed = w.dirty_marked || w.ckpt.state != STATE_CLEAN || w.end != w.ckpt.log_end;
+        finished?;
+        let last = inner.slots.lock().last;
+        let changed = w.dirty_marked || last.state != STATE_CLEAN || w.end != last.log_end;
         if changed {
             inner.checkpoint(&mut w, STATE_CLEAN)?;
             w.dirty_marked = false;
@@ -1584,5 +1943,71 @@ fn background(inner: &Inner, every: Option<std::time::Duration>) {
                 let _ = inner.sync_to(gen, end);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys that all land in bucket 0 of an index of `buckets` buckets.
+    fn keys_in_bucket_zero(seed: u64, buckets: u64, n: usize) -> Vec<Vec<u8>> {
+        (0u64..)
+            .map(|i| format!("crowd-{i}").into_bytes())
+            .filter(|k| bucket_of(key_hash(seed, k), buckets) == 0)
+            .take(n)
+            .collect()
+    }
+
+    /// A background checkpoint that finds a bucket full while applying in place (keys
+    /// crowding one bucket of an index far below its load limit) fails without poisoning
+    /// the store; the writer then rebuilds the index from the log into a larger region.
+    /// Nothing is lost, and the store verifies before and after reopening.
+    #[test]
+    fn full_bucket_in_a_background_checkpoint_rebuilds_the_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("crowd.mkv");
+        let opts = Options::default().durability(Durability::None);
+        let store = Store::open(&path, opts.clone()).expect("open");
+        for i in 0..300u32 {
+            store.put(i.to_le_bytes(), b"spread").expect("put");
+        }
+        store.close().expect("close");
+        // 260 more keys, all in bucket 0: far below the index's load limit, so the
+        // checkpoint applies them in place, and more than a bucket holds.
+        let store = Store::open(&path, opts.checkpoint_keys(260)).expect("reopen");
+        let before = store.stats().index_bytes;
+        let buckets = before / PAGE;
+        assert!(
+            (560.0) < buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD,
+            "setup: the index must not need to grow"
+        );
+        let crowd = keys_in_bucket_zero(store.inner.seed, buckets, 260);
+        for k in &crowd {
+            store.put(k, b"crowd").expect("put");
+        }
+        // The checkpoint started by the last of them fails; a later write reaps it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while store.stats().index_bytes == before && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            store
+                .put(b"nudge", b"x")
+                .expect("put after the failed checkpoint");
+        }
+        let st = store.stats();
+        assert!(
+            st.index_bytes > before,
+            "the index was not rebuilt larger ({} bytes)",
+            st.index_bytes
+        );
+        assert_eq!(store.len(), 561);
+        for k in &crowd {
+            assert_eq!(store.get(k).expect("get").as_deref(), Some(&b"crowd"[..]));
+        }
+        store.verify().expect("verify after the rebuild");
+        store.close().expect("close");
+        let store = Store::open(&path, Options::default()).expect("reopen");
+        assert_eq!(store.len(), 561);
+        store.verify().expect("verify after reopen");
     }
 }

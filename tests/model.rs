@@ -97,10 +97,15 @@ fn durability(choice: u8) -> Durability {
 }
 
 fn open(path: &Path, choice: u8) -> Store {
-    let opts = Options::default()
+    let mut opts = Options::default()
         .durability(durability(choice))
         .initial_size(16 << 10)
         .populate(choice % 16 == 5);
+    if choice.is_multiple_of(2) {
+        // Background checkpoints (and index growth) every few writes, while the model
+        // checks go on reading.
+        opts = opts.checkpoint_keys(usize::from(choice % 40) + 2);
+    }
     Store::open(path, opts).expect("open")
 }
 
