@@ -97,7 +97,7 @@ fn reads_counters_and_iteration_stay_exact_across_background_checkpoints() {
                 model.get(&key(probe)).cloned(),
                 "{what}: get of key {probe} after op {op}"
             );
-            if op % 97 == 0 {
+            if op.is_multiple_of(97) {
                 assert_eq!(store.len(), model.len(), "{what}: len after op {op}");
             }
             if op % 1000 == 999 {
@@ -171,7 +171,7 @@ fn readers_see_every_acknowledged_write_during_background_checkpoints() {
                             other.map(|v| String::from_utf8_lossy(&v).into_owned())
                         ),
                     }
-                    if checks % 512 == 0 {
+                    if checks.is_multiple_of(512) {
                         let before = first.load(Ordering::Acquire);
                         let len = store.len() as u64;
                         let after = first.load(Ordering::Acquire);
