@@ -20,8 +20,11 @@
 //!
 //! # Checkpoint protocol
 //!
-//! When the delta grows large (or at clean close), its changes are written into the
-//! index buckets in the file:
+//! When the delta grows large (`Options::checkpoint_keys`), or at clean close, its
+//! changes are written into the index buckets in the file. The first case runs on a
+//! thread of its own (`start_checkpoint`): the writer *freezes* the delta and goes on
+//! into a new one; readers look in the new delta, then the frozen one, then the buckets.
+//! The checkpoint covers the log up to the end at the freeze:
 //!
 //! 1. Write a checkpoint slot with state CHECKPOINTING and sync it (`fdatasync`, which
 //!    also makes the log durable: no bucket can ever point at a record that is not).
@@ -30,14 +33,16 @@
 //!    is rebuilt from the log instead.
 //!    Probing a bucket for a key also finds the record the key replaced, which settles
 //!    the counters for the writes that deferred that lookup.
-//! 3. Write a checkpoint slot (DIRTY, or CLEAN at close) whose `log_end` is the tail, and
-//!    sync it. Clear the delta.
+//! 3. Write a checkpoint slot (DIRTY, or CLEAN at close) whose `log_end` is the end it
+//!    covers, and sync it. Drop the (frozen) delta.
 //!
 //! A crash before step 1 completes leaves the old checkpoint: buckets untouched, replay
 //! from its `log_end`. A crash between 1 and 3 leaves CHECKPOINTING: buckets may be torn,
 //! so the index is rebuilt from the log. When the index must grow, steps 1-2 are replaced
-//! by writing a whole new index region after a JUMP record at the tail (the old region is
-//! not touched), so growth never needs a rebuild.
+//! by writing a whole new index region, claimed by the writer behind a JUMP record at the
+//! tail (the old region is not touched), so growth never needs a rebuild. A background
+//! checkpoint that fails without poisoning the store (a damaged or full bucket) leaves the
+//! frozen delta in place; the writer then rebuilds the index from the log.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -87,6 +92,8 @@ const ZERO_AHEAD: u64 = 1 << 20;
 const PREFAULT_WINDOW: u64 = 4 << 20;
 /// `None`/`Periodic` start write-back of the log behind the tail in steps this large.
 const WRITEBACK_STEP: u64 = 8 << 20;
+/// The background thread submits write-back in pieces this large (see `background`).
+const WRITEBACK_PIECE: u64 = 1 << 20;
 /// The largest page-cache folio the log tail can sit in (see `tail_work`).
 const TAIL_FOLIO: u64 = 2 << 20;
 
@@ -217,6 +224,10 @@ pub(crate) struct Writer {
     ckpt_end: u64,
     /// The background checkpoint, if one was started and not yet joined.
     job: Option<Job>,
+    /// After a checkpoint failed without poisoning the store (a full disk while growing
+    /// the index, say): the delta size at which the next one is tried. Doubling it keeps
+    /// a lasting failure from costing every write an attempt.
+    retry_at: usize,
     /// A DIRTY checkpoint was written in this session.
     pub(crate) dirty_marked: bool,
     buf: Vec<u8>,
@@ -276,6 +287,7 @@ impl Writer {
             alloc,
             ckpt_end,
             job: None,
+            retry_at: 0,
             dirty_marked: false,
             buf: Vec::new(),
             prefaulted: 0,
@@ -829,7 +841,11 @@ impl Inner {
         let r = if pwrite || buf.len() >= PWRITE_THRESHOLD {
             w.file.write_at(&buf, base)
         } else {
-            w.tail.write(base, &buf, alloc)
+            let r = w.tail.write(base, &buf, alloc);
+            // Where the next append goes: its cache-line misses then overlap this write's
+            // work instead of stalling the next one at its first locked instruction.
+            w.tail.prefetch_write(base + total, 256, alloc);
+            r
         };
         if let Err(e) = r {
             w.buf = buf;
@@ -870,14 +886,15 @@ impl Inner {
         w.writes += 1;
         let since = end - w.ckpt_end;
         let gen = self.file_gen.load(Ordering::Acquire);
-        if delta_len >= self.opts.checkpoint_keys || since >= REPLAY_MAX {
+        let due = delta_len >= self.opts.checkpoint_keys || since >= REPLAY_MAX;
+        if due && delta_len >= w.retry_at {
             // The write itself is applied. A checkpoint that fails without poisoning the
             // store (a full disk while growing the index) is retried by a later write; one
             // that poisoned it (a failed sync) must not let this write be acknowledged.
-            if let Err(e) = self.start_checkpoint(&mut w) {
-                if self.poisoned.load(Ordering::Acquire) {
-                    return Err(e);
-                }
+            match self.start_checkpoint(&mut w) {
+                Ok(()) => w.retry_at = 0,
+                Err(e) if self.poisoned.load(Ordering::Acquire) => return Err(e),
+                Err(_) => w.retry_at = delta_len.saturating_mul(2),
             }
         }
         if !pwrite {
@@ -1218,11 +1235,13 @@ impl Inner {
         };
         self.write_slot(&mut slots, &plan.file, c)?;
         self.sync_file(&plan.file)?;
-        {
+        let frozen = {
             let mut st = self.state.write();
             st.index = geom;
-            st.frozen = None;
-        }
+            st.frozen.take()
+        };
+        // Freeing a large table unmaps memory: not under the lock.
+        drop(frozen);
         if let Some((_, true)) = plan.grow {
             // The other slot still points at the old region; release it only after the
             // next checkpoint.
@@ -1932,8 +1951,20 @@ fn background(inner: &Inner, every: Option<std::time::Duration>) {
             map.prefault_write(from, to - from);
         }
         if let Some((file, from, to)) = writeback {
-            // A hint: the sync that follows reports any write-back error.
-            let _ = file.start_writeback(from, to - from);
+            // In pieces, prefaulting in between as asked: submitting write-back takes
+            // milliseconds per step (each page is write-protected, with a TLB flush),
+            // long enough for a fast writer to run past a prefault window it waits for.
+            let mut at = from;
+            while at < to {
+                let piece = (to - at).min(WRITEBACK_PIECE);
+                // A hint: the sync that follows reports any write-back error.
+                let _ = file.start_writeback(at, piece);
+                at += piece;
+                let more = inner.background.lock().prefault.take();
+                if let Some((map, from, to)) = more {
+                    map.prefault_write(from, to - from);
+                }
+            }
         }
         if let (Some(every), Some(n)) = (every, next) {
             if std::time::Instant::now() >= n {
