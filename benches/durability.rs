@@ -119,7 +119,8 @@ fn store_none(dir: &Path, n: u64) -> f64 {
 }
 
 /// `None` next to in-memory appends: `rounds` rounds of each, interleaved so that all
-/// see the same machine; medians.
+/// see the same machine; medians of the rates, and of each round's ratios (a round's
+/// loops run back to back, so their ratio cancels the machine's slower drifts).
 struct NoneVsMemory {
     n: u64,
     rounds: usize,
@@ -127,6 +128,8 @@ struct NoneVsMemory {
     store_prefaulted: f64,
     store_growing: f64,
     none: f64,
+    /// Per-round ratios baseline / store, sorted: prefaulted, growing, bare append.
+    ratios: [Vec<f64>; 3],
 }
 
 fn none_vs_memory(dir: &Path, n: u64, rounds: usize) -> NoneVsMemory {
@@ -136,6 +139,13 @@ fn none_vs_memory(dir: &Path, n: u64, rounds: usize) -> NoneVsMemory {
         runs[1].push(in_memory(n, true, true));
         runs[2].push(in_memory(n, true, false));
         runs[3].push(store_none(dir, n));
+    }
+    let mut ratios: [Vec<f64>; 3] = Default::default();
+    for (i, base) in [1, 2, 0].into_iter().enumerate() {
+        ratios[i] = runs[base].iter().zip(&runs[3]).map(|(b, s)| b / s).collect();
+    }
+    for v in &mut ratios {
+        v.sort_by(f64::total_cmp);
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -148,6 +158,7 @@ fn none_vs_memory(dir: &Path, n: u64, rounds: usize) -> NoneVsMemory {
         store_prefaulted: median(&mut runs[1]),
         store_growing: median(&mut runs[2]),
         none: median(&mut runs[3]),
+        ratios,
     }
 }
 
@@ -243,7 +254,7 @@ fn main() {
 
     let raw0 = raw_sync(&dir, raw_budget);
     let nvm = if full {
-        none_vs_memory(&dir, 1_000_000, 5)
+        none_vs_memory(&dir, 1_000_000, 9)
     } else {
         none_vs_memory(&dir, 20_000, 1)
     };
@@ -325,14 +336,21 @@ fn main() {
         "  store, None, Options::default():            {:>10.0} puts/s",
         nvm.none
     );
-    for (what, rate) in [
+    for (i, (what, rate)) in [
         ("Vec log (prefaulted) + HashMap index", nvm.store_prefaulted),
         ("Vec log (growing) + HashMap index", nvm.store_growing),
         ("Vec log (prefaulted), no index", nvm.append),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = &nvm.ratios[i];
         println!(
-            "  in-memory {what:<36} {rate:>10.0} puts/s = {:.2}x the store",
-            rate / nvm.none
+            "  in-memory {what:<36} {rate:>10.0} puts/s = {:.2}x the store; per round: median {:.2}x, {:.2}-{:.2}x",
+            rate / nvm.none,
+            r[r.len() / 2],
+            r[0],
+            r[r.len() - 1]
         );
     }
     println!("  (goal: None within 1.2x of the in-memory log + index)");

@@ -185,7 +185,10 @@ pub fn record_crc(seed: u64, offset: u64, body: &[u8]) -> u32 {
     let mut buf = [0u8; 16 + INLINE];
     buf[..8].copy_from_slice(&seed.to_le_bytes());
     buf[8..16].copy_from_slice(&offset.to_le_bytes());
-    let mut h = crc32fast::Hasher::new();
+    // `Hasher::new` detects the CPU's CRC instructions on every call (a few percent of
+    // an unsynced put): clone a hasher made once instead.
+    static PROTO: std::sync::OnceLock<crc32fast::Hasher> = std::sync::OnceLock::new();
+    let mut h = PROTO.get_or_init(crc32fast::Hasher::new).clone();
     if let Some(dst) = buf.get_mut(16..16 + body.len()) {
         dst.copy_from_slice(body);
         h.update(&buf[..16 + body.len()]);
