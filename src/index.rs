@@ -311,7 +311,20 @@ impl Delta {
         self.all_resolved = false;
     }
 
-    /// Marks every entry resolved (their old states were taken into the counters).
+    /// Marks every entry resolved in place (their old states were taken into the
+    /// counters). Unlike [`Delta::mark_all_resolved`], keys added later start unresolved
+    /// as usual: for a delta that stays in use.
+    pub(crate) fn settle_all(&mut self) {
+        let more = self.more.values_mut().flatten();
+        for v in self.first.values_mut().chain(more) {
+            *v &= !UNRESOLVED_TAG;
+        }
+        self.unresolved = Vec::new();
+    }
+
+    /// Marks every entry resolved (their old states were taken into the counters), and
+    /// every key added later too: only for a delta about to be frozen for good or
+    /// cleared.
     pub(crate) fn mark_all_resolved(&mut self) {
         self.all_resolved = true;
         self.unresolved = Vec::new();

@@ -232,8 +232,8 @@ impl Options {
     ///
     /// The checkpoint runs on a thread of its own while writers go on (they wait only if
     /// the next one is due before it finished), so the trade-off is memory, not write
-    /// latency: the delta costs about 32 bytes of heap per key, and up to twice this many
-    /// keys are held while a checkpoint runs. Fewer keys mean more checkpoints, each of
+    /// latency: the delta costs 30-50 bytes of heap per key, and up to twice this many keys
+    /// are held while a checkpoint runs. Fewer keys mean more checkpoints, each of
     /// which rewrites the index buckets it touches. Recovery after a crash replays the
     /// log written since the last checkpoint. At least 1. Defaults to 450,000.
     #[must_use]

@@ -459,6 +459,7 @@ pub struct VerifyReport {
 
 pub(crate) fn verify(inner: &Inner) -> Result<VerifyReport> {
     // Step 3 compares the counters: make them exact, then keep that snapshot.
+    inner.collect_failed_job();
     let _resolving = inner.resolving.lock();
     inner.resolve_counters_locked();
     let mut st = inner.state.write();

@@ -80,6 +80,11 @@ pub(crate) struct Frozen {
     /// The counters as of the end of the log the frozen delta covers (what the
     /// checkpoint will record), minus the old records found since for its entries.
     pub(crate) counters: Counters,
+    /// Its checkpoint failed, maybe after rewriting some buckets: an index lookup may now
+    /// find an entry's own record, so its entries are no longer resolved against the
+    /// index. Lookups stay right (this delta is consulted before the buckets); the writer
+    /// repairs the index (rebuilding it from the log) and drops this delta.
+    pub(crate) failed: bool,
 }
 
 impl State {
@@ -209,6 +214,16 @@ impl State {
         }
     }
 
+    /// True if [`State::resolve`] can make no more progress: the counters are exact, or
+    /// the only entries left belong to a frozen delta whose checkpoint failed.
+    pub(crate) fn settled(&self) -> bool {
+        self.delta.unresolved_len() == 0
+            && self
+                .frozen
+                .as_ref()
+                .is_none_or(|f| f.failed || f.delta.unresolved_len() == 0)
+    }
+
     /// True if the counters are exact (no delta entry waits for its index lookup).
     pub(crate) fn resolved(&self) -> bool {
         self.delta.unresolved_len() == 0
@@ -229,7 +244,7 @@ impl State {
     pub(crate) fn resolve(&mut self, mut max: usize) {
         let buckets = self.index.buckets.max(1);
         let order = |h| bucket_of(h, buckets);
-        if let Some(f) = self.frozen.as_mut() {
+        if let Some(f) = self.frozen.as_mut().filter(|f| !f.failed) {
             let claimed = claim(&mut f.delta, max, order);
             max = max.saturating_sub(claimed.len());
             let mut gone = Resolved::default();
