@@ -50,6 +50,17 @@ pub fn policy(b: u8) -> Durability {
     }
 }
 
+/// `Options::checkpoint_keys` from the policy byte's upper bits (the low two choose the
+/// policy): half the inputs checkpoint every 4 to 32 changed keys, so background
+/// checkpoints and index growth run (and crash points land in them) within an input.
+pub fn checkpoint_keys(opts: mapkv::Options, b: u8) -> mapkv::Options {
+    if b & 0x80 != 0 {
+        opts.checkpoint_keys(usize::from((b >> 4) & 0x7) * 4 + 4)
+    } else {
+        opts
+    }
+}
+
 /// The key for a small key number (255 is the empty key).
 pub fn key(k: u8) -> Vec<u8> {
     if k == 255 {

@@ -67,7 +67,8 @@ fuzz_target!(|input: Input| {
         rec.capture_in_syncs(1.0, 16);
     }
     let size = if input.small_file { 12 << 10 } else { 1 << 20 };
-    let opts = rec.observe(Options::default().durability(policy).initial_size(size));
+    let opts = Options::default().durability(policy).initial_size(size);
+    let opts = rec.observe(common::checkpoint_keys(opts, input.policy));
     let mut store = Some(Store::open(&path, opts.clone()).expect("create"));
     rec.mark_durable().expect("creation is durable");
     let mut model = Model::new();

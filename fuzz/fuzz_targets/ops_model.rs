@@ -53,6 +53,7 @@ fuzz_target!(|input: Input| {
     let opts = Options::default()
         .durability(common::policy(input.policy))
         .initial_size(size);
+    let opts = common::checkpoint_keys(opts, input.policy);
     let mut store = Some(Store::open(&path, opts.clone()).expect("create"));
     let mut model = Model::new();
     for op in input.ops.iter().take(300) {
