@@ -142,7 +142,11 @@ fn none_vs_memory(dir: &Path, n: u64, rounds: usize) -> NoneVsMemory {
     }
     let mut ratios: [Vec<f64>; 3] = Default::default();
     for (i, base) in [1, 2, 0].into_iter().enumerate() {
-        ratios[i] = runs[base].iter().zip(&runs[3]).map(|(b, s)| b / s).collect();
+        ratios[i] = runs[base]
+            .iter()
+            .zip(&runs[3])
+            .map(|(b, s)| b / s)
+            .collect();
     }
     for v in &mut ratios {
         v.sort_by(f64::total_cmp);
