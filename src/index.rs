@@ -273,6 +273,113 @@ pub(crate) fn sort_by_bucket(mut entries: Vec<DeltaEntry>, buckets: u64) -> Vec<
     sorted
 }
 
+/// The delta's main table: key hash → tagged offset, open addressing with linear
+/// probing. A delta never removes an entry (it replaces them, or is dropped whole), so
+/// there are no tombstones. A slot whose value is 0 is empty (no record lives at offset
+/// 0). Unlike a `HashMap`, its layout is known: the writer prefetches the slot a key
+/// will probe first before it takes the state lock (see [`Delta::slot_hint`]), so the
+/// cache miss of the insert overlaps the write's other work instead of stalling under
+/// the lock.
+#[derive(Debug, Default)]
+struct Table {
+    /// (hash, tagged offset); the length is 0 or a power of two.
+    slots: Vec<(u64, u64)>,
+    len: usize,
+}
+
+impl Table {
+    /// Slots of the first allocation.
+    const MIN_SLOTS: usize = 1024;
+
+    fn mask(&self) -> usize {
+        self.slots.len().wrapping_sub(1)
+    }
+
+    /// The slot holding `hash`, if any.
+    fn find(&self, hash: u64) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.mask();
+        let mut i = hash as usize & mask;
+        loop {
+            let (h, v) = self.slots[i];
+            if v == 0 {
+                return None;
+            }
+            if h == hash {
+                return Some(i);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn get(&self, hash: u64) -> Option<u64> {
+        self.find(hash).map(|i| self.slots[i].1)
+    }
+
+    fn get_mut(&mut self, hash: u64) -> Option<&mut u64> {
+        self.find(hash).map(|i| &mut self.slots[i].1)
+    }
+
+    /// Inserts `hash` (not present) with value `v` (not 0).
+    fn insert_new(&mut self, hash: u64, v: u64) {
+        // At most 70% full: an insert then probes about 6 slots, within 2 cache lines.
+        if (self.len + 1) * 10 > self.slots.len() * 7 {
+            self.grow();
+        }
+        let mask = self.mask();
+        let mut i = hash as usize & mask;
+        while self.slots[i].1 != 0 {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = (hash, v);
+        self.len += 1;
+    }
+
+    fn grow(&mut self) {
+        let n = (self.slots.len() * 2).max(Self::MIN_SLOTS);
+        let old = std::mem::replace(&mut self.slots, vec![(0, 0); n]);
+        let mask = n - 1;
+        for (h, v) in old.into_iter().filter(|&(_, v)| v != 0) {
+            let mut i = h as usize & mask;
+            while self.slots[i].1 != 0 {
+                i = (i + 1) & mask;
+            }
+            self.slots[i] = (h, v);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.slots.iter().copied().filter(|&(_, v)| v != 0)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut u64> + '_ {
+        self.slots
+            .iter_mut()
+            .filter(|(_, v)| *v != 0)
+            .map(|(_, v)| v)
+    }
+}
+
+/// Where the probes of a [`Delta`]'s table start, as plain numbers: the writer keeps one
+/// between writes to prefetch the next insert's slot before it locks the state. It may
+/// be stale (the table grew, or the delta was frozen): then the prefetch is wasted, and
+/// nothing else happens (a prefetch never faults).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SlotHint {
+    base: usize,
+    mask: usize,
+}
+
+impl SlotHint {
+    /// Address of the slot where a probe for `hash` starts, if there is a table.
+    pub(crate) fn addr(&self, hash: u64) -> Option<usize> {
+        (self.base != 0)
+            .then(|| self.base + (hash as usize & self.mask) * std::mem::size_of::<(u64, u64)>())
+    }
+}
+
 /// Changes since the last checkpoint: key hash → offset of the newest record (put or
 /// delete) for each key changed. Distinct keys with equal 64-bit hashes are kept apart in
 /// a side table (`more`), which is almost always empty.
@@ -284,7 +391,7 @@ pub(crate) fn sort_by_bucket(mut entries: Vec<DeltaEntry>, buckets: u64) -> Vec<
 /// `State::resolve`.
 #[derive(Debug, Default)]
 pub(crate) struct Delta {
-    first: IdMap<u64>,
+    first: Table,
     more: IdMap<Vec<u64>>,
     len: usize,
     unresolved: Vec<u64>,
@@ -304,7 +411,7 @@ impl Delta {
     }
 
     pub(crate) fn clear(&mut self) {
-        self.first = IdMap::default();
+        self.first = Table::default();
         self.more = IdMap::default();
         self.unresolved = Vec::new();
         self.len = 0;
@@ -333,8 +440,7 @@ impl Delta {
     /// The newest records of all keys with this hash: (offset, is a delete).
     pub(crate) fn candidates(&self, hash: u64) -> impl Iterator<Item = (u64, bool)> + '_ {
         self.first
-            .get(&hash)
-            .copied()
+            .get(hash)
             .into_iter()
             .chain(self.more.get(&hash).into_iter().flatten().copied())
             .map(untag)
@@ -368,17 +474,12 @@ impl Delta {
             *p = tagged | (prev & UNRESOLVED_TAG);
             Some(untag(prev))
         };
-        // One probe of the table whether the key is new or not.
-        match self.first.entry(hash) {
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(fresh);
+        match self.first.find(hash) {
+            None => self.first.insert_new(hash, fresh),
+            Some(i) if same_key(untag(self.first.slots[i].1).0) => {
+                return replace(&mut self.first.slots[i].1)
             }
-            std::collections::hash_map::Entry::Occupied(mut prev)
-                if same_key(untag(*prev.get()).0) =>
-            {
-                return replace(prev.get_mut())
-            }
-            std::collections::hash_map::Entry::Occupied(_) => {
+            Some(_) => {
                 let v = self.more.entry(hash).or_default();
                 if let Some(p) = v.iter_mut().find(|p| same_key(untag(**p).0)) {
                     return replace(p);
@@ -391,6 +492,17 @@ impl Delta {
             self.unresolved.push(hash);
         }
         None
+    }
+
+    /// Where [`Delta::set`] starts its probes (see [`SlotHint`]).
+    pub(crate) fn slot_hint(&self) -> SlotHint {
+        if self.first.slots.is_empty() {
+            return SlotHint::default();
+        }
+        SlotHint {
+            base: self.first.slots.as_ptr() as usize,
+            mask: self.first.mask(),
+        }
     }
 
     /// Number of queued unresolved hashes (an upper bound on unresolved entries).
@@ -409,7 +521,7 @@ impl Delta {
 
     /// Marks every unresolved entry with this hash resolved and pushes its offset to `out`.
     pub(crate) fn claim_unresolved(&mut self, hash: u64, out: &mut Vec<u64>) {
-        let first = self.first.get_mut(&hash).into_iter();
+        let first = self.first.get_mut(hash).into_iter();
         let more = self.more.get_mut(&hash).into_iter().flatten();
         for v in first.chain(more) {
             if *v & UNRESOLVED_TAG != 0 {
@@ -421,7 +533,7 @@ impl Delta {
 
     /// Every entry of the delta.
     pub(crate) fn iter(&self) -> impl Iterator<Item = DeltaEntry> + '_ {
-        let first = self.first.iter().map(|(&h, &o)| (h, o));
+        let first = self.first.iter();
         let more = self
             .more
             .iter()
@@ -439,7 +551,9 @@ impl Delta {
 
     /// Approximate heap bytes used.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.first.capacity() * 17 + self.more.capacity() * 33 + self.unresolved.capacity() * 8
+        self.first.slots.capacity() * 16
+            + self.more.capacity() * 33
+            + self.unresolved.capacity() * 8
     }
 }
 
@@ -528,6 +642,42 @@ mod tests {
                 "{n} entries, {buckets} buckets: entries lost or repeated"
             );
         }
+    }
+
+    #[test]
+    fn table_finds_every_entry_across_growth_and_clustered_hashes() {
+        let mut t = Table::default();
+        assert_eq!(t.get(7), None);
+        // Hashes sharing their low bits pile up in one probe run, wrapping the end.
+        let hashes: Vec<u64> = (0..5000u64)
+            .map(|i| {
+                if i % 3 == 0 {
+                    (i << 40) | 1023
+                } else {
+                    i.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                }
+            })
+            .collect();
+        for (n, &h) in hashes.iter().enumerate() {
+            t.insert_new(h, n as u64 + 1);
+            assert_eq!(t.len, n + 1);
+        }
+        assert!(t.slots.len().is_power_of_two());
+        assert!(t.len * 10 <= t.slots.len() * 7, "load kept at most 70%");
+        for (n, &h) in hashes.iter().enumerate() {
+            assert_eq!(t.get(h), Some(n as u64 + 1), "hash {h:#x}");
+        }
+        *t.get_mut(hashes[9]).expect("present") = 99;
+        assert_eq!(t.get(hashes[9]), Some(99));
+        assert_eq!(t.iter().count(), hashes.len());
+        assert_eq!(t.get(0xdead_beef_0000_0000), None);
+        let hint = SlotHint {
+            base: t.slots.as_ptr() as usize,
+            mask: t.mask(),
+        };
+        let start = hint.addr(hashes[1]).expect("a table");
+        assert!(start >= hint.base && start < hint.base + t.slots.len() * 16);
+        assert_eq!(SlotHint::default().addr(5), None);
     }
 
     #[test]

@@ -456,6 +456,22 @@ impl TailWriter {
     }
 }
 
+/// Hints the CPU to fetch the cache line at `addr` for writing (`prefetchw`). Any
+/// address is fine, even a stale or unmapped one: a prefetch never faults and has no
+/// effect the program can observe. Nothing happens off x86-64.
+pub(crate) fn prefetch_write_addr(addr: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
+        let p = std::ptr::without_provenance::<i8>(addr);
+        // SAFETY: a prefetch is a hint that never faults and never reads or writes
+        // memory as far as the program can observe, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_ET0>(p) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
+}
+
 /// Operating-system probes used by benchmarks and the CLI.
 pub mod sys {
     use std::fs::File;

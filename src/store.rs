@@ -224,6 +224,8 @@ pub(crate) struct Writer {
     ckpt_end: u64,
     /// The background checkpoint, if one was started and not yet joined.
     job: Option<Job>,
+    /// Where the delta's next insert will probe (see `SlotHint`).
+    delta_hint: crate::index::SlotHint,
     /// After a checkpoint failed without poisoning the store (a full disk while growing
     /// the index, say): the write count at which the next one is tried, and the gap that
     /// doubles with each failure, so a lasting failure does not cost every write an
@@ -297,6 +299,7 @@ impl Writer {
             job: None,
             retry_at: 0,
             retry_gap: 0,
+            delta_hint: crate::index::SlotHint::default(),
             dirty_marked: false,
             buf: Vec::new(),
             prefaulted: 0,
@@ -837,6 +840,12 @@ impl Inner {
             }
         }
         self.mark_dirty(&mut w)?;
+        // The first key's delta slot: fetched while the record is encoded and copied,
+        // rather than missed under the state lock.
+        let hash0 = key_hash(self.seed, ops[0].1);
+        if let Some(addr) = w.delta_hint.addr(hash0) {
+            crate::map::prefetch_write_addr(addr);
+        }
         let base = w.end;
         self.ensure_space(&mut w, base + total)?;
         let mut buf = std::mem::take(&mut w.buf);
@@ -879,7 +888,7 @@ impl Inner {
             let mut st = self.state.write();
             w.tail.publish(end);
             let mut off = base;
-            for &(kind, k, v) in ops {
+            for (i, &(kind, k, v)) in ops.iter().enumerate() {
                 let rec = RecordRef {
                     offset: off,
                     kind,
@@ -888,8 +897,14 @@ impl Inner {
                     val_len: v.len() as u32,
                 };
                 off = rec.end();
-                st.apply(key_hash(self.seed, k), k, &rec);
+                let hash = if i == 0 {
+                    hash0
+                } else {
+                    key_hash(self.seed, k)
+                };
+                st.apply(hash, k, &rec);
             }
+            w.delta_hint = st.delta.slot_hint();
             if resolving.is_some() {
                 st.resolve(usize::MAX);
             }
