@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
+use crate::anon::AnonVec;
 use crate::format::{
     bucket_crc, bucket_of, home_slot, BUCKET_COUNT_OFF, BUCKET_HEADER, BUCKET_SIZE,
     SLOTS_PER_BUCKET, SLOT_SIZE,
@@ -223,7 +224,8 @@ fn untag(v: u64) -> (u64, bool) {
 }
 
 /// One key's entry in the [`Delta`] (16 bytes: checkpoints sort hundreds of thousands).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
 pub(crate) struct DeltaEntry {
     /// The key's hash.
     pub(crate) hash: u64,
@@ -251,26 +253,37 @@ impl DeltaEntry {
 /// Sorts delta entries by their bucket in an index of `buckets` buckets (a power of two).
 /// Many entries per bucket (a bulk load) take a counting sort, O(entries + buckets), that
 /// reads `entries` sequentially twice.
-pub(crate) fn sort_by_bucket(mut entries: Vec<DeltaEntry>, buckets: u64) -> Vec<DeltaEntry> {
+pub(crate) fn sort_by_bucket(
+    mut entries: AnonVec<DeltaEntry>,
+    buckets: u64,
+) -> AnonVec<DeltaEntry> {
     let nb = usize::try_from(buckets).unwrap_or(usize::MAX);
     if nb > entries.len().saturating_mul(4) {
         entries.sort_unstable_by_key(|e| bucket_of(e.hash, buckets));
         return entries;
     }
     let mut start = vec![0u32; nb + 1];
-    for e in &entries {
+    for e in entries.iter() {
         start[bucket_of(e.hash, buckets) as usize + 1] += 1;
     }
     for i in 0..nb {
         start[i + 1] += start[i];
     }
-    let mut sorted = vec![DeltaEntry::default(); entries.len()];
-    for e in entries {
+    let mut sorted = AnonVec::zeroed(entries.len());
+    for &e in entries.iter() {
         let at = &mut start[bucket_of(e.hash, buckets) as usize];
         sorted[*at as usize] = e;
         *at += 1;
     }
     sorted
+}
+
+/// One slot of a [`Table`]: a key hash and its tagged offset (0: empty).
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+struct Slot {
+    hash: u64,
+    tagged: u64,
 }
 
 /// The delta's main table: key hash → tagged offset, open addressing with linear
@@ -282,32 +295,37 @@ pub(crate) fn sort_by_bucket(mut entries: Vec<DeltaEntry>, buckets: u64) -> Vec<
 /// the lock.
 #[derive(Debug, Default)]
 struct Table {
-    /// (hash, tagged offset); the length is 0 or a power of two.
-    slots: Vec<(u64, u64)>,
+    /// 0 or a power of two of them.
+    slots: Vec<Slot>,
     len: usize,
 }
 
 impl Table {
-    /// Slots of the first allocation.
+    /// Slots of the first allocation (one 16 KiB mapping).
     const MIN_SLOTS: usize = 1024;
 
-    fn mask(&self) -> usize {
-        self.slots.len().wrapping_sub(1)
+    fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    fn slots_mut(&mut self) -> &mut [Slot] {
+        &mut self.slots
     }
 
     /// The slot holding `hash`, if any.
     fn find(&self, hash: u64) -> Option<usize> {
-        if self.slots.is_empty() {
+        let slots = self.slots();
+        if slots.is_empty() {
             return None;
         }
-        let mask = self.mask();
+        let mask = slots.len() - 1;
         let mut i = hash as usize & mask;
         loop {
-            let (h, v) = self.slots[i];
-            if v == 0 {
+            let s = slots[i];
+            if s.tagged == 0 {
                 return None;
             }
-            if h == hash {
+            if s.hash == hash {
                 return Some(i);
             }
             i = (i + 1) & mask;
@@ -315,50 +333,59 @@ impl Table {
     }
 
     fn get(&self, hash: u64) -> Option<u64> {
-        self.find(hash).map(|i| self.slots[i].1)
+        self.find(hash).map(|i| self.slots()[i].tagged)
     }
 
     fn get_mut(&mut self, hash: u64) -> Option<&mut u64> {
-        self.find(hash).map(|i| &mut self.slots[i].1)
+        let i = self.find(hash)?;
+        Some(&mut self.slots_mut()[i].tagged)
     }
 
-    /// Inserts `hash` (not present) with value `v` (not 0).
-    fn insert_new(&mut self, hash: u64, v: u64) {
+    /// Inserts `hash` (not present) with value `tagged` (not 0).
+    fn insert_new(&mut self, hash: u64, tagged: u64) {
         // At most 70% full: an insert then probes about 6 slots, within 2 cache lines.
-        if (self.len + 1) * 10 > self.slots.len() * 7 {
+        if (self.len + 1) * 10 > self.slots().len() * 7 {
             self.grow();
         }
-        let mask = self.mask();
-        let mut i = hash as usize & mask;
-        while self.slots[i].1 != 0 {
-            i = (i + 1) & mask;
-        }
-        self.slots[i] = (hash, v);
+        Self::place(self.slots_mut(), Slot { hash, tagged });
         self.len += 1;
     }
 
-    fn grow(&mut self) {
-        let n = (self.slots.len() * 2).max(Self::MIN_SLOTS);
-        let old = std::mem::replace(&mut self.slots, vec![(0, 0); n]);
-        let mask = n - 1;
-        for (h, v) in old.into_iter().filter(|&(_, v)| v != 0) {
-            let mut i = h as usize & mask;
-            while self.slots[i].1 != 0 {
-                i = (i + 1) & mask;
-            }
-            self.slots[i] = (h, v);
+    /// Puts `slot` into the first empty slot of its probe run.
+    fn place(slots: &mut [Slot], slot: Slot) {
+        let mask = slots.len() - 1;
+        let mut i = slot.hash as usize & mask;
+        while slots[i].tagged != 0 {
+            i = (i + 1) & mask;
         }
+        slots[i] = slot;
+    }
+
+    fn grow(&mut self) {
+        let mut new = vec![Slot::default(); (self.slots.len() * 2).max(Self::MIN_SLOTS)];
+        for &s in self.slots.iter().filter(|s| s.tagged != 0) {
+            Self::place(&mut new, s);
+        }
+        self.slots = new;
     }
 
     fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.slots.iter().copied().filter(|&(_, v)| v != 0)
+        self.slots()
+            .iter()
+            .filter(|s| s.tagged != 0)
+            .map(|s| (s.hash, s.tagged))
     }
 
     fn values_mut(&mut self) -> impl Iterator<Item = &mut u64> + '_ {
-        self.slots
+        self.slots_mut()
             .iter_mut()
-            .filter(|(_, v)| *v != 0)
-            .map(|(_, v)| v)
+            .filter(|s| s.tagged != 0)
+            .map(|s| &mut s.tagged)
+    }
+
+    /// Bytes of the slots.
+    fn bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<Slot>()
     }
 }
 
@@ -376,7 +403,7 @@ impl SlotHint {
     /// Address of the slot where a probe for `hash` starts, if there is a table.
     pub(crate) fn addr(&self, hash: u64) -> Option<usize> {
         (self.base != 0)
-            .then(|| self.base + (hash as usize & self.mask) * std::mem::size_of::<(u64, u64)>())
+            .then(|| self.base + (hash as usize & self.mask) * std::mem::size_of::<Slot>())
     }
 }
 
@@ -476,8 +503,8 @@ impl Delta {
         };
         match self.first.find(hash) {
             None => self.first.insert_new(hash, fresh),
-            Some(i) if same_key(untag(self.first.slots[i].1).0) => {
-                return replace(&mut self.first.slots[i].1)
+            Some(i) if same_key(untag(self.first.slots()[i].tagged).0) => {
+                return replace(&mut self.first.slots_mut()[i].tagged)
             }
             Some(_) => {
                 let v = self.more.entry(hash).or_default();
@@ -496,12 +523,13 @@ impl Delta {
 
     /// Where [`Delta::set`] starts its probes (see [`SlotHint`]).
     pub(crate) fn slot_hint(&self) -> SlotHint {
-        if self.first.slots.is_empty() {
+        let slots = self.first.slots();
+        if slots.is_empty() {
             return SlotHint::default();
         }
         SlotHint {
-            base: self.first.slots.as_ptr() as usize,
-            mask: self.first.mask(),
+            base: slots.as_ptr() as usize,
+            mask: slots.len() - 1,
         }
     }
 
@@ -549,11 +577,18 @@ impl Delta {
         })
     }
 
+    /// Every entry, in a buffer of its own (see [`AnonVec`]).
+    pub(crate) fn entries(&self) -> AnonVec<DeltaEntry> {
+        let mut out = AnonVec::with_capacity(self.len);
+        for e in self.iter() {
+            out.push(e);
+        }
+        out
+    }
+
     /// Approximate heap bytes used.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.first.slots.capacity() * 16
-            + self.more.capacity() * 33
-            + self.unresolved.capacity() * 8
+        self.first.bytes() + self.more.capacity() * 33 + self.unresolved.capacity() * 8
     }
 }
 
@@ -620,13 +655,13 @@ mod tests {
     fn sort_by_bucket_orders_and_keeps_every_entry() {
         // Both paths: few entries per bucket (comparison sort) and many (counting sort).
         for (n, buckets) in [(10u64, 1024u64), (5000, 64), (5000, 1), (0, 8)] {
-            let entries: Vec<DeltaEntry> = (0..n)
+            let entries: AnonVec<DeltaEntry> = (0..n)
                 .map(|i| DeltaEntry {
                     hash: i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i << 7),
                     tagged: i + 1,
                 })
                 .collect();
-            let sorted = sort_by_bucket(entries.clone(), buckets);
+            let sorted = sort_by_bucket(entries.iter().copied().collect(), buckets);
             assert!(
                 sorted
                     .windows(2)
@@ -662,8 +697,8 @@ mod tests {
             t.insert_new(h, n as u64 + 1);
             assert_eq!(t.len, n + 1);
         }
-        assert!(t.slots.len().is_power_of_two());
-        assert!(t.len * 10 <= t.slots.len() * 7, "load kept at most 70%");
+        assert!(t.slots().len().is_power_of_two());
+        assert!(t.len * 10 <= t.slots().len() * 7, "load kept at most 70%");
         for (n, &h) in hashes.iter().enumerate() {
             assert_eq!(t.get(h), Some(n as u64 + 1), "hash {h:#x}");
         }
@@ -672,11 +707,11 @@ mod tests {
         assert_eq!(t.iter().count(), hashes.len());
         assert_eq!(t.get(0xdead_beef_0000_0000), None);
         let hint = SlotHint {
-            base: t.slots.as_ptr() as usize,
-            mask: t.mask(),
+            base: t.slots().as_ptr() as usize,
+            mask: t.slots().len() - 1,
         };
         let start = hint.addr(hashes[1]).expect("a table");
-        assert!(start >= hint.base && start < hint.base + t.slots.len() * 16);
+        assert!(start >= hint.base && start < hint.base + t.slots().len() * 16);
         assert_eq!(SlotHint::default().addr(5), None);
     }
 

@@ -27,6 +27,7 @@
 //! - `state`, `recovery`, `store`, `iter`, `compact`: the store itself.
 //! - [`sim`]: a power-loss simulator for crash testing.
 
+mod anon;
 mod batch;
 mod compact;
 mod error;

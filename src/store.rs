@@ -51,6 +51,7 @@ use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
+use crate::anon::AnonVec;
 use crate::batch::{Batch, Op};
 use crate::error::{Error, Result};
 use crate::format::{
@@ -1235,7 +1236,7 @@ impl Inner {
             let Some(f) = &st.frozen else {
                 return Err(Error::Unsupported("internal: no frozen delta"));
             };
-            (Arc::clone(&st.map), f.delta.iter().collect())
+            (Arc::clone(&st.map), f.delta.entries())
         };
         let entries = crate::index::sort_by_bucket(entries, geom.buckets);
         let mut gone = Resolved::default();
@@ -1439,8 +1440,8 @@ impl Inner {
     }
 
     /// The delta's entries sorted by their bucket in an index of `buckets` buckets.
-    fn delta_by_bucket(&self, buckets: u64) -> Vec<DeltaEntry> {
-        let entries: Vec<DeltaEntry> = self.state.read().delta.iter().collect();
+    fn delta_by_bucket(&self, buckets: u64) -> AnonVec<DeltaEntry> {
+        let entries = self.state.read().delta.entries();
         crate::index::sort_by_bucket(entries, buckets)
     }
 
@@ -1454,7 +1455,7 @@ impl Inner {
         let entries = if geom.bytes() > SORT_ABOVE {
             self.delta_by_bucket(geom.buckets)
         } else {
-            self.state.read().delta.iter().collect()
+            self.state.read().delta.entries()
         };
         let mut gone = Resolved::default();
         {
