@@ -224,15 +224,6 @@ impl State {
                 .is_none_or(|f| f.failed || f.delta.unresolved_len() == 0)
     }
 
-    /// True if the counters are exact (no delta entry waits for its index lookup).
-    pub(crate) fn resolved(&self) -> bool {
-        self.delta.unresolved_len() == 0
-            && self
-                .frozen
-                .as_ref()
-                .is_none_or(|f| f.delta.unresolved_len() == 0)
-    }
-
     /// Looks up, in the index, up to `max` keys whose writes were applied without a lookup
     /// and takes the records they replaced out of the counters. The lookups go in bucket
     /// order, and read a record only when a bucket slot's hash matches. A damaged record

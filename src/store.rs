@@ -199,9 +199,9 @@ struct Job {
     plan: JobPlan,
 }
 
-/// What a background checkpoint does: write the frozen delta into the index, in place or
-/// into a new, larger region the writer already claimed; `log_end` is the log end the
-/// frozen delta covers, which its final slot records.
+/// What a checkpoint does (on its own thread, or on the writer's): write the frozen delta
+/// into the index, in place or into a new, larger region the writer already claimed;
+/// `log_end` is the log end the frozen delta covers, which its final slot records.
 #[derive(Debug, Clone)]
 struct JobPlan {
     file: Arc<FileHandle>,
@@ -210,6 +210,8 @@ struct JobPlan {
     /// The claimed region, and whether the old region is real space before it (to be
     /// counted dead and released).
     grow: Option<(IndexGeom, bool)>,
+    /// State of the final slot: DIRTY, or CLEAN for the checkpoint of a clean close.
+    fin: u32,
 }
 
 /// Writer-side state, behind the writer mutex.
@@ -963,47 +965,34 @@ impl Inner {
 
     // ------------------------------------------------------------------ checkpoints
 
-    /// Writes the delta into the index (see the module docs), ending in state `fin`.
+    /// Writes the delta into the index (see the module docs) on this thread, ending in
+    /// state `fin`: the steps of a background checkpoint (`freeze`, `run_job_locked`), a
+    /// rebuild from the log if one failed, or only a new slot if nothing changed.
     ///
     /// No separate log sync is needed first: the in-place path makes a CHECKPOINTING slot
     /// durable (with an `fdatasync` that also writes the log) before touching a bucket, and
     /// the growth path writes only into unused space until one sync covers log and index.
     pub(crate) fn checkpoint(&self, w: &mut Writer, fin: u32) -> Result<()> {
         let _resolving = self.resolving.lock();
-        let (geom, mut keys, delta_only, delta_empty, resolved, frozen) = {
+        let (keys, delta_only, delta_empty, frozen) = {
             let st = self.state.read();
             (
-                st.index,
                 st.counters.live_keys,
                 st.delta_only,
                 st.delta.is_empty(),
-                st.resolved(),
                 st.frozen.is_some(),
             )
         };
-        let max_keys = geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD;
-        if keys as f64 > max_keys && !resolved && !frozen {
-            // The key count is an upper bound until the deferred lookups are done (applying
-            // the delta below does them for free); growing on a bound could double the
-            // index for nothing, so pay for the lookups first.
-            keys = self.resolve_by_buckets(geom).live_keys;
-        }
         let logged_end = self.slots.lock().last.log_end;
         let r = if frozen {
             // Left by a failed background checkpoint (callers collect a running one
             // first, see `finish_job`): its buckets may be half-rewritten.
             self.rebuild_index(w, fin)
-        } else if delta_only || keys as f64 > max_keys {
-            // Counters come from the file and may be bogus: bound them by what fits in it.
+        } else if delta_only {
+            // A rebuilt index, held in the delta alone, sized by its keys. Counters come
+            // from the file and may be bogus: bound them by what fits in it.
             let keys = keys.min(w.end / crate::format::RECORD_HEADER as u64);
-            let want = buckets_for(keys);
-            // A rebuild (delta_only) sizes the index by its keys; growth at least doubles.
-            let buckets = if delta_only {
-                want
-            } else {
-                want.max(geom.buckets * 2)
-            };
-            self.grow_index(w, buckets, fin)
+            self.grow_index(w, buckets_for(keys), fin)
         } else if delta_empty && w.end == logged_end {
             let mut slots = self.slots.lock();
             let mut c = slots.last;
@@ -1012,16 +1001,20 @@ impl Inner {
             drop(slots);
             self.sync_file(&w.file)
         } else {
-            match self.apply_in_place(w, fin) {
+            // The same steps as a background checkpoint, on this thread.
+            let plan = self.freeze(w, fin)?;
+            match self.run_job_locked(&plan) {
                 Ok(()) => Ok(()),
-                Err(ApplyError::Full) => self.grow_index(w, geom.buckets * 2, fin),
-                Err(ApplyError::Other(e)) => Err(e),
+                Err(e) => {
+                    self.check_not_poisoned()?;
+                    let _ = e;
+                    self.mark_frozen_failed();
+                    if let Some(claimed) = plan.grow {
+                        self.forget_claim(plan.old, claimed);
+                    }
+                    self.rebuild_index(w, fin)
+                }
             }
-        };
-        // A damaged index found on the way: rebuild it from the log (the log is the truth).
-        let r = match r {
-            Err(e) if e.is_corruption() && !delta_only && !frozen => self.rebuild_index(w, fin),
-            r => r,
         };
         if r.is_ok() {
             w.ckpt_end = w.end;
@@ -1062,16 +1055,9 @@ impl Inner {
     /// checkpoints synchronously.
     fn start_checkpoint(self: &Arc<Self>, w: &mut Writer) -> Result<()> {
         self.finish_job(w)?;
-        let (geom, upper, unresolved, delta_len, delta_only, frozen) = {
+        let (delta_len, delta_only, frozen) = {
             let st = self.state.read();
-            (
-                st.index,
-                st.counters.live_keys,
-                st.delta.unresolved_len() as u64,
-                st.delta.len(),
-                st.delta_only,
-                st.frozen.is_some(),
-            )
+            (st.delta.len(), st.delta_only, st.frozen.is_some())
         };
         if frozen || delta_only {
             // A failed checkpoint's frozen delta (repaired by a rebuild), or a rebuilt
@@ -1081,40 +1067,9 @@ impl Inner {
         if delta_len == 0 {
             return Ok(());
         }
-        let max_keys = (geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD) as u64;
-        // `upper` counts every unresolved key as new. Each can only replace a key that is
-        // in the buckets, so the exact count is at least `lower`.
-        let in_buckets = self.slots.lock().last.live_keys;
-        let lower = upper.saturating_sub(unresolved.min(in_buckets));
-        let keys = if upper > max_keys && lower <= max_keys {
-            // Growing on the bound could double the index for nothing.
+        let plan = {
             let _resolving = self.resolving.lock();
-            self.resolve_by_buckets(geom).live_keys
-        } else {
-            lower
-        };
-        let grow = if keys > max_keys {
-            let keys = keys.min(w.end / crate::format::RECORD_HEADER as u64);
-            Some(self.claim_region(w, buckets_for(keys).max(geom.buckets * 2))?)
-        } else {
-            None
-        };
-        {
-            let mut st = self.state.write();
-            let delta = std::mem::take(&mut st.delta);
-            let counters = st.counters;
-            st.frozen = Some(Box::new(Frozen {
-                delta,
-                counters,
-                failed: false,
-            }));
-        }
-        w.ckpt_end = w.end;
-        let plan = JobPlan {
-            file: Arc::clone(&w.file),
-            log_end: w.end,
-            old: geom,
-            grow,
+            self.freeze(w, STATE_DIRTY)?
         };
         let me = Arc::clone(self);
         let job_plan = plan.clone();
@@ -1132,6 +1087,75 @@ impl Inner {
                 self.job_done(w, &plan, r)
             }
         }
+    }
+
+    /// Freezes the delta for a checkpoint (see `start_checkpoint`), after claiming a
+    /// larger index region if the keys call for one. The caller holds `resolving`.
+    fn freeze(&self, w: &mut Writer, fin: u32) -> Result<JobPlan> {
+        let (geom, upper, unresolved) = {
+            let st = self.state.read();
+            (
+                st.index,
+                st.counters.live_keys,
+                st.delta.unresolved_len() as u64,
+            )
+        };
+        let max_keys = (geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD) as u64;
+        // `upper` counts every unresolved key as new. Each can only replace a key that is
+        // in the buckets, so the exact count is at least `lower`.
+        let in_buckets = self.slots.lock().last.live_keys;
+        let lower = upper.saturating_sub(unresolved.min(in_buckets));
+        let keys = if upper > max_keys && lower <= max_keys {
+            // Growing on the bound could double the index for nothing.
+            self.resolve_by_buckets(geom).live_keys
+        } else {
+            lower
+        };
+        let grow = if keys > max_keys {
+            // Counters come from the file and may be bogus: bound them by what fits in it.
+            let keys = keys.min(w.end / crate::format::RECORD_HEADER as u64);
+            Some(self.claim_region(w, buckets_for(keys).max(geom.buckets * 2))?)
+        } else {
+            None
+        };
+        {
+            let mut st = self.state.write();
+            let delta = std::mem::take(&mut st.delta);
+            let counters = st.counters;
+            st.frozen = Some(Box::new(Frozen {
+                delta,
+                counters,
+                failed: false,
+            }));
+        }
+        w.ckpt_end = w.end;
+        Ok(JobPlan {
+            file: Arc::clone(&w.file),
+            log_end: w.end,
+            old: geom,
+            grow,
+            fin,
+        })
+    }
+
+    /// After a failed checkpoint (with `resolving` held): its buckets may be
+    /// half-rewritten, so its entries are no longer resolved against them.
+    fn mark_frozen_failed(&self) {
+        if let Some(f) = self.state.write().frozen.as_mut() {
+            f.failed = true;
+        }
+    }
+
+    /// After a failed growth: the region `claimed` (from `claim_region`) is dead space,
+    /// and the region `old` stays current.
+    fn forget_claim(&self, old: IndexGeom, claimed: (IndexGeom, bool)) {
+        let (new, old_real) = claimed;
+        let mut st = self.state.write();
+        let c = &mut st.counters;
+        if old_real {
+            c.dead_index_bytes = c.dead_index_bytes.saturating_sub(old.bytes());
+        }
+        c.dead_index_bytes += new.bytes();
     }
 
     /// Waits for the background checkpoint, if any, and deals with its outcome.
@@ -1156,14 +1180,8 @@ impl Inner {
         };
         self.check_not_poisoned()?;
         let _ = e;
-        if let Some((new, old_real)) = plan.grow {
-            // The claimed region is dead space; the old region stays current.
-            let mut st = self.state.write();
-            let c = &mut st.counters;
-            if old_real {
-                c.dead_index_bytes = c.dead_index_bytes.saturating_sub(plan.old.bytes());
-            }
-            c.dead_index_bytes += new.bytes();
+        if let Some(claimed) = plan.grow {
+            self.forget_claim(plan.old, claimed);
         }
         // With the frozen delta still there, this rebuilds the index from the log.
         self.checkpoint(w, STATE_DIRTY)
@@ -1217,17 +1235,19 @@ impl Inner {
     fn run_job(&self, plan: &JobPlan) -> Result<()> {
         let _resolving = self.resolving.lock();
         let r = self.run_job_locked(plan);
-        if r.is_err() {
+        match r {
+            Ok(()) => {
+                self.checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
             // Still under `resolving`: no counter reader can have looked at buckets this
             // job may have rewritten halfway (see `Frozen::failed`).
-            if let Some(f) = self.state.write().frozen.as_mut() {
-                f.failed = true;
-            }
+            Err(_) => self.mark_frozen_failed(),
         }
         r
     }
 
-    /// [`Inner::run_job`], with `resolving` held.
+    /// The checkpoint protocol for the frozen delta, on whichever thread, with
+    /// `resolving` held.
     fn run_job_locked(&self, plan: &JobPlan) -> Result<()> {
         let mut slots = self.slots.lock();
         let geom = plan.grow.map_or(plan.old, |g| g.0);
@@ -1270,7 +1290,7 @@ impl Inner {
         };
         let c = CheckpointInfo {
             seq: 0,
-            state: STATE_DIRTY,
+            state: plan.fin,
             index_off: geom.off,
             index_buckets: geom.buckets,
             log_end: plan.log_end,
@@ -1297,7 +1317,6 @@ impl Inner {
                 .push((plan.old.off, plan.old.bytes(), seq));
         }
         self.release_old_regions(&mut slots, &plan.file);
-        self.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1483,28 +1502,6 @@ impl Inner {
         st.delta.mark_all_resolved();
     }
 
-    fn apply_in_place(&self, w: &mut Writer, fin: u32) -> Result<(), ApplyError> {
-        let geom = self.state.read().index;
-        let entries = self.delta_by_bucket(geom.buckets);
-        let mut gone = Resolved::default();
-        {
-            let mut slots = self.slots.lock();
-            let mut c = slots.last;
-            c.state = STATE_CHECKPOINTING;
-            self.write_slot(&mut slots, &w.file, c)?;
-        }
-        self.sync_file(&w.file)?;
-        let map = Arc::clone(w.tail.mapping());
-        self.rewrite_buckets(&map, &w.file, geom, &entries, &mut gone)?;
-        self.sync_file(&w.file)?;
-        self.commit_resolved(gone);
-        let c = self.counters_ckpt(fin, geom, w.end);
-        self.write_checkpoint(w, c)?;
-        self.sync_file(&w.file)?;
-        self.state.write().delta.clear();
-        Ok(())
-    }
-
     /// Applies `entries` (sorted by bucket) to the buckets of the current index `geom`
     /// in place. Consecutive rewritten buckets go out in one `pwrite` (each under the
     /// exclusive lock: readers must not see a half-written bucket), and their write-back
@@ -1573,8 +1570,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes a new index region of `buckets` buckets after a JUMP at the tail, holding
-    /// the old index plus the delta, and switches to it.
+    /// Writes a rebuilt index (held in the delta alone, `delta_only`) into a new region of
+    /// `buckets` buckets after a JUMP at the tail, and switches to it.
     fn grow_index(&self, w: &mut Writer, mut buckets: u64, fin: u32) -> Result<()> {
         loop {
             match self.try_grow(w, buckets, fin) {
@@ -1649,29 +1646,13 @@ impl Inner {
     }
 
     fn try_grow(&self, w: &mut Writer, buckets: u64, fin: u32) -> Result<(), ApplyError> {
-        let (old, delta_only) = {
-            let st = self.state.read();
-            (st.index, st.delta_only)
-        };
+        let old = self.state.read().index;
         let (new, old_real) = self.claim_region(w, buckets)?;
         let entries = self.delta_by_bucket(buckets);
         let mut gone = Resolved::default();
         let map = Arc::clone(w.tail.mapping());
-        if let Err(e) = self.build_region(
-            &map,
-            &w.file,
-            (!delta_only).then_some(old),
-            new,
-            &entries,
-            &mut gone,
-        ) {
-            // The claimed region stays dead space; the old region stays current.
-            let mut st = self.state.write();
-            let c = &mut st.counters;
-            if old_real {
-                c.dead_index_bytes = c.dead_index_bytes.saturating_sub(old.bytes());
-            }
-            c.dead_index_bytes += new.bytes();
+        if let Err(e) = self.build_region(&map, &w.file, None, new, &entries, &mut gone) {
+            self.forget_claim(old, (new, old_real));
             return Err(e);
         }
         self.sync_file(&w.file)?;
@@ -2163,6 +2144,47 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         panic!("the background checkpoint did not finish");
+    }
+
+    /// Regression: a checkpoint on the writer's thread (here: at close) that found a
+    /// bucket full after rewriting earlier buckets in place went on to grow the index
+    /// from those half-updated buckets, where the deleted keys' slots were already gone:
+    /// their old records were never taken out of the counters, and the CLEAN slot
+    /// recorded too many live keys.
+    #[test]
+    fn a_full_bucket_at_close_keeps_the_counts_exact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("full-at-close.mkv");
+        let (store, geom) = indexed_store(&path, Options::default());
+        let last = geom.buckets - 1;
+        assert!(
+            (560.0) < geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD,
+            "setup: the index must not need to grow"
+        );
+        let early: Vec<String> = (0..300)
+            .map(|i| format!("k{i}"))
+            .filter(|k| bucket_of_key(&store, geom, k) < last)
+            .take(20)
+            .collect();
+        for k in &early {
+            assert!(store.delete(k).expect("delete"));
+        }
+        let crowd: Vec<Vec<u8>> = (0u64..)
+            .map(|i| format!("crowd-{i}").into_bytes())
+            .filter(|k| bucket_of(key_hash(store.inner.seed, k), geom.buckets) == last)
+            .take(260)
+            .collect();
+        for k in &crowd {
+            store.put(k, b"crowd").expect("put");
+        }
+        store.close().expect("close");
+        let store = Store::open(&path, Options::default()).expect("reopen");
+        assert_eq!(
+            store.len(),
+            540,
+            "live keys recorded by the closing checkpoint"
+        );
+        store.verify().expect("verify after reopen");
     }
 
     /// Regression (found in review): `resolve_by_buckets` marked the live delta "all
