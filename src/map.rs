@@ -483,6 +483,20 @@ pub mod sys {
 
     pub use memmap2::Advice;
 
+    /// Creates (or truncates) `path` for reading and writing: a scratch file for the
+    /// benchmarks' experiments.
+    ///
+    /// # Errors
+    /// The `open` error.
+    pub fn create_scratch(path: &Path) -> io::Result<File> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+    }
+
     /// How [`ScratchFile::map`] maps the file.
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     pub struct ScratchFlags {
@@ -608,12 +622,7 @@ pub mod sys {
     ) -> io::Result<Vec<u64>> {
         use std::os::unix::fs::FileExt;
         let path = dir.join("raw-sync.scratch");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
+        let f = create_scratch(&path)?;
         let page = [0xA5u8; 4096];
         for i in 0..64u64 {
             f.write_all_at(&page, i * 4096)?;

@@ -226,12 +226,7 @@ fn populate_rows(file: &mut ScratchFile, len: usize) -> std::io::Result<Vec<Popu
 fn noreserve_rows(dir: &Path) -> std::io::Result<Vec<CommitRow>> {
     const GIB: u64 = 1 << 30;
     let path = dir.join("noreserve.scratch");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
+    let f = mapkv::sys::create_scratch(&path)?;
     // A sparse 1 GiB file: every mapped byte is inside the file, none is ever touched.
     f.set_len(GIB)?;
     let mut f = ScratchFile::new(f);

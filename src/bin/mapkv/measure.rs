@@ -276,12 +276,7 @@ pub fn faults_since(before: (u64, u64)) -> (u64, u64) {
 /// Writes a file of `len` bytes (pattern data) with `chunk`-sized `pwrite`s and syncs it.
 /// The chunk size sets the page-cache folio size of the cached pages on ext4.
 pub fn write_file(path: &Path, len: u64, chunk: usize) -> std::io::Result<File> {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
+    let mut f = mapkv::sys::create_scratch(path)?;
     let buf = value(7, chunk);
     let mut off = 0u64;
     while off < len {
