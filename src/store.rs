@@ -835,17 +835,16 @@ impl Inner {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned);
         }
+        let hash0 = key_hash(self.seed, ops[0].1);
         if only_if_present {
-            let k = ops[0].1;
             let st = self.state.read();
-            if st.find_live(key_hash(self.seed, k), k)?.is_none() {
+            if st.find_live(hash0, ops[0].1)?.is_none() {
                 return Ok(None);
             }
         }
         self.mark_dirty(&mut w)?;
         // The first key's delta slot: fetched while the record is encoded and copied,
         // rather than missed under the state lock.
-        let hash0 = key_hash(self.seed, ops[0].1);
         if let Some(addr) = w.delta_hint.addr(hash0) {
             crate::map::prefetch_write_addr(addr);
         }
