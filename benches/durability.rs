@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use mapkv::{Durability, Options, Store};
 
+#[path = "../src/bin/mapkv/common.rs"]
 mod common;
-use common::{key, VALUE_LEN};
+use common::{in_memory_rate, key, nanos, nearest_rank, raw_sync_latencies, Regime, VALUE_LEN};
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Pct {
@@ -33,12 +34,11 @@ fn pct(v: &mut [u64]) -> Pct {
         return Pct::default();
     }
     v.sort_unstable();
-    let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
     Pct {
         n: v.len(),
-        p50: at(0.5),
-        p99: at(0.99),
-        p999: at(0.999),
+        p50: nearest_rank(v, 0.5),
+        p99: nearest_rank(v, 0.99),
+        p999: nearest_rank(v, 0.999),
     }
 }
 
@@ -55,16 +55,16 @@ fn us(ns: u64) -> String {
 }
 
 fn regime(ns: u64) -> &'static str {
-    match ns {
-        0..=1_000_000 => "fast regime",
-        1_000_001..=2_500_000 => "between regimes",
-        _ => "slow regime (~4 ms tick)",
+    match Regime::of(ns) {
+        Regime::Fast => "fast regime",
+        Regime::Between => "between regimes",
+        Regime::Slow => "slow regime (~4 ms tick)",
     }
 }
 
 /// 4 KiB pwrite + fdatasync on a scratch file in `dir`, for `budget`.
 fn raw_sync(dir: &Path, budget: Duration) -> Pct {
-    let mut lat = mapkv::sys::raw_sync_latencies(dir, 2000, budget).expect("raw sync");
+    let mut lat = raw_sync_latencies(dir, 2000, budget).expect("raw sync");
     pct(&mut lat)
 }
 
@@ -73,30 +73,7 @@ fn raw_sync(dir: &Path, budget: Duration) -> Pct {
 /// allocated and touched before the clock starts (the most generous baseline: no page
 /// faults are timed); without, it grows as it goes.
 fn in_memory(n: u64, index: bool, prefault: bool) -> f64 {
-    let val = [0x5Au8; VALUE_LEN];
-    let mut log = if prefault {
-        let mut v = vec![1u8; n as usize * (16 + 16 + VALUE_LEN)];
-        v.clear();
-        v
-    } else {
-        Vec::new()
-    };
-    let mut map = std::collections::HashMap::new();
-    let t = Instant::now();
-    for i in 0..n {
-        let k = key(i);
-        let off = log.len();
-        log.extend_from_slice(&(i as u32).to_le_bytes());
-        log.extend_from_slice(&[0u8; 12]);
-        log.extend_from_slice(&k);
-        log.extend_from_slice(&val);
-        if index {
-            map.insert(k, off);
-        }
-    }
-    let rate = n as f64 / t.elapsed().as_secs_f64();
-    std::hint::black_box((&log, &map));
-    rate
+    in_memory_rate(n, &[0x5Au8; VALUE_LEN], index, prefault)
 }
 
 /// `n` puts of new keys into a fresh store opened with `Options::default()` and
@@ -203,7 +180,7 @@ fn run(dir: &Path, policy: &'static str, d: Durability, threads: u64, secs: f64,
                         let t0 = Instant::now();
                         store.put(key(i), val).expect("put");
                         let now = Instant::now();
-                        lat.push((now - t0).as_nanos() as u64);
+                        lat.push(nanos(now - t0));
                         if now >= deadline {
                             stop.store(true, Ordering::Relaxed);
                         }

@@ -15,30 +15,12 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_main, BenchmarkId, Criterion, Throughput};
 use mapkv::{Durability, Options, Store};
 
+#[path = "../src/bin/mapkv/common.rs"]
 mod common;
-use common::{key, mix, VALUE_LEN};
+use common::{key, proc_status_kb, shuffled_keys, VALUE_LEN};
 
 fn rss_anon_kb() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines().find_map(|l| {
-        l.strip_prefix("RssAnon:")?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    })
-}
-
-/// Random access order over `n` keys, as keys (so the timed loop does no key formatting).
-fn shuffled_keys(n: u64, base: u64, seed: u64) -> Vec<[u8; 16]> {
-    let mut order: Vec<u64> = (0..n).collect();
-    let mut s = seed;
-    for i in (1..order.len()).rev() {
-        s = mix(s);
-        let j = (s % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
-    order.into_iter().map(|i| key(base + i)).collect()
+    proc_status_kb("RssAnon")
 }
 
 fn fill(path: &Path, n: u64) -> f64 {

@@ -26,8 +26,12 @@ pub const SECTOR: u64 = 512;
 
 /// Magic number at offset 0. Contains a NUL and a CR-LF so text-mode mangling is detected.
 pub const MAGIC: [u8; 8] = *b"MAPKV\0\r\n";
-/// Major format version: a different major is rejected.
-pub const VERSION_MAJOR: u16 = 1;
+/// Major format version: a different major is rejected, except [`VERSION_MAJOR_V1`],
+/// which is read and upgraded (see `docs/FORMAT.md`, "Version history").
+pub const VERSION_MAJOR: u16 = 2;
+/// The previous major version, whose files this version reads: version 2 only adds
+/// meaning to bytes that version 1 kept zero.
+pub const VERSION_MAJOR_V1: u16 = 1;
 /// Minor format version: a newer minor is rejected, older minors are read.
 pub const VERSION_MINOR: u16 = 0;
 
@@ -68,6 +72,38 @@ pub const STATIC_OFF: u64 = 0;
 pub const fn checkpoint_off(slot: usize) -> u64 {
     SECTOR * (1 + slot as u64)
 }
+/// Offset of the *live area*: sector 4 of the superblock page, where a writer publishes,
+/// for readers in other processes, how far the log is committed. It holds plain 8-byte
+/// little-endian counters updated with atomic stores through the shared mapping; no
+/// checksum, never synced on purpose, ignored by recovery (which rewrites it). Version 1
+/// files have zeros here.
+pub const LIVE_OFF: u64 = 4 * SECTOR;
+/// Live area: the *committed end*: every write whose records end at or before it is
+/// committed (its call returned, or is returning), and it always falls between two
+/// writes (never inside a batch). Under `Durability::Always`, it only moves past
+/// durable writes.
+pub const LIVE_COMMITTED_OFF: u64 = LIVE_OFF;
+/// Live area: the *index sequence*: odd while the writer changes bytes a reader may be
+/// reading outside the log (rewriting index buckets, punching old regions, writing a
+/// checkpoint slot); bumped to the next even value when it is done.
+pub const LIVE_INDEX_SEQ_OFF: u64 = LIVE_OFF + 8;
+/// Live area: writer sessions: incremented by every writer that opens the file.
+pub const LIVE_SESSION_OFF: u64 = LIVE_OFF + 16;
+/// Live area: the file switch of compaction: [`SWITCH_NONE`], [`SWITCH_PENDING`] or
+/// [`SWITCH_DONE`].
+pub const LIVE_SWITCH_OFF: u64 = LIVE_OFF + 24;
+/// Live area: the end of the log the writer last made durable (informational).
+pub const LIVE_DURABLE_OFF: u64 = LIVE_OFF + 32;
+/// Size of the live area (the rest of it is reserved, zero).
+pub const LIVE_LEN: u64 = 64;
+/// No compaction is replacing this file.
+pub const SWITCH_NONE: u64 = 0;
+/// A compaction is about to rename a new file over this one; the writer holds its lock
+/// and commits nothing until it is done.
+pub const SWITCH_PENDING: u64 = 1;
+/// This file was replaced: the store now lives in the file at the same path.
+pub const SWITCH_DONE: u64 = 2;
+
 /// Number of bytes covered by the CRC in a 512-byte sector structure.
 pub const SECTOR_CRC_SPAN: usize = 508;
 
@@ -84,6 +120,14 @@ pub const STATE_DIRTY: u32 = 2;
 /// torn pages, and the index is rebuilt from the log.
 pub const STATE_CHECKPOINTING: u32 = 3;
 
+/// Index style of a region written by format version 1: only non-empty buckets were
+/// written, so an all-zero page is a valid empty bucket.
+pub const INDEX_SPARSE: u32 = 0;
+/// Index style of a region written by format version 2: every bucket was written and
+/// carries [`BUCKET_MAGIC`], so a page of zeros in the region is damage, not an empty
+/// bucket.
+pub const INDEX_SEALED: u32 = 1;
+
 /// A checkpoint slot: where the index is and how much of the log it covers.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Debug)]
@@ -92,8 +136,8 @@ pub struct Checkpoint {
     pub seq: [u8; 8],
     /// [`STATE_CLEAN`], [`STATE_DIRTY`] or [`STATE_CHECKPOINTING`].
     pub state: [u8; 4],
-    /// Reserved, zero.
-    pub reserved0: [u8; 4],
+    /// How the current index region was written: [`INDEX_SPARSE`] or [`INDEX_SEALED`].
+    pub index_style: [u8; 4],
     /// Offset of the current index region.
     pub index_off: [u8; 8],
     /// Number of buckets (a power of two) in the current index region.
@@ -122,6 +166,8 @@ pub struct CheckpointInfo {
     pub seq: u64,
     /// See [`Checkpoint::state`].
     pub state: u32,
+    /// See [`Checkpoint::index_style`].
+    pub index_style: u32,
     /// See [`Checkpoint::index_off`].
     pub index_off: u64,
     /// See [`Checkpoint::index_buckets`].
@@ -147,6 +193,9 @@ pub struct StaticInfo {
     pub log_start: u64,
     /// First index region offset.
     pub first_index: u64,
+    /// Major version the file was written with ([`VERSION_MAJOR`] or
+    /// [`VERSION_MAJOR_V1`]); [`encode_static`] always writes [`VERSION_MAJOR`].
+    pub major: u16,
 }
 
 fn u64_at(b: [u8; 8]) -> u64 {
@@ -234,7 +283,10 @@ pub fn decode_static(bytes: &[u8]) -> Result<StaticInfo, HeaderError> {
         return Err(HeaderError::Corrupt("static header checksum mismatch"));
     }
     let (major, minor) = (u16::from_le_bytes(h.major), u16::from_le_bytes(h.minor));
-    if major != VERSION_MAJOR || minor > VERSION_MINOR {
+    let newer_minor = minor > VERSION_MINOR;
+    let known =
+        (major == VERSION_MAJOR && !newer_minor) || (major == VERSION_MAJOR_V1 && minor == 0);
+    if !known {
         return Err(HeaderError::Version(major, minor));
     }
     if u64::from(u32::from_le_bytes(h.page_size)) != PAGE {
@@ -244,6 +296,7 @@ pub fn decode_static(bytes: &[u8]) -> Result<StaticInfo, HeaderError> {
         seed: u64_at(h.seed),
         log_start: u64_at(h.log_start),
         first_index: u64_at(h.first_index),
+        major,
     };
     if info.first_index != PAGE || info.log_start < 2 * PAGE || !info.log_start.is_multiple_of(PAGE)
     {
@@ -258,6 +311,7 @@ pub fn encode_checkpoint(seed: u64, c: &CheckpointInfo) -> [u8; SECTOR as usize]
     let mut h = Checkpoint::zeroed();
     h.seq = c.seq.to_le_bytes();
     h.state = c.state.to_le_bytes();
+    h.index_style = c.index_style.to_le_bytes();
     h.index_off = c.index_off.to_le_bytes();
     h.index_buckets = c.index_buckets.to_le_bytes();
     h.log_end = c.log_end.to_le_bytes();
@@ -285,6 +339,7 @@ pub fn decode_checkpoint(seed: u64, bytes: &[u8]) -> Option<CheckpointInfo> {
     let c = CheckpointInfo {
         seq: u64_at(h.seq),
         state: u32::from_le_bytes(h.state),
+        index_style: u32::from_le_bytes(h.index_style),
         index_off: u64_at(h.index_off),
         index_buckets: u64_at(h.index_buckets),
         log_end: u64_at(h.log_end),
@@ -294,6 +349,7 @@ pub fn decode_checkpoint(seed: u64, bytes: &[u8]) -> Option<CheckpointInfo> {
         dead_index_bytes: u64_at(h.dead_index_bytes),
     };
     let sane = (STATE_CLEAN..=STATE_CHECKPOINTING).contains(&c.state)
+        && matches!(c.index_style, INDEX_SPARSE | INDEX_SEALED)
         && c.index_buckets.is_power_of_two()
         && c.index_buckets <= MAX_BUCKETS
         && c.index_off >= PAGE
@@ -308,13 +364,28 @@ pub fn decode_checkpoint(seed: u64, bytes: &[u8]) -> Option<CheckpointInfo> {
 
 /// Size of one bucket: one page, so a bucket is torn or written as a unit of sectors.
 pub const BUCKET_SIZE: usize = PAGE as usize;
-/// Bucket header: crc u32, count u16, 10 reserved zero bytes.
+/// Bucket header: crc u32, count u16, magic u16 ([`BUCKET_MAGIC`]), 8 reserved zero bytes.
 pub const BUCKET_HEADER: usize = 16;
 /// Bytes per slot: key hash u64, record offset u64 (0 = empty).
 pub const SLOT_SIZE: usize = 16;
 /// Slots per bucket.
 pub const SLOTS_PER_BUCKET: usize = (BUCKET_SIZE - BUCKET_HEADER) / SLOT_SIZE;
 const _: () = assert!(BUCKET_HEADER + SLOTS_PER_BUCKET * SLOT_SIZE == BUCKET_SIZE);
+/// Offset of the bucket magic, a `u16`.
+pub const BUCKET_MAGIC_OFF: usize = 6;
+/// Marks a bucket as written (every bucket of an [`INDEX_SEALED`] region carries it).
+pub const BUCKET_MAGIC: u16 = 0x4B42;
+
+/// True unless `bucket` belongs to an [`INDEX_SEALED`] region and lacks the
+/// [`BUCKET_MAGIC`] (a page zeroed or never written by damage).
+#[must_use]
+pub fn bucket_marked(bucket: &[u8], style: u32) -> bool {
+    style == INDEX_SPARSE
+        || bucket
+            .get(BUCKET_MAGIC_OFF..BUCKET_MAGIC_OFF + 2)
+            .is_some_and(|m| u16::from_le_bytes([m[0], m[1]]) == BUCKET_MAGIC)
+}
+
 /// Offset of the `count` field in a bucket.
 pub const BUCKET_COUNT_OFF: usize = 4;
 /// Most buckets an index may have (2^32 pages = 16 TiB of index).
@@ -340,6 +411,12 @@ pub fn bucket_crc_ok(bucket: &[u8]) -> bool {
         Some(c) => u32::from_le_bytes([c[0], c[1], c[2], c[3]]) == bucket_crc(bucket),
         None => false,
     }
+}
+
+/// Hashes a key with the store's seed (xxh3, 64 bits). Stable: it is part of the format.
+#[must_use]
+pub fn key_hash(seed: u64, key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(key, seed)
 }
 
 /// Bucket of `hash` in an index of `buckets` buckets (a power of two).
@@ -369,7 +446,7 @@ pub const KIND_JUMP: u8 = 3;
 /// Record flag: more records of the same atomic batch follow.
 pub const FLAG_BATCH_MORE: u8 = 1;
 
-/// Record header: `{ crc u32 | kind u8 | flags u8 | reserved u16 | key_len u32 | val_len u32 }`,
+/// Record header: `{ crc u32 | kind u8 | flags u8 | durable u16 | key_len u32 | val_len u32 }`,
 /// followed by the key and the value.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Debug)]
@@ -380,8 +457,8 @@ pub struct RecordHeader {
     pub kind: u8,
     /// [`FLAG_BATCH_MORE`] or 0.
     pub flags: u8,
-    /// Zero.
-    pub reserved: [u8; 2],
+    /// Durable watermark, see [`durable_mark`]; 0 = unknown.
+    pub durable: [u8; 2],
     /// Key length.
     pub key_len: [u8; 4],
     /// Value length.
@@ -399,8 +476,36 @@ pub fn record_len(key_len: usize, val_len: usize) -> u64 {
     (RECORD_HEADER + key_len + val_len) as u64
 }
 
+/// The durable watermark stored in a record at `offset` when everything in the file below
+/// `durable_end` was durable: `m` such that every byte below
+/// [`watermark(offset, m)`](watermark) was durable. 0 (unknown) if that end is more than
+/// 65,534 pages behind the record.
+#[must_use]
+pub fn durable_mark(offset: u64, durable_end: u64) -> u16 {
+    let here = page_down(offset);
+    if durable_end >= here {
+        return 1;
+    }
+    u16::try_from((here - durable_end).div_ceil(PAGE) + 1).unwrap_or(0)
+}
+
+/// The offset below which the log was durable when the record at `offset` with durable
+/// mark `mark` was written; 0 when unknown.
+#[must_use]
+pub fn watermark(offset: u64, mark: u16) -> u64 {
+    match mark {
+        0 => 0,
+        m => page_down(offset).saturating_sub(u64::from(m - 1) * PAGE),
+    }
+}
+
 /// Appends an encoded record to `out`. `offset` is where it will live in the file (it is
-/// part of the checksum, so a record copied elsewhere does not validate).
+/// part of the checksum, so a record copied elsewhere does not validate); `durable_end`
+/// is how far the file was durable when it was written (0 if unknown).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one field per record header field"
+)]
 pub fn encode_record(
     out: &mut Vec<u8>,
     seed: u64,
@@ -409,11 +514,13 @@ pub fn encode_record(
     flags: u8,
     key: &[u8],
     value: &[u8],
+    durable_end: u64,
 ) {
     let start = out.len();
     let mut h = RecordHeader::zeroed();
     h.kind = kind;
     h.flags = flags;
+    h.durable = durable_mark(offset, durable_end).to_le_bytes();
     // Lengths were checked against Options limits (<= u32::MAX) by the caller.
     h.key_len = u32::try_from(key.len()).unwrap_or(u32::MAX).to_le_bytes();
     h.val_len = u32::try_from(value.len()).unwrap_or(u32::MAX).to_le_bytes();
@@ -433,6 +540,8 @@ pub struct RecordRef {
     pub kind: u8,
     /// Flags byte.
     pub flags: u8,
+    /// Durable mark (see [`watermark`]).
+    pub durable: u16,
     /// Key length.
     pub key_len: u32,
     /// Value length.
@@ -473,7 +582,7 @@ pub enum RecordError {
     Zero,
     /// The record does not fit before `limit`.
     Truncated,
-    /// Unknown kind, nonzero reserved bits, or impossible lengths.
+    /// Unknown kind or flag bits, or impossible lengths.
     BadHeader,
     /// The checksum does not match.
     Checksum,
@@ -514,6 +623,7 @@ pub fn decode_header_in(bytes: &[u8], offset: u64) -> Result<RecordRef, RecordEr
         offset,
         kind: h.kind,
         flags: h.flags,
+        durable: u16::from_le_bytes(h.durable),
         key_len: u32::from_le_bytes(h.key_len),
         val_len: u32::from_le_bytes(h.val_len),
     };
@@ -523,7 +633,7 @@ pub fn decode_header_in(bytes: &[u8], offset: u64) -> Result<RecordRef, RecordEr
         KIND_JUMP => rec.key_len == 0 && rec.val_len == 8 && rec.flags == 0,
         _ => false,
     };
-    if !kind_ok || rec.flags & !FLAG_BATCH_MORE != 0 || h.reserved != [0, 0] {
+    if !kind_ok || rec.flags & !FLAG_BATCH_MORE != 0 {
         return Err(RecordError::BadHeader);
     }
     if offset.checked_add(rec.len()).is_none() || rec.len() > bytes.len() as u64 {
@@ -608,7 +718,7 @@ mod tests {
     fn record_roundtrip_and_checks() {
         let mut buf = vec![0u8; 64];
         let mut rec = Vec::new();
-        encode_record(&mut rec, 7, 64, KIND_PUT, 0, b"key", b"value");
+        encode_record(&mut rec, 7, 64, KIND_PUT, 0, b"key", b"value", 0);
         buf.extend_from_slice(&rec);
         buf.extend_from_slice(&[0u8; 32]);
         let r = decode_record(&buf, 7, 64, buf.len() as u64).unwrap();
@@ -648,6 +758,7 @@ mod tests {
             seed: 42,
             log_start: 3 * PAGE,
             first_index: PAGE,
+            major: VERSION_MAJOR,
         };
         let b = encode_static(&s);
         assert_eq!(decode_static(&b), Ok(s));
@@ -660,6 +771,7 @@ mod tests {
         let c = CheckpointInfo {
             seq: 3,
             state: STATE_DIRTY,
+            index_style: INDEX_SEALED,
             index_off: PAGE,
             index_buckets: 4,
             log_end: 5 * PAGE,
@@ -672,6 +784,64 @@ mod tests {
         assert_eq!(decode_checkpoint(42, &b), Some(c));
         assert_eq!(decode_checkpoint(43, &b), None);
         assert_eq!(decode_checkpoint(42, &[0u8; 512]), None);
+    }
+
+    #[test]
+    fn durable_marks_never_claim_more_than_was_durable() {
+        for (off, durable) in [
+            (0u64, 0u64),
+            (5000, 0),
+            (5000, 4096),
+            (5000, 9000),
+            (1 << 20, 4095),
+            (1 << 20, (1 << 20) - 4096),
+            (1 << 40, 0),
+            (1 << 30, (1 << 30) - 65_000 * PAGE),
+        ] {
+            let m = durable_mark(off, durable);
+            let w = watermark(off, m);
+            assert!(
+                w <= durable.max(page_down(off)),
+                "{off} {durable}: {m} -> {w}"
+            );
+            assert!(
+                w <= durable || (m == 1 && durable >= page_down(off)),
+                "{off} {durable}"
+            );
+            if m != 0 {
+                assert!(
+                    durable.min(page_down(off)) - w < PAGE,
+                    "{off} {durable}: too low"
+                );
+            }
+        }
+        assert_eq!(durable_mark(1 << 40, 0), 0, "too far behind: unknown");
+    }
+
+    #[test]
+    fn version_1_headers_are_read_and_marked_as_such() {
+        let s = StaticInfo {
+            seed: 42,
+            log_start: 3 * PAGE,
+            first_index: PAGE,
+            major: VERSION_MAJOR,
+        };
+        let mut b = encode_static(&s);
+        b[8..10].copy_from_slice(&VERSION_MAJOR_V1.to_le_bytes());
+        let crc = crc32fast::hash(&b[..SECTOR_CRC_SPAN]);
+        b[SECTOR_CRC_SPAN..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode_static(&b).map(|i| i.major), Ok(VERSION_MAJOR_V1));
+        b[8..10].copy_from_slice(&3u16.to_le_bytes());
+        let crc = crc32fast::hash(&b[..SECTOR_CRC_SPAN]);
+        b[SECTOR_CRC_SPAN..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode_static(&b), Err(HeaderError::Version(3, 0)));
+    }
+
+    #[test]
+    fn sealed_regions_tell_a_zero_page_from_an_empty_bucket() {
+        let zero = [0u8; BUCKET_SIZE];
+        assert!(bucket_marked(&zero, INDEX_SPARSE));
+        assert!(!bucket_marked(&zero, INDEX_SEALED));
     }
 
     #[test]

@@ -20,24 +20,33 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Module map (dependencies point down):
-//! - [`format`]: the on-disk format, byte by byte (pure).
-//! - `map`: the mapping, file growth, syncs (the only `unsafe`).
-//! - `log`, `index`: record scanning; hash buckets and the in-memory delta.
-//! - `state`, `recovery`, `store`, `iter`, `compact`: the store itself.
-//! - [`sim`]: a power-loss simulator for crash testing.
+//! # Layout
+//!
+//! Modules are layered; each uses only the ones above it in this list:
+//!
+//! - [`format`](mod@format): the on-disk format, byte by byte, including the key hash
+//!   (pure: no I/O, no `unsafe`).
+//! - `error`, `options`, `observe`, `batch`, `stats`: plain types of the public API.
+//! - `anon`, `map`: memory and the mapped file, file locks and syncs (the only `unsafe`).
+//! - `log`: scanning the record log; `index::bucket`, `index::delta`: the hash buckets in
+//!   the file and the in-memory delta of changes since the last checkpoint.
+//! - `state`: the *read view*: a mapping, the index geometry and the deltas, everything a
+//!   lookup needs and nothing of the writer's.
+//! - `store`: the [`Store`] handle and its parts: `open` (recovery), `commit` (the write
+//!   path), `sync` (group commit), `grow`, `background`, `checkpoint`, `reindex`,
+//!   `buckets`, `slots`, `counters`, `compact`, `iter`, `verify`.
+//! - `sim` (feature `sim`): a crash simulator for testing, not part of the store.
 
 mod anon;
 mod batch;
-mod compact;
 mod error;
 pub mod format;
 mod index;
-mod iter;
 mod log;
 mod map;
+mod observe;
 mod options;
-mod recovery;
+#[cfg(feature = "sim")]
 pub mod sim;
 mod state;
 mod stats;
@@ -45,13 +54,10 @@ mod store;
 
 pub use batch::Batch;
 pub use error::{Error, Result};
-pub use iter::Iter;
-pub use map::sys;
-pub use map::{SyncEvent, SyncObserver};
+pub use observe::{SyncEvent, SyncObserver};
 pub use options::{AccessPattern, Durability, Options};
-pub use recovery::VerifyReport;
-pub use stats::{RecoveryReport, Stats};
-pub use store::Store;
+pub use stats::{LiveStats, RecoveryReport, Stats};
+pub use store::{Iter, Store, VerifyReport};
 
 /// The README's example, compiled and run as a doctest.
 #[doc = include_str!("../README.md")]

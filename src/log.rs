@@ -104,7 +104,7 @@ mod tests {
         for &(kind, flags, k, val) in recs {
             let off = v.len() as u64;
             let mut r = Vec::new();
-            encode_record(&mut r, 1, off, kind, flags, k, val);
+            encode_record(&mut r, 1, off, kind, flags, k, val, 0);
             v.extend_from_slice(&r);
         }
         v.extend_from_slice(&[0u8; 64]);

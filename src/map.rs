@@ -36,41 +36,6 @@ use memmap2::{Advice, MmapOptions, MmapRaw};
 use crate::error::{Error, Result};
 use crate::options::AccessPattern;
 
-/// What a sync covered, reported to a [`SyncObserver`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncEvent {
-    /// `fdatasync` of the whole file (data and size).
-    File,
-    /// `msync(MS_SYNC)` / `sync_file_range`+flush of the byte range `[start, end)`.
-    Range {
-        /// First byte (page-aligned).
-        start: u64,
-        /// One past the last byte.
-        end: u64,
-    },
-    /// The directory holding the store was synced (after create or rename).
-    Directory,
-    /// A file was renamed over the store path (compaction); `fsync` of it preceded this.
-    Renamed,
-}
-
-/// Told about every sync the store completes, after it returned successfully. Used by the
-/// power-loss simulator to know what was durable when. Must be cheap or the store slows.
-pub trait SyncObserver: Send + Sync {
-    /// Called after a sync of `event` completed on the file at `path`.
-    fn synced(&self, path: &std::path::Path, event: SyncEvent);
-}
-
-/// `Debug`-able wrapper so [`Options`](crate::Options) can derive `Debug`.
-#[derive(Clone)]
-pub(crate) struct SyncObserverRef(pub(crate) Arc<dyn SyncObserver>);
-
-impl std::fmt::Debug for SyncObserverRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SyncObserver")
-    }
-}
-
 /// How long [`FileHandle::lock`] waits out a transiently held lock.
 pub(crate) const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -78,6 +43,17 @@ pub(crate) const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_
 #[derive(Debug)]
 pub(crate) struct FileHandle {
     file: File,
+}
+
+/// The byte range of the writer lock: byte 0 (an OFD lock, `l_pid` 0 as required).
+fn writer_lock_range(kind: libc::c_int) -> libc::flock {
+    // SAFETY: `flock` is a plain C struct of integers; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 1;
+    fl
 }
 
 fn errno_result(op: &'static str, rc: libc::c_int) -> Result<()> {
@@ -89,33 +65,60 @@ fn errno_result(op: &'static str, rc: libc::c_int) -> Result<()> {
 }
 
 impl FileHandle {
-    /// Wraps an open file and takes the store lock: exclusive for writers, shared for
-    /// read-only opens (`flock`, which also conflicts within one process).
+    /// Wraps an open file and takes the writer lock: an exclusive open-file-description
+    /// lock (`F_OFD_SETLK`) on byte 0. Readers take no lock at all, so any number of them
+    /// share the store with one writer; a second writer, in this process or another,
+    /// conflicts (OFD locks conflict between open file descriptions even within one
+    /// process, unlike classic `fcntl` locks).
     ///
     /// A conflicting lock is retried for up to [`LOCK_PATIENCE`] before giving up with
-    /// [`Error::Locked`]: a `flock` belongs to the open file description, so when any
+    /// [`Error::Locked`]: the lock belongs to the open file description, so when any
     /// thread of a process forks (e.g. `std::process::Command`), the child holds a copy
     /// of every descriptor until it execs, and a store closed in that window stays locked
     /// for a moment after `drop`.
-    pub(crate) fn lock(file: File, exclusive: bool) -> Result<Self> {
+    pub(crate) fn lock_writer(file: File) -> Result<Self> {
         let deadline = std::time::Instant::now() + LOCK_PATIENCE;
         loop {
-            let r = if exclusive {
-                file.try_lock()
-            } else {
-                file.try_lock_shared()
-            };
-            match r {
-                Ok(()) => return Ok(FileHandle { file }),
-                Err(std::fs::TryLockError::WouldBlock) => {
+            let mut fl = writer_lock_range(libc::F_WRLCK);
+            // SAFETY: `fl` is a valid, initialized `flock` struct that outlives the call;
+            // the fd is open (owned by `file`).
+            let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &raw mut fl) };
+            if rc == 0 {
+                return Ok(FileHandle { file });
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EACCES) => {
                     if std::time::Instant::now() >= deadline {
                         return Err(Error::Locked);
                     }
                     std::thread::sleep(std::time::Duration::from_millis(2));
                 }
-                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("flock", e)),
+                _ => return Err(Error::io("fcntl(F_OFD_SETLK)", e)),
             }
         }
+    }
+
+    /// Wraps a file opened for reading, taking no lock (a reader).
+    pub(crate) fn unlocked(file: File) -> Self {
+        FileHandle { file }
+    }
+
+    /// True if some open file description (a writer, in any process) holds the writer
+    /// lock of this file (`F_OFD_GETLK`). An error counts as "held": the caller then
+    /// waits for the writer rather than assuming it is gone.
+    pub(crate) fn writer_alive(&self) -> bool {
+        let mut fl = writer_lock_range(libc::F_WRLCK);
+        // SAFETY: as in `lock_writer`; F_OFD_GETLK only writes into `fl`.
+        let rc = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_GETLK, &raw mut fl) };
+        rc != 0 || i32::from(fl.l_type) != libc::F_UNLCK
+    }
+
+    /// Identity of the open file: (device, inode).
+    pub(crate) fn identity(&self) -> Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata().map_err(|e| Error::io("fstat", e))?;
+        Ok((m.dev(), m.ino()))
     }
 
     pub(crate) fn file(&self) -> &File {
@@ -236,6 +239,83 @@ pub(crate) fn sync_dir(path: &std::path::Path) -> Result<()> {
         .map_err(|e| Error::io("fsync(directory)", e))
 }
 
+/// The live area of one store file (see [`crate::format::LIVE_OFF`]), through a mapping
+/// of its own: the superblock page, mapped `MAP_SHARED` on its own, read-write for the
+/// writer and read-only for readers. Its address never changes while the file is open
+/// (the main mapping moves when the file outgrows it), and it is the only place where
+/// this process changes mapped bytes other than through the [`TailWriter`].
+#[derive(Debug)]
+pub(crate) struct LiveArea {
+    raw: MmapRaw,
+    writable: bool,
+}
+
+impl LiveArea {
+    /// Maps the superblock page of `file` (which must be at least one page long: the
+    /// caller has read a valid superblock from it).
+    pub(crate) fn new(file: &FileHandle, writable: bool) -> Result<Self> {
+        if file.len()? < crate::format::PAGE {
+            return Err(Error::NotAStore { offset: 0 });
+        }
+        let mut opts = MmapOptions::new();
+        opts.len(crate::format::PAGE as usize);
+        let raw = if writable {
+            opts.map_raw(file.file())
+        } else {
+            opts.map_raw_read_only(file.file())
+        }
+        .map_err(|e| Error::io("mmap(superblock)", e))?;
+        Ok(LiveArea { raw, writable })
+    }
+
+    /// The counter at `field` (one of the `LIVE_*_OFF` constants).
+    fn word(&self, field: u64) -> &AtomicU64 {
+        use crate::format::{LIVE_LEN, LIVE_OFF};
+        // A programming error, not input: the offsets are constants of the format.
+        assert!(
+            (LIVE_OFF..LIVE_OFF + LIVE_LEN).contains(&field) && field.is_multiple_of(8),
+            "not a live-area field"
+        );
+        // SAFETY: `field` is 8-aligned and lies in the live area, inside the one page this
+        // mapping covers and inside the file (checked at `new`), and the mapping lives as
+        // long as `&self`; `AtomicU64` has the layout of `u64`. These bytes are only ever
+        // accessed atomically: through this mapping here, through the same page mapped by
+        // other processes, and never through slices of the main mapping (nothing reads
+        // sector 4 through it). Concurrent changes are what atomics are for.
+        unsafe { AtomicU64::from_ptr(self.raw.as_mut_ptr().add(field as usize).cast::<u64>()) }
+    }
+
+    /// Acquire load of `field`.
+    pub(crate) fn load(&self, field: u64) -> u64 {
+        self.word(field).load(Ordering::Acquire)
+    }
+
+    /// Release store of `v` into `field` (writers only; a no-op on a read-only mapping).
+    pub(crate) fn store(&self, field: u64, v: u64) {
+        if self.writable {
+            self.word(field).store(v, Ordering::Release);
+        }
+    }
+
+    /// Raises `field` to at least `v` (writers only).
+    pub(crate) fn raise(&self, field: u64, v: u64) {
+        if self.writable {
+            self.word(field).fetch_max(v, Ordering::AcqRel);
+        }
+    }
+
+    /// Adds `v` to `field` (writers only); returns the new value.
+    pub(crate) fn add(&self, field: u64, v: u64) -> u64 {
+        if self.writable {
+            self.word(field)
+                .fetch_add(v, Ordering::AcqRel)
+                .wrapping_add(v)
+        } else {
+            self.load(field)
+        }
+    }
+}
+
 /// One mapping of the store file.
 #[derive(Debug)]
 pub(crate) struct Mapping {
@@ -313,6 +393,31 @@ impl Mapping {
         Some(unsafe {
             std::slice::from_raw_parts(self.raw.as_ptr().add(off as usize), len as usize)
         })
+    }
+
+    /// Atomic (relaxed) load of the 8-byte word at `off` of the published range, for
+    /// bytes that another process may rewrite while this one reads them (index buckets
+    /// in a reader process). `None` if `off` is unaligned or not published.
+    pub(crate) fn load_shared(&self, off: u64) -> Option<u64> {
+        if !off.is_multiple_of(8) || off.checked_add(8)? > self.published() {
+            return None;
+        }
+        // SAFETY: 8-aligned (the mapping is page-aligned and `off` is a multiple of 8)
+        // and inside the published range, hence inside the mapping and the file. This
+        // process never writes these bytes; a writer process may, which is why the load
+        // is atomic: it reads either the old or the new word, never a torn one.
+        let word =
+            unsafe { AtomicU64::from_ptr(self.raw.as_mut_ptr().add(off as usize).cast::<u64>()) };
+        Some(word.load(Ordering::Relaxed))
+    }
+
+    /// Moves the published end of a reader's (read-only) mapping to `end`, which the
+    /// caller checked lies inside the file and the reservation. Readers never write, so
+    /// what this makes readable are bytes a writer has finished with.
+    pub(crate) fn follow_to(&self, end: u64) {
+        if !self.writable && end <= self.reserved {
+            self.published.store(end, Ordering::Release);
+        }
     }
 
     /// Everything published, as one slice (for scans).
@@ -470,239 +575,4 @@ pub(crate) fn prefetch_write_addr(addr: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;
-}
-
-/// Operating-system probes used by benchmarks and the CLI.
-pub mod sys {
-    use std::fs::File;
-    use std::io;
-    use std::marker::PhantomData;
-    use std::ops::{Deref, DerefMut};
-    use std::os::unix::io::AsRawFd;
-    use std::path::Path;
-
-    pub use memmap2::Advice;
-
-    /// Creates (or truncates) `path` for reading and writing: a scratch file for the
-    /// benchmarks' experiments.
-    ///
-    /// # Errors
-    /// The `open` error.
-    pub fn create_scratch(path: &Path) -> io::Result<File> {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-    }
-
-    /// How [`ScratchFile::map`] maps the file.
-    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-    pub struct ScratchFlags {
-        /// `MAP_POPULATE`.
-        pub populate: bool,
-        /// `MAP_NORESERVE`.
-        pub noreserve: bool,
-        /// `MAP_PRIVATE` (copy-on-write) instead of `MAP_SHARED`.
-        pub private: bool,
-    }
-
-    /// A file for experiments with mapping flags (the benchmark's `MAP_POPULATE`,
-    /// `MAP_NORESERVE` and `MAP_PRIVATE` sections). A mapping borrows the handle mutably,
-    /// so nothing can write the file through it while the mapping lives.
-    ///
-    /// The contract is the one of a store file: the file must not be changed through
-    /// another handle or by another process while it is mapped.
-    #[derive(Debug)]
-    pub struct ScratchFile {
-        file: File,
-    }
-
-    impl ScratchFile {
-        /// Wraps a file created for the experiment (see the type's contract).
-        #[must_use]
-        pub fn new(file: File) -> Self {
-            ScratchFile { file }
-        }
-
-        /// The file, for `pwrite`/`pread`/`fdatasync` while it is not mapped.
-        #[must_use]
-        pub fn file(&self) -> &File {
-            &self.file
-        }
-
-        /// Maps the first `len` bytes (which must lie inside the file) writable.
-        ///
-        /// # Errors
-        /// The `mmap` error, or `InvalidInput` if `len` exceeds the file.
-        pub fn map(&mut self, len: usize, flags: ScratchFlags) -> io::Result<ScratchMap<'_>> {
-            let file_len = self.file.metadata()?.len();
-            if u64::try_from(len).map_or(true, |l| l > file_len) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "map past end of file",
-                ));
-            }
-            let mut o = memmap2::MmapOptions::new();
-            o.len(len);
-            if flags.populate {
-                o.populate();
-            }
-            if flags.noreserve {
-                o.no_reserve_swap();
-            }
-            let map = if flags.private {
-                // SAFETY: the range lies inside the file (checked above, so no SIGBUS), and
-                // `&mut self` keeps this handle from writing the file while the mapping
-                // lives; other writers are excluded by the type's documented contract.
-                unsafe { o.map_copy(&self.file) }
-            } else {
-                // SAFETY: as above.
-                unsafe { o.map_mut(&self.file) }
-            }?;
-            Ok(ScratchMap {
-                map,
-                _file: PhantomData,
-            })
-        }
-    }
-
-    /// A mapping of a [`ScratchFile`]; dereferences to its bytes.
-    #[derive(Debug)]
-    pub struct ScratchMap<'a> {
-        map: memmap2::MmapMut,
-        _file: PhantomData<&'a mut File>,
-    }
-
-    impl ScratchMap<'_> {
-        /// `madvise` of the whole mapping.
-        ///
-        /// # Errors
-        /// The `madvise` error.
-        pub fn advise(&self, advice: Advice) -> io::Result<()> {
-            self.map.advise(advice)
-        }
-
-        /// `msync(MS_SYNC)` of the pages covering `[off, off + len)`.
-        ///
-        /// # Errors
-        /// The `msync` error.
-        pub fn flush_range(&self, off: usize, len: usize) -> io::Result<()> {
-            self.map.flush_range(off, len)
-        }
-    }
-
-    impl Deref for ScratchMap<'_> {
-        type Target = [u8];
-        fn deref(&self) -> &[u8] {
-            &self.map
-        }
-    }
-
-    impl DerefMut for ScratchMap<'_> {
-        fn deref_mut(&mut self) -> &mut [u8] {
-            &mut self.map
-        }
-    }
-
-    /// The raw cost of one durable write on the disk holding `dir`: latencies, in
-    /// nanoseconds and in measurement order, of a 4 KiB `pwrite` + `fdatasync` on a
-    /// scratch file there (removed afterwards). The writes overwrite 64 blocks written
-    /// and synced beforehand, as the store overwrites preallocated space, so no block
-    /// allocation is timed. Measures at least 5 and at most `max` syncs, stopping after
-    /// `budget`. Durability benchmarks report their results as ratios to this.
-    ///
-    /// # Errors
-    /// I/O errors creating, writing or syncing the scratch file.
-    pub fn raw_sync_latencies(
-        dir: &Path,
-        max: usize,
-        budget: std::time::Duration,
-    ) -> io::Result<Vec<u64>> {
-        use std::os::unix::fs::FileExt;
-        let path = dir.join("raw-sync.scratch");
-        let f = create_scratch(&path)?;
-        let page = [0xA5u8; 4096];
-        for i in 0..64u64 {
-            f.write_all_at(&page, i * 4096)?;
-        }
-        f.sync_all()?;
-        let start = std::time::Instant::now();
-        let mut lat = Vec::with_capacity(max.min(1 << 16));
-        let mut i = 0u64;
-        while lat.len() < max.max(5) && (lat.len() < 5 || start.elapsed() < budget) {
-            let mut buf = page;
-            buf[..8].copy_from_slice(&i.to_le_bytes());
-            let t = std::time::Instant::now();
-            f.write_all_at(&buf, (i % 64) * 4096)?;
-            f.sync_data()?;
-            lat.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
-            i += 1;
-        }
-        drop(f);
-        let _ = std::fs::remove_file(&path);
-        Ok(lat)
-    }
-
-    /// Minor and major page faults of this process so far (`getrusage(RUSAGE_SELF)`).
-    #[must_use]
-    pub fn page_faults() -> (u64, u64) {
-        let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-        // SAFETY: getrusage writes a full `rusage` into the pointer we pass, which points
-        // at properly sized, writable memory.
-        let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
-        if rc != 0 {
-            return (0, 0);
-        }
-        // SAFETY: rc == 0, so getrusage initialized the struct (and it was zeroed anyway).
-        let ru = unsafe { ru.assume_init() };
-        (
-            u64::try_from(ru.ru_minflt).unwrap_or(0),
-            u64::try_from(ru.ru_majflt).unwrap_or(0),
-        )
-    }
-
-    /// Writes back and drops the file's pages from the page cache
-    /// (`fdatasync` + `posix_fadvise(POSIX_FADV_DONTNEED)`), so the next access is cold.
-    ///
-    /// # Errors
-    /// Fails if the file cannot be opened or synced.
-    pub fn evict(path: &Path) -> io::Result<()> {
-        let f = std::fs::File::open(path)?;
-        f.sync_data()?;
-        // SAFETY: posix_fadvise only reads its integer arguments; the fd is valid.
-        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::from_raw_os_error(rc))
-        }
-    }
-
-    /// Resident pages of the file in the page cache, and its total pages (`mincore` on a
-    /// temporary read-only mapping).
-    ///
-    /// # Errors
-    /// Fails if the file cannot be opened or mapped.
-    pub fn resident(path: &Path) -> io::Result<(u64, u64)> {
-        let f = std::fs::File::open(path)?;
-        let len = f.metadata()?.len();
-        if len == 0 {
-            return Ok((0, 0));
-        }
-        let raw = memmap2::MmapOptions::new().map_raw_read_only(&f)?;
-        let pages = usize::try_from(len.div_ceil(4096)).unwrap_or(0);
-        let mut vec = vec![0u8; pages];
-        // SAFETY: `raw` maps the whole file (length `len`), and `vec` has one byte per page.
-        let rc =
-            unsafe { libc::mincore(raw.as_mut_ptr().cast(), raw.len(), vec.as_mut_ptr().cast()) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok((
-            vec.iter().filter(|&&b| b & 1 == 1).count() as u64,
-            pages as u64,
-        ))
-    }
 }

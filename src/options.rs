@@ -98,7 +98,7 @@ pub struct Options {
     pub(crate) salvage: bool,
     pub(crate) auto_compact: Option<AutoCompact>,
     pub(crate) checkpoint_keys: usize,
-    pub(crate) sync_observer: Option<crate::map::SyncObserverRef>,
+    pub(crate) sync_observer: Option<crate::observe::SyncObserverRef>,
 }
 
 /// When [`Store`](crate::Store) compacts on its own (see [`Options::auto_compact`]).
@@ -247,7 +247,7 @@ impl Options {
     /// were durable at each moment. Defaults to none.
     #[must_use]
     pub fn sync_observer(mut self, obs: std::sync::Arc<dyn crate::SyncObserver>) -> Self {
-        self.sync_observer = Some(crate::map::SyncObserverRef(obs));
+        self.sync_observer = Some(crate::observe::SyncObserverRef(obs));
         self
     }
 

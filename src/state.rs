@@ -6,10 +6,12 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    bucket_of, decode_record_header, record_crc_ok, RecordRef, BUCKET_SIZE, KIND_DELETE, KIND_PUT,
+    bucket_marked, bucket_of, decode_record_header, record_crc_ok, RecordRef, BUCKET_SIZE,
+    KIND_DELETE, KIND_PUT,
 };
+use crate::index::bucket::probe_with;
 use crate::index::{probe, Delta};
-use crate::map::{FileHandle, Mapping};
+use crate::map::{FileHandle, LiveArea, Mapping};
 
 /// Where the current index region is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +20,9 @@ pub(crate) struct IndexGeom {
     pub(crate) off: u64,
     /// Number of buckets (a power of two).
     pub(crate) buckets: u64,
+    /// [`INDEX_SPARSE`](crate::format::INDEX_SPARSE) (a version 1 region: zero pages are
+    /// empty buckets) or [`INDEX_SEALED`](crate::format::INDEX_SEALED).
+    pub(crate) style: u32,
 }
 
 impl IndexGeom {
@@ -59,6 +64,33 @@ pub(crate) struct State {
     pub(crate) counters: Counters,
     /// Writes applied since open (a batch counts once).
     pub(crate) writes: u64,
+    /// The live area of `file`: where its writer publishes for readers in other
+    /// processes.
+    pub(crate) live: Arc<LiveArea>,
+    /// This view belongs to a reader (`Options::read_only`): a writer in another
+    /// process may rewrite the buckets while it probes them, so they are read word by
+    /// word, atomically, and every lookup is validated against the index sequence.
+    pub(crate) shared: bool,
+    /// What a reader has caught up with (see `store::follow`).
+    pub(crate) seen: Seen,
+}
+
+/// How far a reader's view has followed its writer: the live-area values it last acted
+/// on. A writer's own view keeps these at their defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Seen {
+    /// The index sequence whose checkpoint slot the view's `index` comes from.
+    pub(crate) index_seq: u64,
+    /// The `log_end` of that checkpoint: the buckets cover the log up to at least here.
+    pub(crate) ckpt_end: u64,
+    /// Where the delta's replay started: the view holds every write from here to the
+    /// published end.
+    pub(crate) base: u64,
+    /// Writer sessions seen in the live area.
+    pub(crate) session: u64,
+    /// The committed end the view last acted on (it may lag the view's end when a dead
+    /// writer left records it never committed: the view then keeps what recovery keeps).
+    pub(crate) committed: u64,
 }
 
 /// Header of the record at `off` in `map` (see [`State::header`]).
@@ -121,9 +153,14 @@ impl State {
     /// The bytes of bucket `b` of the current index.
     pub(crate) fn bucket(&self, b: u64) -> Result<&[u8]> {
         let off = self.index.bucket_off(b);
-        self.map
+        let bytes = self
+            .map
             .read(off, BUCKET_SIZE as u64)
-            .ok_or(Error::corrupt(off, "index bucket outside the file"))
+            .ok_or(Error::corrupt(off, "index bucket outside the file"))?;
+        if !bucket_marked(bytes, self.index.style) {
+            return Err(Error::corrupt(off, "index bucket zeroed or never written"));
+        }
+        Ok(bytes)
     }
 
     /// The newest record for `key`: a put, a delete (only from the delta), or none.
@@ -155,12 +192,32 @@ impl State {
         if self.delta_only {
             return Ok(None);
         }
-        let bucket = self.bucket(bucket_of(hash, self.index.buckets))?;
+        let b = bucket_of(hash, self.index.buckets);
         let mut found = None;
-        probe(bucket, hash, |off| {
-            found = self.record_if_key(off, key)?;
-            Ok::<bool, Error>(found.is_some())
-        })?;
+        if self.shared {
+            let off = self.index.bucket_off(b);
+            let word = |at: u64| self.map.load_shared(off + at);
+            let head = word(0).ok_or(Error::corrupt(off, "index bucket outside the file"))?;
+            if self.index.style != crate::format::INDEX_SPARSE
+                && (head >> 48) as u16 != crate::format::BUCKET_MAGIC
+            {
+                return Err(Error::corrupt(off, "index bucket zeroed or never written"));
+            }
+            let slot = |i: usize| {
+                let at = (crate::format::BUCKET_HEADER + i * crate::format::SLOT_SIZE) as u64;
+                (word(at).unwrap_or(0), word(at + 8).unwrap_or(0))
+            };
+            probe_with(slot, hash, |off| {
+                found = self.record_if_key(off, key)?;
+                Ok::<bool, Error>(found.is_some())
+            })?;
+        } else {
+            let bucket = self.bucket(b)?;
+            probe(bucket, hash, |off| {
+                found = self.record_if_key(off, key)?;
+                Ok::<bool, Error>(found.is_some())
+            })?;
+        }
         match found {
             Some(rec) if rec.kind == KIND_PUT => Ok(Some(rec)),
             Some(rec) => Err(Error::corrupt(

@@ -53,6 +53,30 @@ pub struct Stats {
     pub populated: bool,
     /// What opening the store had to do.
     pub recovery: RecoveryReport,
+    /// What the file's live area says, for readers in other processes (and what this
+    /// handle, if it is one, has caught up with).
+    pub live: LiveStats,
+}
+
+/// The live area of the store file: what its writer publishes for readers in other
+/// processes; see [`Stats::live`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LiveStats {
+    /// This handle is a reader (`Options::read_only`).
+    pub reader: bool,
+    /// The log end this handle's view reflects (for a writer, its own end).
+    pub view_end: u64,
+    /// The end of the log the writer has committed (published for readers).
+    pub committed_end: u64,
+    /// Bytes a reader still has to catch up with: `committed_end - view_end`.
+    pub behind_bytes: u64,
+    /// The end of the log the writer last made durable (as it published it).
+    pub durable_end: u64,
+    /// A writer holds the store's writer lock (in this or another process).
+    pub writer_alive: bool,
+    /// Writers that have opened the file since it was created or compacted.
+    pub writer_sessions: u64,
 }
 
 /// What [`Store::open`](crate::Store::open) found and did.

@@ -3,16 +3,13 @@
 //! compaction.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use mapkv::{Batch, Durability, Error, Options, Store};
 
-fn tmp() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("create a temporary directory");
-    let path = dir.path().join("store.mkv");
-    (dir, path)
-}
+mod common;
+use common::tmp;
 
 /// Puts `k` = `v` into both the store and the model of what it should hold.
 fn put_both(s: &Store, model: &mut BTreeMap<Vec<u8>, Vec<u8>>, k: Vec<u8>, v: Vec<u8>) {

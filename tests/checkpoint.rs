@@ -3,6 +3,8 @@
 //! a new region when the index grows). These tests run checkpoints every few dozen writes
 //! and check that nothing a reader can observe changes because of them: lookups, `len`,
 //! iteration, `verify`, and the state after reopening.
+// Random choices come from `mapkv::sim::Rng`.
+#![cfg(feature = "sim")]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

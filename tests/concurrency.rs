@@ -3,17 +3,13 @@
 //! `Durability::Always` concurrent writers share syncs (group commit).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 
 use mapkv::{Batch, Durability, Error, Options, Store};
 
-fn tmp() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("create a temporary directory");
-    let path = dir.path().join("store.mkv");
-    (dir, path)
-}
+mod common;
+use common::tmp;
 
 const fn assert_send_sync<T: Send + Sync>() {}
 const _: () = assert_send_sync::<Store>();

@@ -1,4 +1,5 @@
-//! Crash tests, for every durability policy (`SPEC.md`, "Crash model", items 1 and 2):
+//! Crash tests, for every durability policy (docs/GUARANTEES.md, "Crash model", items 1
+//! and 2):
 //!
 //! * kill -9: a child process (this test binary, re-executed in the role of
 //!   `kill9_child`) writes and reports each acknowledged write on its stdout; the parent
@@ -12,34 +13,24 @@
 //!   opened normally and must hold a prefix of the writes that includes every write the
 //!   policy promised durable.
 //!
-//! Seeds are fixed for reproducibility; set `MAPKV_SEED` to try others. Failing images are
-//! written next to the store and named in the failure message; set `MAPKV_CRASH_DIR` to a
-//! directory to keep them after the run (`mapkv crashtest` runs the same loops).
+//! Both loops live in `mapkv::sim` (`KillHarness`, `power_loss_rounds`); `mapkv crashtest`
+//! runs the same ones. Seeds are fixed for reproducibility; set `MAPKV_SEED` to try
+//! others. Failing images are written next to the store and named in the failure message;
+//! set `MAPKV_CRASH_DIR` to a directory to keep them after the run.
+//!
+//! The tests run one at a time (`common::serial`): a child spawned by one test would hold
+//! the locked store file of another.
+#![cfg(feature = "sim")]
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mapkv::sim::PageFate;
-use mapkv::sim::{self, KillHarness, PowerLossConfig, PowerLossReport, Workload};
+use mapkv::sim::{self, KillHarness, Workload};
 use mapkv::{Durability, Options};
 
-/// Environment variables of the child role.
-const CHILD_PATH: &str = "MAPKV_CRASH_CHILD_PATH";
-const CHILD_POLICY: &str = "MAPKV_CRASH_CHILD_POLICY";
-const CHILD_SEED: &str = "MAPKV_CRASH_CHILD_SEED";
-const CHILD_MAX: &str = "MAPKV_CRASH_CHILD_MAX";
-
-/// Tests here run one at a time: a child spawned by one test holds copies of every open
-/// file descriptor of this process between its fork and its exec, including the locked
-/// store file of another test, which would then see a spurious `Error::Locked`.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+mod common;
+use common::serial;
 
 fn base_seed() -> u64 {
     std::env::var("MAPKV_SEED")
@@ -59,10 +50,10 @@ fn budget(release_secs: f64) -> Duration {
 }
 
 /// A scratch directory on tmpfs when there is one (syncs are free there; the simulator
-/// does not need real syncs), else the default temporary directory.
+/// does not need real syncs), else the default temporary directory; in `MAPKV_CRASH_DIR`
+/// if set, and then kept after the run (failing images stay there for inspection).
 fn fast_dir() -> tempfile::TempDir {
     if let Ok(d) = std::env::var("MAPKV_CRASH_DIR") {
-        // Kept after the run (failing images stay there for inspection).
         let mut d = tempfile::Builder::new()
             .prefix("run")
             .tempdir_in(d)
@@ -70,15 +61,7 @@ fn fast_dir() -> tempfile::TempDir {
         d.disable_cleanup(true);
         return d;
     }
-    if Path::new("/dev/shm").is_dir() {
-        if let Ok(d) = tempfile::Builder::new()
-            .prefix("mapkv-crash")
-            .tempdir_in("/dev/shm")
-        {
-            return d;
-        }
-    }
-    tempfile::tempdir().expect("temporary directory")
+    common::shm_tempdir("mapkv-crash")
 }
 
 // ------------------------------------------------------------------------------- kill -9
@@ -86,22 +69,10 @@ fn fast_dir() -> tempfile::TempDir {
 /// The child role of the kill -9 tests; does nothing unless started by one of them.
 #[test]
 fn kill9_child() {
-    let Ok(path) = std::env::var(CHILD_PATH) else {
-        return;
-    };
-    let policy = std::env::var(CHILD_POLICY)
-        .ok()
-        .and_then(|p| sim::parse_policy(&p));
-    let seed = std::env::var(CHILD_SEED).ok().and_then(|s| s.parse().ok());
-    let max = std::env::var(CHILD_MAX).ok().and_then(|s| s.parse().ok());
-    let (Some(policy), Some(seed), Some(max)) = (policy, seed, max) else {
-        eprintln!("bad child environment");
-        std::process::exit(2);
-    };
-    let mut out = std::io::stdout();
-    match sim::child_writer(Path::new(&path), policy, seed, max, &mut out) {
-        Ok(()) => std::process::exit(0),
-        Err(e) => {
+    match sim::child_writer_from_env() {
+        None => {}
+        Some(Ok(())) => std::process::exit(0),
+        Some(Err(e)) => {
             eprintln!("{e}");
             std::process::exit(3);
         }
@@ -114,29 +85,16 @@ fn kill9(policy: Durability, secs: f64) {
     let seed = base_seed() ^ 0x4b11 ^ sim::policy_name(policy).len() as u64;
     let mut h = KillHarness::new(&dir.path().join("kill.mkv"), policy, seed);
     let exe = std::env::current_exe().expect("test binary path");
-    let mut spawn = |path: &Path, d: Durability, seed: u64, max: u64| {
-        Command::new(&exe)
-            .args(["--exact", "kill9_child", "--nocapture", "--test-threads=1"])
-            .env(CHILD_PATH, path)
-            .env(CHILD_POLICY, sim::policy_name(d))
-            .env(CHILD_SEED, seed.to_string())
-            .env(CHILD_MAX, max.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
+    // This test binary, running only `kill9_child`.
+    let mut child = || {
+        let mut c = Command::new(&exe);
+        c.args(["--exact", "kill9_child", "--nocapture", "--test-threads=1"]);
+        Ok(c)
     };
-    let deadline = Instant::now() + budget(secs);
-    while Instant::now() < deadline || h.rounds < 10 {
-        if let Err(e) = h.round(&mut spawn) {
-            panic!("{e}");
-        }
+    if let Err(e) = h.run(Some(Instant::now() + budget(secs)), 10, &mut child) {
+        panic!("{e}");
     }
-    println!(
-        "kill -9 {policy:?}: {} rounds, {} acknowledged writes, in-flight write applied in {} \
-         rounds, {} kills during open/recovery (seed {seed:#x})",
-        h.rounds, h.acked, h.inflight_applied, h.killed_in_open
-    );
+    println!("kill -9 {policy:?}: {} (seed {seed:#x})", h.summary());
     assert!(h.acked > 0, "no child ever acknowledged a write");
 }
 
@@ -170,37 +128,19 @@ fn power_loss(policy: Durability, secs: f64) {
     let _serial = serial();
     let dir = fast_dir();
     let seed = base_seed() ^ 0x90e5 ^ (sim::policy_name(policy).len() as u64) << 8;
-    let mut total = PowerLossReport::default();
     let start = Instant::now();
-    let deadline = start + budget(secs);
-    let mut round = 0u64;
     // Three workloads in equal time slices (see `PowerLossConfig::vary`).
-    while Instant::now() < deadline || round < 3 {
-        let mut cfg = PowerLossConfig::new(policy, sim::Rng::derive(seed, round), dir.path());
-        cfg.time_limit = Some(budget(secs) / 3);
-        cfg.sessions = 1000;
-        cfg.vary(round);
-        let rep = sim::power_loss(&cfg);
-        total.merge(&rep);
-        assert!(
-            rep.violations.is_empty(),
-            "power loss {policy:?}: {} violations, first: {}",
-            rep.violations.len(),
-            rep.violations.join("\n")
-        );
-        round += 1;
-    }
+    let total = sim::power_loss_rounds(policy, seed, 0, dir.path(), budget(secs));
+    assert!(
+        total.violations.is_empty(),
+        "power loss {policy:?}: {} violations, first: {}",
+        total.violations.len(),
+        total.violations.join("\n")
+    );
     println!(
-        "power loss {policy:?}: {} runs, {} sessions, {} writes, {} syncs, {} crash points, {} \
-         images checked ({} recovered every write), {} compactions, index grew to {} KiB, {:.1} s",
-        round,
-        total.sessions,
-        total.writes,
-        total.syncs,
-        total.crash_points,
-        total.images,
-        total.images_complete,
-        total.compactions,
+        "power loss {policy:?}: {} runs, {}, index grew to {} KiB, {:.1} s",
+        total.runs,
+        total.summary(),
         total.max_index_bytes >> 10,
         start.elapsed().as_secs_f64()
     );
@@ -349,7 +289,7 @@ fn model_matches_prefixes() {
 /// but not the zeros: the next open, seeing a clean store, would not zero again, and the
 /// stale records past the log end (writes lost in the first crash) could be revived by
 /// later appends. Found by the seeded power-loss runs (`MAPKV_SEED=1`); fixed by syncing
-/// the zeroed tail before the checkpoint (`recovery.rs`).
+/// the zeroed tail before the checkpoint (in recovery).
 #[test]
 fn recovery_zeroing_is_durable_before_the_clean_checkpoint() {
     let _serial = serial();

@@ -1,5 +1,5 @@
-//! Bad files (`SPEC.md`, "Crash model", item 3): truncated, bit-flipped, zero-filled,
-//! page-swapped, random files and files of other formats.
+//! Bad files (docs/GUARANTEES.md, "Crash model", item 3): truncated, bit-flipped,
+//! zero-filled, page-swapped, random files and files of other formats.
 //!
 //! What is asserted, for every damaged file:
 //! * opening never panics, never hangs (a watchdog aborts the run) and never raises a
@@ -16,6 +16,7 @@
 //!
 //! And the documented limit: a file truncated behind the store's back while it is open
 //! makes the next access to the lost pages raise SIGBUS (tested in a child process).
+#![cfg(feature = "sim")]
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,8 @@ use mapkv::format::{
 };
 use mapkv::sim::{self, Model, Rng, Workload};
 use mapkv::{Durability, Error, Options, Store};
+
+mod common;
 
 /// Aborts the process if the guarded section runs longer than its limit ("never hangs").
 struct Watchdog(Arc<AtomicBool>);
@@ -67,15 +70,7 @@ struct Fixture {
 
 /// A scratch directory, on tmpfs when there is one (these tests sync a lot).
 fn scratch() -> tempfile::TempDir {
-    if Path::new("/dev/shm").is_dir() {
-        if let Ok(d) = tempfile::Builder::new()
-            .prefix("mapkv-damaged")
-            .tempdir_in("/dev/shm")
-        {
-            return d;
-        }
-    }
-    tempfile::tempdir().expect("tempdir")
+    common::shm_tempdir("mapkv-damaged")
 }
 
 fn fixture(dirty: bool) -> Fixture {
@@ -289,7 +284,7 @@ fn truncated_files() {
 
 /// Regression: salvage of a file cut inside its index region (shorter than its log
 /// start) returned `Error::InvalidOption("file offset beyond off_t")` in release builds
-/// and panicked ("attempt to subtract with overflow", `recovery.rs` `len - valid_end`) in
+/// and panicked ("attempt to subtract with overflow" at recovery's `len - valid_end`) in
 /// debug builds. It is now `Error::Corrupt` at the file's end: there is no log to salvage.
 #[test]
 fn salvage_of_a_file_cut_inside_its_index() {
@@ -711,19 +706,9 @@ fn random_and_foreign_files() {
 fn random_damage_never_panics() {
     let _w = Watchdog::new("random_damage_never_panics", Duration::from_secs(180));
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("random.mkv");
-    let mut rep = sim::DamageReport::default();
-    let mut rng = Rng::new(0xda4a);
     let rounds = if cfg!(debug_assertions) { 100 } else { 600 };
-    let mut good = Vec::new();
-    for i in 0..rounds {
-        if i % 50 == 0 {
-            good =
-                sim::sample_store(dir.path(), 50 + rng.below(300), rng.next_u64()).expect("sample");
-        }
-        let (b, what) = sim::damage(&good, &mut rng);
-        sim::damage_round(&b, &what, &path, &mut rep);
-    }
+    let rep = sim::damage_rounds(dir.path(), &mut Rng::new(0xda4a), |i| i < rounds)
+        .expect("sample store");
     println!(
         "random damage: {} files, {} refused, {} opened, {} salvaged, {} detected after open",
         rep.files, rep.refused, rep.opened, rep.salvaged, rep.detected_later

@@ -1,12 +1,13 @@
-//! Disk full (`SPEC.md`, "Crash model", item 4): a write that needs space the disk does
-//! not have returns an error, never SIGBUS; the store stays readable and consistent,
-//! nothing written before is lost, and it reopens.
+//! Disk full (docs/GUARANTEES.md, "Crash model", item 4): a write that needs space the
+//! disk does not have returns an error, never SIGBUS; the store stays readable and
+//! consistent, nothing written before is lost, and it reopens.
 //!
 //! As root, a 1 MiB tmpfs is mounted for the store (and unmounted at the end, also on
 //! failure). Where mounting is not permitted, the same check runs under `RLIMIT_FSIZE`
 //! (with `SIGXFSZ` ignored, so the limit shows up as `EFBIG`); `file_size_limit` always
 //! runs that variant. The filling happens in a child process (this test binary,
 //! re-executed), so that a SIGBUS shows up as a finding instead of killing the test run.
+#![cfg(feature = "sim")]
 #![allow(unsafe_code)]
 
 use std::path::{Path, PathBuf};

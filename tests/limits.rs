@@ -3,19 +3,15 @@
 //! file and index many times while reader threads keep reading.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use mapkv::{Batch, Durability, Error, Options, Store};
 
-const MIB: usize = 1 << 20;
+mod common;
+use common::tmp;
 
-fn tmp() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("create a temporary directory");
-    let path = dir.path().join("store.mkv");
-    (dir, path)
-}
+const MIB: usize = 1 << 20;
 
 /// A value that describes itself: 8-byte id, 8-byte length, then a fill derived from the
 /// id and the position, so a reader can check that it got a whole, correct value.

@@ -12,27 +12,18 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{mpsc, Mutex, MutexGuard, PoisonError};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use mapkv::{Error, Options, Store};
+
+mod common;
+use common::{serial, tmp};
 
 const ROLE_VAR: &str = "MAPKV_LOCK_CHILD_ROLE";
 const PATH_VAR: &str = "MAPKV_LOCK_CHILD_PATH";
 /// Generous bound against a hung child; never reached when things work.
 const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Serializes the tests of this file (see the module docs).
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn tmp() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("create a temporary directory");
-    let path = dir.path().join("store.mkv");
-    (dir, path)
-}
 
 fn describe(r: &mapkv::Result<Store>) -> String {
     match r {

@@ -4,7 +4,37 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use arbitrary::Arbitrary;
 use mapkv::Durability;
+
+/// One step of an operation sequence (`ops_model`, `crash_recovery`). Keys are small key
+/// numbers ([`key`]), values a length and a fill byte ([`value`]).
+///
+/// The order of the variants is part of the corpus format (`arbitrary` picks a variant
+/// from a number in proportion to their count): adding, removing or reordering variants
+/// changes what every committed seed decodes to.
+#[derive(Debug, Arbitrary)]
+pub enum Op {
+    /// `put(key(key), value(len, fill, false))`.
+    Put { key: u8, len: u16, fill: u8 },
+    /// A put of a value over the store's `pwrite` threshold.
+    Big { key: u8, fill: u8 },
+    /// `delete(key(key))`.
+    Delete { key: u8 },
+    /// A batch: `Some((len, fill))` is a put, `None` a delete (the first 20 are used).
+    Batch(Vec<(u8, Option<(u16, u8)>)>),
+    /// `get(key(key))`, compared with the model (`ops_model`; a no-op in
+    /// `crash_recovery`).
+    Get { key: u8 },
+    /// `flush()`.
+    Flush,
+    /// A clean close and a reopen.
+    Reopen,
+    /// `compact()` (`Unsupported` is fine).
+    Compact,
+    /// A full comparison with the model (`ops_model`; a no-op in `crash_recovery`).
+    Iterate,
+}
 
 /// A per-process scratch directory, on tmpfs when there is one (stores sync a lot).
 pub fn scratch() -> &'static Path {

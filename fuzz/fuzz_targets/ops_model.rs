@@ -11,19 +11,7 @@ use mapkv::{Batch, Error, Options, Store};
 
 #[path = "common.rs"]
 mod common;
-
-#[derive(Debug, Arbitrary)]
-enum Op {
-    Put { key: u8, len: u16, fill: u8 },
-    Big { key: u8, fill: u8 },
-    Delete { key: u8 },
-    Batch(Vec<(u8, Option<(u16, u8)>)>),
-    Get { key: u8 },
-    Flush,
-    Reopen,
-    Compact,
-    Iterate,
-}
+use common::Op;
 
 #[derive(Debug, Arbitrary)]
 struct Input {

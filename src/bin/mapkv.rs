@@ -19,6 +19,8 @@ mod flags;
 mod measure;
 #[path = "mapkv/plot.rs"]
 mod plot;
+#[path = "mapkv/sys.rs"]
+mod sys;
 #[path = "mapkv/tools.rs"]
 mod tools;
 

@@ -26,27 +26,11 @@ type Res<T> = Result<T, Box<dyn Error>>;
 
 const CHUNK: u64 = 1000;
 
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// 16-byte key `i` (hex digits of a scrambled `i`; random order for ordered engines).
-fn key(i: u64) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let v = mix(i);
-    for (n, b) in out.iter_mut().enumerate() {
-        *b = b"0123456789abcdef"[((v >> (60 - 4 * n)) & 0xf) as usize];
-    }
-    out
-}
-
-fn stamp(val: &mut [u8], i: u64) {
-    let n = val.len().min(8);
-    val[..n].copy_from_slice(&i.to_le_bytes()[..n]);
-}
+// The workload's keys and values, rate formatting and the raw sync probe: the same
+// definitions `mapkv bench` and the criterion benches compile.
+#[path = "../../../src/bin/mapkv/common.rs"]
+mod common;
+use common::{fmt_rate, key, nanos, raw_sync_latencies, shuffled_keys, stamp};
 
 /// One engine under test. `durable` selects the per-write sync configuration where the
 /// engine fixes it at open (mapkv, LMDB).
@@ -414,16 +398,6 @@ fn reads<E: Engine>(e: &E, keys: &[[u8; 16]], secs: f64) -> Res<(f64, usize)> {
     Ok((n as f64 / start.elapsed().as_secs_f64(), sum))
 }
 
-fn shuffled(n: u64, base: u64, seed: u64) -> Vec<[u8; 16]> {
-    let mut order: Vec<u64> = (0..n).collect();
-    let mut s = seed;
-    for i in (1..order.len()).rev() {
-        s = mix(s);
-        order.swap(i, (s % (i as u64 + 1)) as usize);
-    }
-    order.into_iter().map(|i| key(base + i)).collect()
-}
-
 fn bench<E: Engine>(a: &Args, root: &Path, hits: &[[u8; 16]], misses: &[[u8; 16]]) -> Res<Row> {
     let dir = root.join(format!("{}-fill", E::NAME.split(' ').next().unwrap_or("x")));
     std::fs::create_dir_all(&dir)?;
@@ -484,7 +458,7 @@ fn bench<E: Engine>(a: &Args, root: &Path, hits: &[[u8; 16]], misses: &[[u8; 16]
         stamp(&mut val, i);
         let t = Instant::now();
         e.put_durable(&key(i), &val)?;
-        lat.push(t.elapsed().as_nanos() as u64);
+        lat.push(nanos(t.elapsed()));
         i += 1;
     }
     row.durable_per_s = lat.len() as f64 / start.elapsed().as_secs_f64();
@@ -498,21 +472,9 @@ fn bench<E: Engine>(a: &Args, root: &Path, hits: &[[u8; 16]], misses: &[[u8; 16]
 
 /// Median of 100 raw syncs (4 KiB `pwrite` + `fdatasync`) in `dir`, in µs.
 fn raw_sync_median_us(dir: &Path) -> Res<f64> {
-    let mut lat = mapkv::sys::raw_sync_latencies(dir, 100, Duration::from_secs(60))?;
+    let mut lat = raw_sync_latencies(dir, 100, Duration::from_secs(60))?;
     lat.sort_unstable();
     Ok(lat[lat.len() / 2] as f64 / 1e3)
-}
-
-fn rate(r: f64) -> String {
-    if r >= 1e6 {
-        format!("{:.2}M", r / 1e6)
-    } else if r >= 1e4 {
-        format!("{:.0}k", r / 1e3)
-    } else if r >= 1e3 {
-        format!("{:.1}k", r / 1e3)
-    } else {
-        format!("{r:.0}")
-    }
 }
 
 fn main() {
@@ -535,8 +497,8 @@ fn run() -> Res<()> {
             tmp.path().to_path_buf()
         }
     };
-    let hits = shuffled(a.keys, 0, 1);
-    let misses = shuffled(a.keys.min(1_000_000), 1 << 40, 2);
+    let hits = shuffled_keys(a.keys, 0, 1);
+    let misses = shuffled_keys(a.keys.min(1_000_000), 1 << 40, 2);
     let raw0 = raw_sync_median_us(&root)?;
     let mut rows = Vec::new();
     for name in &a.engines {
@@ -577,12 +539,12 @@ fn run() -> Res<()> {
         println!(
             "{:<12} {:>10} {:>8.1}ms {:>8.2}ms {:>10} {:>10} {:>12} {:>9.0}µs {:>9.0}µs {:>8.0}MB",
             r.engine,
-            rate(r.fill_per_s),
+            fmt_rate(r.fill_per_s),
             r.fill_sync_ms,
             r.reopen_ms,
-            rate(r.hits_per_s),
-            rate(r.misses_per_s),
-            rate(r.durable_per_s),
+            fmt_rate(r.hits_per_s),
+            fmt_rate(r.misses_per_s),
+            fmt_rate(r.durable_per_s),
             r.durable_p50_us,
             r.durable_p99_us,
             r.disk_bytes as f64 / 1e6

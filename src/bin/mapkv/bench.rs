@@ -23,8 +23,8 @@ use mapkv::{Durability, Options, Store};
 use serde::Serialize;
 
 use crate::measure::{
-    self, faults_since, fmt_bytes, fmt_ns, fmt_rate, fmt_secs, key, nanos, Percentiles, RawSync,
-    Rng,
+    self, faults_since, fmt_bytes, fmt_ns, fmt_rate, fmt_secs, key, nanos, stamp, Percentiles,
+    RawSync, Regime, Rng,
 };
 use crate::Failure;
 
@@ -427,12 +427,6 @@ fn fill_base(path: &Path, keys: u64, value_size: usize) -> Result<f64, Failure> 
     Ok(rate)
 }
 
-/// Writes `i` into the first bytes of `val`, so every value differs.
-fn stamp(val: &mut [u8], i: u64) {
-    let n = val.len().min(8);
-    val[..n].copy_from_slice(&i.to_le_bytes()[..n]);
-}
-
 fn run_row(
     a: &BenchArgs,
     dir: &Path,
@@ -443,11 +437,11 @@ fn run_row(
 ) -> Result<Row, Failure> {
     let path = dir.join("row.mkv");
     std::fs::copy(base, &path).map_err(|e| io_fail("copy the base store", &e))?;
-    mapkv::sys::evict(&path).map_err(|e| io_fail("evict the store from the page cache", &e))?;
-    let (resident, file_pages) = mapkv::sys::resident(&path).map_err(|e| io_fail("mincore", &e))?;
+    crate::sys::evict(&path).map_err(|e| io_fail("evict the store from the page cache", &e))?;
+    let (resident, file_pages) = crate::sys::resident(&path).map_err(|e| io_fail("mincore", &e))?;
 
     // Cold open.
-    let f0 = mapkv::sys::page_faults();
+    let f0 = crate::sys::page_faults();
     let t = Instant::now();
     let store = Store::open(
         &path,
@@ -460,7 +454,7 @@ fn run_row(
     let open_faults = faults_since(f0);
 
     // Cold first touch: every key once, in random order.
-    let f0 = mapkv::sys::page_faults();
+    let f0 = crate::sys::page_faults();
     let t = Instant::now();
     let mut sum = 0usize;
     for &i in perm {
@@ -494,7 +488,7 @@ fn run_row(
         None
     };
     let before = store.stats();
-    let f0 = mapkv::sys::page_faults();
+    let f0 = crate::sys::page_faults();
     let w = write_phase(
         &store,
         a.keys,
@@ -798,7 +792,7 @@ fn render(a: &BenchArgs, r: &Report) -> String {
                  p99/p50 = {tail:.2}; {:.2} syncs per write; {} writes/s = {:.2}x the raw sync rate.",
                 if row.populate { "on " } else { "off" },
                 fmt_ns(raw.median_ns()),
-                if measure::regime(raw.median_ns()).starts_with("fast") { "fast regime" } else { "slow regime" },
+                if Regime::of(raw.median_ns()) == Regime::Fast { "fast regime" } else { "slow regime" },
                 row.syncs as f64 / row.writes.max(1) as f64,
                 fmt_rate(row.writes_per_s),
                 row.writes_per_s * raw.median_ns() as f64 / 1e9,

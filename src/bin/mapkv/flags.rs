@@ -3,19 +3,24 @@
 //! how many bytes one sync really writes, raw and through mapkv's own write paths.
 //!
 //! These experiments need mappings that mapkv itself never makes (private, no-reserve,
-//! populated scratch files); they go through `mapkv::sys::ScratchFile`, so the binary
-//! itself has no `unsafe` code. Every mapping here is of a scratch file this module
-//! created in the benchmark directory, which nothing else opens.
+//! populated scratch files); they go through [`ScratchFile`] of `sys.rs`, which holds the
+//! `unsafe` code. Every mapping here is of a scratch file this module created in the
+//! benchmark directory, which nothing else opens: that is the promise
+//! [`ScratchFile::new`] asks for, made at its two calls below.
+#![expect(
+    unsafe_code,
+    reason = "the two ScratchFile::new calls, whose contract is stated at each"
+)]
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
 use indicatif::ProgressBar;
-use mapkv::sys::{Advice, ScratchFile, ScratchFlags};
 use serde::Serialize;
 
 use crate::measure::{self, faults_since, fmt_bytes, fmt_ns, fmt_secs, nanos, BlockDev};
+use crate::sys::{Advice, ScratchFile, ScratchFlags};
 use crate::Failure;
 
 /// Progress steps [`run`] reports.
@@ -137,7 +142,10 @@ pub fn run(dir: &Path, mib: u64, pb: &ProgressBar) -> Result<FlagsReport, Failur
         "flags: writing a {mib} MiB scratch file with 1 MiB pwrites"
     ));
     let file = measure::write_file(&path, len, 1 << 20).map_err(|e| io_fail("scratch file", &e))?;
-    let mut file = ScratchFile::new(file);
+    // SAFETY: `write_file` just created (truncating) this file in the benchmark directory
+    // and this function keeps the only handle; nothing else opens the path, and it is
+    // removed below once the last mapping is gone.
+    let mut file = unsafe { ScratchFile::new(file) };
 
     pb.set_message("flags: MAP_POPULATE / MADV_POPULATE_WRITE");
     let populate = populate_rows(&mut file, ulen).map_err(|e| io_fail("populate", &e))?;
@@ -175,7 +183,7 @@ fn populate_rows(file: &mut ScratchFile, len: usize) -> std::io::Result<Vec<Popu
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for rep in 0..REPS {
             for write in [false, true] {
-                let f0 = mapkv::sys::page_faults();
+                let f0 = crate::sys::page_faults();
                 let t = Instant::now();
                 let flags = ScratchFlags {
                     populate: mode == "MAP_POPULATE",
@@ -187,7 +195,7 @@ fn populate_rows(file: &mut ScratchFile, len: usize) -> std::io::Result<Vec<Popu
                 }
                 let mt = t.elapsed().as_secs_f64() * 1e3;
                 let mf = faults_since(f0).0;
-                let f0 = mapkv::sys::page_faults();
+                let f0 = crate::sys::page_faults();
                 let t = Instant::now();
                 if write {
                     write_touch(&mut m, u8::try_from(rep).unwrap_or(0));
@@ -226,10 +234,12 @@ fn populate_rows(file: &mut ScratchFile, len: usize) -> std::io::Result<Vec<Popu
 fn noreserve_rows(dir: &Path) -> std::io::Result<Vec<CommitRow>> {
     const GIB: u64 = 1 << 30;
     let path = dir.join("noreserve.scratch");
-    let f = mapkv::sys::create_scratch(&path)?;
+    let f = measure::create_scratch(&path)?;
     // A sparse 1 GiB file: every mapped byte is inside the file, none is ever touched.
     f.set_len(GIB)?;
-    let mut f = ScratchFile::new(f);
+    // SAFETY: created (truncating) just above, its only handle is this one, and it is
+    // never written at all (the experiment only maps it); nothing else opens the path.
+    let mut f = unsafe { ScratchFile::new(f) };
     let len = usize::try_from(GIB).unwrap_or(usize::MAX);
     let mut rows = Vec::new();
     for (name, private, noreserve) in [
@@ -277,7 +287,7 @@ fn private_rows(file: &mut ScratchFile, len: usize) -> std::io::Result<Vec<Priva
             },
         )?;
         let rss0 = measure::proc_status_kb("RssAnon").unwrap_or(0);
-        let f0 = mapkv::sys::page_faults();
+        let f0 = crate::sys::page_faults();
         let t = Instant::now();
         write_touch(&mut m, marker);
         let ms = t.elapsed().as_secs_f64() * 1e3;

@@ -19,17 +19,26 @@
 //! directory sync, and either outcome is a complete store.
 
 use std::fs::OpenOptions;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::grow::reservation;
+use super::inner::Slots;
+use super::inner::{Inner, Writer};
 use crate::error::{Error, Result};
 use crate::format::{
     bucket_of, checkpoint_off, decode_record, encode_checkpoint, encode_record, encode_static,
     page_up, CheckpointInfo, StaticInfo, PAGE, SLOTS_PER_BUCKET, STATE_CLEAN,
 };
+use crate::format::{
+    INDEX_SEALED, LIVE_COMMITTED_OFF, LIVE_DURABLE_OFF, LIVE_SESSION_OFF, LIVE_SWITCH_OFF,
+    SWITCH_DONE, SWITCH_NONE, SWITCH_PENDING, VERSION_MAJOR,
+};
+use crate::index::bucket::fill_empty;
 use crate::index::{BucketBuf, BucketFull};
-use crate::map::{sync_dir, FileHandle, Mapping, SyncEvent};
+use crate::map::{sync_dir, FileHandle, LiveArea, Mapping, TailWriter};
+use crate::observe::SyncEvent;
 use crate::state::{Counters, IndexGeom};
-use crate::store::{reservation, Inner};
 
 /// Target load of a compacted index (buckets are a power of two, so the real load lies
 /// between half this and this).
@@ -39,6 +48,7 @@ const COMPACT_LOAD: f64 = 0.65;
 pub(crate) struct Compacted {
     pub(crate) file: Arc<FileHandle>,
     pub(crate) map: Arc<Mapping>,
+    pub(crate) live: Arc<LiveArea>,
     pub(crate) index: IndexGeom,
     pub(crate) log_start: u64,
     pub(crate) log_end: u64,
@@ -63,7 +73,7 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
     // Snapshot the live records; the writer mutex keeps them current.
     let (old_map, mut offsets) = {
         let st = inner.state.read();
-        (Arc::clone(&st.map), crate::iter::live_offsets(&st)?)
+        (Arc::clone(&st.map), super::iter::live_offsets(&st)?)
     };
     offsets.sort_unstable();
     let name = inner
@@ -98,16 +108,19 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
     r
 }
 
-fn switch(
-    inner: &Inner,
-    w: &mut crate::store::Writer,
-    built: Compacted,
-    tmp: &std::path::Path,
-) -> Result<()> {
+fn switch(inner: &Inner, w: &mut Writer, built: Compacted, tmp: &std::path::Path) -> Result<()> {
+    // Readers in other processes follow the switch through the old file's live area:
+    // marked pending before the rename (so a writer killed right after the rename still
+    // leaves them a mark: they find another file at the path and follow), done after it.
+    // This writer holds the lock and commits nothing meanwhile.
+    let old_live = Arc::clone(&inner.state.read().live);
+    old_live.store(LIVE_SWITCH_OFF, SWITCH_PENDING);
     if let Err(e) = std::fs::rename(tmp, &inner.path) {
+        old_live.store(LIVE_SWITCH_OFF, SWITCH_NONE);
         let _ = std::fs::remove_file(tmp);
         return Err(Error::io("rename compacted file", e));
     }
+    old_live.store(LIVE_SWITCH_OFF, SWITCH_DONE);
     inner.notify_pub(SyncEvent::Renamed);
     // From here the new file is the store; failing to sync the directory leaves the
     // rename's durability unknown, so the handle is poisoned (reopen recovers).
@@ -127,7 +140,7 @@ fn build(
     f: std::fs::File,
     tmp: &std::path::Path,
 ) -> Result<Compacted> {
-    let fh = FileHandle::lock(f, true)?;
+    let fh = FileHandle::lock_writer(f)?;
     let seed = inner.seed;
     let old_bytes = old.published_bytes();
     let limit = old.published();
@@ -142,7 +155,11 @@ fn build(
         .max(1)
         .next_power_of_two();
     loop {
-        let index = IndexGeom { off: PAGE, buckets };
+        let index = IndexGeom {
+            off: PAGE,
+            buckets,
+            style: INDEX_SEALED,
+        };
         let log_start = index.off + index.bytes();
         let log_end = log_start + live_bytes;
         let alloc = page_up(log_end) + PAGE;
@@ -164,7 +181,7 @@ fn build(
                 .ok_or(Error::corrupt(off, "record outside the file"))?;
             let h = crate::index::key_hash(seed, key);
             entries.push((bucket_of(h, buckets), h, pos));
-            encode_record(&mut buf, seed, pos, r.kind, 0, key, val);
+            encode_record(&mut buf, seed, pos, r.kind, 0, key, val, 0);
             pos += r.len();
             if buf.len() >= 1 << 20 {
                 fh.write_at(&buf, chunk_start)?;
@@ -175,7 +192,11 @@ fn build(
         fh.write_at(&buf, chunk_start)?;
         entries.sort_unstable();
         let mut full = false;
+        let mut next = 0;
+        let write_empty = |at: u64, bytes: &[u8]| fh.write_at(bytes, index.bucket_off(at));
         for group in entries.chunk_by(|a, b| a.0 == b.0) {
+            fill_empty(next, group[0].0, write_empty)?;
+            next = group[0].0 + 1;
             let mut bb = BucketBuf::empty();
             for &(_, h, o) in group {
                 if bb.upsert(h, o, None) == Err(BucketFull) {
@@ -189,6 +210,9 @@ fn build(
             bb.seal();
             fh.write_at(&bb.bytes[..], index.bucket_off(group[0].0))?;
         }
+        if !full {
+            fill_empty(next, buckets, write_empty)?;
+        }
         if full {
             // Astronomically unlikely at this load; retry with twice the buckets.
             buckets *= 2;
@@ -199,6 +223,7 @@ fn build(
             seed,
             log_start,
             first_index: PAGE,
+            major: VERSION_MAJOR,
         };
         fh.write_at(&encode_static(&info), 0)?;
         let counters = Counters {
@@ -210,6 +235,7 @@ fn build(
         let ckpt = CheckpointInfo {
             seq: 1,
             state: STATE_CLEAN,
+            index_style: INDEX_SEALED,
             index_off: index.off,
             index_buckets: buckets,
             log_end,
@@ -219,6 +245,12 @@ fn build(
             dead_index_bytes: 0,
         };
         fh.write_at(&encode_checkpoint(seed, &ckpt), checkpoint_off(1))?;
+        // Readers that follow the switch open this file: publish its whole log for them.
+        let live = Arc::new(LiveArea::new(&fh, true)?);
+        live.store(LIVE_COMMITTED_OFF, log_end);
+        live.store(LIVE_DURABLE_OFF, log_end);
+        let sessions = inner.state.read().live.load(LIVE_SESSION_OFF);
+        live.store(LIVE_SESSION_OFF, sessions);
         fh.sync_data()?;
         inner.notify_path(tmp, SyncEvent::File);
         let fh = Arc::new(fh);
@@ -230,6 +262,7 @@ fn build(
         return Ok(Compacted {
             file: fh,
             map,
+            live,
             index,
             log_start,
             log_end,
@@ -237,5 +270,50 @@ fn build(
             counters,
             ckpt,
         });
+    }
+}
+impl Inner {
+    /// Switches the store to a freshly compacted file (writer mutex held).
+    pub(crate) fn install_compacted(&self, w: &mut Writer, c: Compacted) {
+        let (old_map, old_file) = {
+            let mut st = self.state.write();
+            let old_map = std::mem::replace(&mut st.map, Arc::clone(&c.map));
+            let old_file = std::mem::replace(&mut st.file, Arc::clone(&c.file));
+            st.live = Arc::clone(&c.live);
+            st.index = c.index;
+            st.log_start = c.log_start;
+            st.delta.clear();
+            st.frozen = None;
+            st.delta_only = false;
+            st.counters = c.counters;
+            self.file_gen.fetch_add(1, Ordering::AcqRel);
+            (old_map, old_file)
+        };
+        // munmap of the old mapping (and closing the old file) happen outside the lock,
+        // so readers are not stalled by them.
+        drop((old_map, old_file));
+        w.tail = TailWriter::new(c.map);
+        w.tail.publish(c.log_end);
+        w.file = c.file;
+        w.end = c.log_end;
+        w.alloc = c.alloc;
+        w.ckpt_end = c.ckpt.log_end;
+        (w.retry_at, w.retry_gap) = (0, 0);
+        *self.slots.lock() = Slots {
+            last: c.ckpt,
+            pending_punch: Vec::new(),
+        };
+        w.dirty_marked = false;
+        w.prefaulted = 0;
+        w.written_back = c.log_end;
+        w.zeroed = c.log_end;
+        // The state lock is never taken while holding the sync mutex (stats() takes them
+        // the other way round).
+        let writes = self.state.read().writes;
+        let mut s = self.sync.lock();
+        s.size_epoch = self.size_epoch.load(Ordering::Acquire);
+        s.durable_end = c.log_end;
+        self.durable_hint.store(c.log_end, Ordering::Release);
+        s.durable_writes = writes;
     }
 }

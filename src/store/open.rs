@@ -1,5 +1,5 @@
 //! Opening a store: create, read the superblock, pick the checkpoint, replay the log tail
-//! (or rebuild the index), erase a torn tail; and [`verify`].
+//! (or rebuild the index), erase a torn tail.
 //!
 //! # Recovery protocol
 //!
@@ -22,26 +22,28 @@
 //!    again once new records are appended in front of it), and write a fresh CLEAN
 //!    checkpoint, so the next open is O(1) again.
 
-use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::inner::{Inner, Writer};
 use crate::error::{Error, Result};
 use crate::format::{
-    bucket_crc_ok, bucket_of, checkpoint_off, decode_checkpoint, decode_static, encode_checkpoint,
-    encode_static, page_up, CheckpointInfo, HeaderError, StaticInfo, KIND_PUT, MAGIC, PAGE, SECTOR,
-    STATE_CHECKPOINTING, STATE_CLEAN,
+    checkpoint_off, decode_checkpoint, decode_static, encode_checkpoint, encode_static, page_up,
+    CheckpointInfo, HeaderError, StaticInfo, MAGIC, PAGE, SECTOR, STATE_CHECKPOINTING, STATE_CLEAN,
 };
-use crate::index::{key_hash, BucketBuf, Delta};
+use crate::format::{
+    LIVE_COMMITTED_OFF, LIVE_DURABLE_OFF, LIVE_INDEX_SEQ_OFF, LIVE_SESSION_OFF, LIVE_SWITCH_OFF,
+    SWITCH_NONE,
+};
+use crate::index::{key_hash, Delta};
 use crate::log::{scan, StopReason};
-use crate::map::{sync_dir, FileHandle, Mapping, TailWriter};
+use crate::map::{sync_dir, FileHandle, LiveArea, Mapping, TailWriter};
 use crate::options::{Options, MIN_FILE_SIZE};
-use crate::state::{Counters, IndexGeom, State};
+use crate::state::{Counters, IndexGeom, Seen, State};
 use crate::stats::RecoveryReport;
-use crate::store::{Inner, Writer};
 
 fn random_seed() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -71,11 +73,14 @@ fn init_store(fh: &FileHandle, opts: &Options) -> Result<()> {
         seed,
         log_start,
         first_index: PAGE,
+        major: crate::format::VERSION_MAJOR,
     };
     fh.write_at(&encode_static(&info), 0)?;
+    crate::index::bucket::fill_empty(0, buckets, |b, bytes| fh.write_at(bytes, PAGE + b * PAGE))?;
     let c = CheckpointInfo {
         seq: 1,
         state: STATE_CLEAN,
+        index_style: crate::format::INDEX_SEALED,
         index_off: PAGE,
         index_buckets: buckets,
         log_end: log_start,
@@ -105,7 +110,7 @@ fn create_new(path: &Path, opts: &Options) -> Result<Option<FileHandle>> {
         .open(&tmp)
         .map_err(|e| Error::io("create", e))?;
     let result = (|| {
-        let fh = FileHandle::lock(f, true)?;
+        let fh = FileHandle::lock_writer(f)?;
         init_store(&fh, opts)?;
         match std::fs::hard_link(&tmp, path) {
             Ok(()) => {
@@ -139,16 +144,15 @@ fn cleanup_leftovers(path: &Path) {
     for e in entries.flatten() {
         let n = e.file_name();
         let n = n.to_string_lossy();
-        if n.starts_with(&compact_prefix) {
-            // We hold the store's exclusive lock: no compaction of it can be running.
-            let _ = std::fs::remove_file(e.path());
-        } else if n.starts_with(&create_prefix) {
-            // A creation that crashed before linking its file into place. One still in
-            // progress holds its lock; leave that alone.
+        if n.starts_with(&compact_prefix) || n.starts_with(&create_prefix) {
+            // A compaction or creation that crashed before renaming or linking its file
+            // into place. We hold the lock of the store's current file, so no writer of
+            // this store is running; still, a file whose writer lock is held belongs to
+            // a live process (a creation in progress): leave that alone.
             let orphan = OpenOptions::new()
                 .read(true)
                 .open(e.path())
-                .is_ok_and(|f| f.try_lock().is_ok());
+                .is_ok_and(|f| !FileHandle::unlocked(f).writer_alive());
             if orphan {
                 let _ = std::fs::remove_file(e.path());
             }
@@ -158,11 +162,22 @@ fn cleanup_leftovers(path: &Path) {
 
 pub(crate) fn open(path: &Path, opts: Options) -> Result<Inner> {
     opts.validate()?;
+    if opts.read_only {
+        // A reader takes no lock and changes nothing: not the file, not its directory.
+        let f = OpenOptions::new()
+            .read(true)
+            .open(path)
+            .map_err(|e| Error::io("open", e))?;
+        return load(path.to_path_buf(), opts, Arc::new(FileHandle::unlocked(f)));
+    }
     // Compaction renames a new file over the path. A handle that was opened just before
-    // and locked just after holds the old, unlinked file: check and retry.
+    // and locked just after holds the old, unlinked file: check and retry. Leftovers are
+    // cleaned up only once the lock held is the current file's (cleaning up before that
+    // deleted a running writer's compaction file).
     for _ in 0..8 {
-        let fh = open_locked(path, &opts)?;
+        let fh = open_writer(path, &opts)?;
         if same_file(path, &fh)? {
+            cleanup_leftovers(path);
             return load(path.to_path_buf(), opts, Arc::new(fh));
         }
     }
@@ -179,16 +194,11 @@ fn same_file(path: &Path, fh: &FileHandle) -> Result<bool> {
     }
 }
 
-fn open_locked(path: &Path, opts: &Options) -> Result<FileHandle> {
-    let fh = if opts.read_only {
-        let f = OpenOptions::new()
-            .read(true)
-            .open(path)
-            .map_err(|e| Error::io("open", e))?;
-        FileHandle::lock(f, false)?
-    } else {
+/// Opens (or creates) the file at `path` for writing and takes its writer lock.
+fn open_writer(path: &Path, opts: &Options) -> Result<FileHandle> {
+    let fh = {
         let existing = match OpenOptions::new().read(true).write(true).open(path) {
-            Ok(f) => Some(FileHandle::lock(f, true)?),
+            Ok(f) => Some(FileHandle::lock_writer(f)?),
             Err(e) if e.kind() == io::ErrorKind::NotFound => create_new(path, opts)?,
             Err(e) => return Err(Error::io("open", e)),
         };
@@ -200,13 +210,12 @@ fn open_locked(path: &Path, opts: &Options) -> Result<FileHandle> {
                     .write(true)
                     .open(path)
                     .map_err(|e| Error::io("open", e))?;
-                FileHandle::lock(f, true)?
+                FileHandle::lock_writer(f)?
             }
         };
         if fh.len()? == 0 {
             init_store(&fh, opts)?;
         }
-        cleanup_leftovers(path);
         fh
     };
     Ok(fh)
@@ -264,6 +273,24 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     if len == 0 {
         return Err(Error::NotAStore { offset: 0 });
     }
+    let reader = opts.read_only;
+    if len < PAGE {
+        return Err(Error::NotAStore { offset: 0 });
+    }
+    let live = Arc::new(LiveArea::new(&fh, !reader)?);
+    // A reader notes the index sequence before it reads the checkpoint slot: a slot
+    // written meanwhile moves it, and the first lookup then reads the slot again.
+    let seen_seq = if reader {
+        super::follow::stable_index_seq(&live, &fh)
+    } else {
+        // A writer killed while it changed the index left the sequence odd: even it
+        // before anything else, so readers stop waiting for that writer.
+        let seq = live.load(LIVE_INDEX_SEQ_OFF);
+        if seq % 2 == 1 {
+            live.add(LIVE_INDEX_SEQ_OFF, 1);
+        }
+        0
+    };
     let (info, best) = read_superblock(&fh, len)?;
     let seed = info.seed;
     let salvage = opts.salvage;
@@ -314,10 +341,19 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
 
     let map = Arc::new(Mapping::new(
         &fh,
-        crate::store::reservation(len),
+        super::grow::reservation(len),
         len,
         !opts.read_only,
     )?);
+    // A reader beside a live writer sees what that writer committed, no more (under
+    // `Always`, records past it are not durable yet). With no writer, the log's valid
+    // end: what the next writer's recovery will keep.
+    let committed = live.load(LIVE_COMMITTED_OFF);
+    let limit = if reader && committed != 0 && fh.writer_alive() {
+        committed.min(len)
+    } else {
+        len
+    };
     map.advise(opts.access)?;
 
     // Replay the records after the checkpoint (all of them for a full rebuild). A damaged
@@ -331,6 +367,7 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
             index: IndexGeom {
                 off: ckpt.index_off,
                 buckets: ckpt.index_buckets,
+                style: ckpt.index_style,
             },
             delta: Delta::default(),
             frozen: None,
@@ -346,9 +383,18 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
                 }
             },
             writes: 0,
+            live: Arc::clone(&live),
+            shared: reader,
+            seen: Seen {
+                index_seq: seen_seq,
+                ckpt_end: if full { 0 } else { ckpt.log_end },
+                base: if full { info.log_start } else { ckpt.log_end },
+                session: live.load(LIVE_SESSION_OFF),
+                committed,
+            },
         };
         let start = if full { info.log_start } else { ckpt.log_end };
-        if !full && nothing_after(&fh, start, len)? {
+        if !full && (start >= limit || nothing_after(&fh, start, limit)?) {
             // Clean close: read one record header with pread instead of faulting in the
             // mapping (a cold fault pulls in megabytes of read-around).
             let end = crate::log::ScanEnd {
@@ -359,7 +405,7 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
             };
             (st, end)
         } else {
-            let end = scan(map.published_bytes(), seed, start, len, |recs| {
+            let end = scan(map.published_bytes(), seed, start, limit, |recs| {
                 for r in recs {
                     let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
                     st.apply(key_hash(seed, key), key, r);
@@ -438,113 +484,23 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
             let _ = e;
         }
     }
+    if !inner.opts.read_only {
+        if info.major != crate::format::VERSION_MAJOR {
+            // Upgrade a version 1 file in place: its records and buckets are valid
+            // version 2 ones (version 2 gave meaning to bytes version 1 kept zero), so
+            // only the header changes, after the recovery above made the file whole.
+            let upgraded = StaticInfo {
+                major: crate::format::VERSION_MAJOR,
+                ..info
+            };
+            fh.write_at(&encode_static(&upgraded), 0)?;
+            inner.sync_file(&fh)?;
+        }
+        // Publish for readers: the log as recovered, a new session, no file switch.
+        live.store(LIVE_COMMITTED_OFF, valid_end);
+        live.store(LIVE_DURABLE_OFF, valid_end);
+        live.store(LIVE_SWITCH_OFF, SWITCH_NONE);
+        live.add(LIVE_SESSION_OFF, 1);
+    }
     Ok(inner)
-}
-
-/// What [`Store::verify`](crate::Store::verify) checked.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct VerifyReport {
-    /// Records whose checksums were verified (jumps included).
-    pub records: u64,
-    /// Complete writes found in the log.
-    pub writes: u64,
-    /// Live keys according to the log, all of which the index finds.
-    pub live_keys: u64,
-    /// Index buckets whose checksums were verified.
-    pub buckets: u64,
-    /// Bytes of log scanned.
-    pub log_bytes: u64,
-}
-
-pub(crate) fn verify(inner: &Inner) -> Result<VerifyReport> {
-    // Step 3 compares the counters: make them exact, then keep that snapshot.
-    inner.collect_failed_job();
-    let _resolving = inner.resolving.lock();
-    inner.resolve_counters_locked();
-    let mut st = inner.state.write();
-    st.resolve(usize::MAX);
-    let st = parking_lot::RwLockWriteGuard::downgrade(st);
-    let map = &st.map;
-    let end = map.published();
-    let mut rep = VerifyReport::default();
-    // 1. Every record of the log, and the live set it implies.
-    let mut live: HashMap<Vec<u8>, u64> = HashMap::new();
-    let scan_end = scan(map.published_bytes(), st.seed, st.log_start, end, |recs| {
-        for r in recs {
-            rep.records += 1;
-            let key = map
-                .read(r.key_off(), u64::from(r.key_len))
-                .unwrap_or(&[])
-                .to_vec();
-            if r.kind == KIND_PUT {
-                live.insert(key, r.offset);
-            } else {
-                live.remove(&key);
-            }
-        }
-    });
-    rep.writes = scan_end.writes;
-    rep.log_bytes = scan_end.bytes;
-    match scan_end.stop {
-        StopReason::End if scan_end.valid_end == end => {}
-        StopReason::End => {
-            return Err(Error::corrupt(
-                scan_end.valid_end,
-                "log ends before its recorded end",
-            ))
-        }
-        StopReason::Invalid(p, _) | StopReason::IncompleteBatch(p) | StopReason::BadJump(p) => {
-            return Err(Error::corrupt(p, "record fails verification"))
-        }
-    }
-    // 2. Every bucket: checksum, slots point at valid records of the right key.
-    let mut in_buckets = 0u64;
-    if !st.delta_only {
-        for b in 0..st.index.buckets {
-            let bytes = st.bucket(b)?;
-            let boff = st.index.bucket_off(b);
-            if !bucket_crc_ok(bytes) {
-                return Err(Error::corrupt(boff, "index bucket checksum mismatch"));
-            }
-            let buf = BucketBuf::from_bytes(bytes);
-            if buf.entries().count() != buf.count() {
-                return Err(Error::corrupt(boff, "index bucket count mismatch"));
-            }
-            for (h, off) in buf.entries() {
-                let rec = crate::format::decode_record(map.published_bytes(), st.seed, off, end)
-                    .map_err(|_| Error::corrupt(boff, "index slot points at an invalid record"))?;
-                let key = st.key_of(&rec)?;
-                if key_hash(st.seed, key) != h || bucket_of(h, st.index.buckets) != b {
-                    return Err(Error::corrupt(
-                        boff,
-                        "index slot hash does not match its key",
-                    ));
-                }
-                in_buckets += 1;
-            }
-            rep.buckets += 1;
-        }
-    }
-    // 3. The index (buckets + delta) finds exactly the live set.
-    for (key, off) in &live {
-        match st.find_live(key_hash(st.seed, key), key)? {
-            Some(r) if r.offset == *off => {}
-            _ => {
-                return Err(Error::corrupt(
-                    *off,
-                    "index does not find the newest record of a key",
-                ))
-            }
-        }
-    }
-    rep.live_keys = live.len() as u64;
-    if st.counters.live_keys != rep.live_keys {
-        return Err(Error::corrupt(
-            0,
-            "live key count in the checkpoint does not match the log",
-        ));
-    }
-    let _ = in_buckets;
-    Ok(rep)
 }

@@ -7,7 +7,6 @@ use crate::format::{decode_header_in, record_crc_ok_in, KIND_PUT, RECORD_HEADER}
 use crate::index::{BucketBuf, Delta};
 use crate::map::Mapping;
 use crate::state::State;
-use crate::store::Inner;
 
 /// Iterator over the live pairs of a store as of the call to
 /// [`Store::iter`](crate::Store::iter). Yields owned `(key, value)` pairs, each key once,
@@ -22,9 +21,9 @@ pub struct Iter {
 }
 
 impl Iter {
-    pub(crate) fn new(inner: &Inner) -> Iter {
-        let st = inner.state.read();
-        let (mut offsets, err) = match live_offsets(&st) {
+    /// Starts an iteration over the live pairs of the read view `st`.
+    pub(crate) fn new(st: &State) -> Iter {
+        let (mut offsets, err) = match live_offsets(st) {
             Ok(o) => (o, None),
             Err(e) => (Vec::new(), Some(e)),
         };
@@ -81,6 +80,18 @@ pub(crate) fn live_offsets(st: &State) -> Result<Vec<u64>> {
         }
     }
     Ok(offsets)
+}
+
+impl Iter {
+    /// An iterator that yields `e` and ends.
+    pub(crate) fn failed(st: &State, e: Error) -> Iter {
+        Iter {
+            map: Arc::clone(&st.map),
+            seed: st.seed,
+            offsets: Vec::new().into_iter(),
+            err: Some(e),
+        }
+    }
 }
 
 impl Iterator for Iter {

@@ -1,0 +1,363 @@
+//! Checkpoints: writing the delta into the index, on the writer's thread or a
+//! background one.
+//!
+//! # Checkpoint protocol
+//!
+//! When the delta grows large (`Options::checkpoint_keys`), or at clean close, its
+//! changes are written into the index buckets in the file. The first case runs on a
+//! thread of its own (`start_checkpoint`): the writer *freezes* the delta and goes on
+//! into a new one; readers look in the new delta, then the frozen one, then the buckets.
+//! The checkpoint covers the log up to the end at the freeze:
+//!
+//! 1. Write a checkpoint slot with state CHECKPOINTING and sync it (`fdatasync`, which
+//!    also makes the log durable: no bucket can ever point at a record that is not).
+//! 2. Rewrite every affected bucket (`pwrite`, under the exclusive state lock per bucket),
+//!    after checking its CRC, then sync. A damaged bucket is never re-sealed: the index
+//!    is rebuilt from the log instead.
+//!    Probing a bucket for a key also finds the record the key replaced, which settles
+//!    the counters for the writes that deferred that lookup.
+//! 3. Write a checkpoint slot (DIRTY, or CLEAN at close) whose `log_end` is the end it
+//!    covers, and sync it. Drop the (frozen) delta.
+//!
+//! A crash before step 1 completes leaves the old checkpoint: buckets untouched, replay
+//! from its `log_end`. A crash between 1 and 3 leaves CHECKPOINTING: buckets may be torn,
+//! so the index is rebuilt from the log. When the index must grow, steps 1-2 are replaced
+//! by writing a whole new index region, claimed by the writer behind a JUMP record at the
+//! tail (the old region is not touched), so growth never needs a rebuild. A background
+//! checkpoint that fails without poisoning the store (a damaged or full bucket) leaves the
+//! frozen delta in place; the writer then rebuilds the index from the log.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::buckets::ApplyError;
+use super::inner::{Inner, Writer};
+use super::inner::{Job, JobPlan, Slots};
+use super::reindex::buckets_for;
+use crate::error::{Error, Result};
+use crate::format::{CheckpointInfo, SLOTS_PER_BUCKET, STATE_CHECKPOINTING, STATE_DIRTY};
+use crate::map::FileHandle;
+use crate::state::{Frozen, Resolved};
+
+/// Grow the index when the average bucket is this full...
+pub(super) const MAX_LOAD: f64 = 0.70;
+
+impl Inner {
+    /// Writes the delta into the index (see the module docs) on this thread, ending in
+    /// state `fin`: the steps of a background checkpoint (`freeze`, `run_job_locked`), a
+    /// rebuild from the log if one failed, or only a new slot if nothing changed.
+    ///
+    /// No separate log sync is needed first: the in-place path makes a CHECKPOINTING slot
+    /// durable (with an `fdatasync` that also writes the log) before touching a bucket, and
+    /// the growth path writes only into unused space until one sync covers log and index.
+    pub(crate) fn checkpoint(&self, w: &mut Writer, fin: u32) -> Result<()> {
+        let _resolving = self.resolving.lock();
+        let (keys, delta_only, delta_empty, frozen) = {
+            let st = self.state.read();
+            (
+                st.counters.live_keys,
+                st.delta_only,
+                st.delta.is_empty(),
+                st.frozen.is_some(),
+            )
+        };
+        let logged_end = self.slots.lock().last.log_end;
+        let r = if frozen {
+            // Left by a failed background checkpoint (callers collect a running one
+            // first, see `finish_job`): its buckets may be half-rewritten.
+            self.rebuild_index(w, fin)
+        } else if delta_only {
+            // A rebuilt index, held in the delta alone, sized by its keys. Counters come
+            // from the file and may be bogus: bound them by what fits in it.
+            let keys = keys.min(w.end / crate::format::RECORD_HEADER as u64);
+            self.grow_index(w, buckets_for(keys), fin)
+        } else if delta_empty && w.end == logged_end {
+            let mut slots = self.slots.lock();
+            let mut c = slots.last;
+            c.state = fin;
+            self.write_slot(&mut slots, &w.file, c)?;
+            drop(slots);
+            self.sync_file(&w.file)
+        } else {
+            // The same steps as a background checkpoint, on this thread.
+            let plan = self.freeze(w, fin)?;
+            match self.run_job_locked(&plan) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    self.check_not_poisoned()?;
+                    let _ = e;
+                    self.mark_frozen_failed();
+                    if let Some(claimed) = plan.grow {
+                        self.forget_claim(plan.old, claimed);
+                    }
+                    self.rebuild_index(w, fin)
+                }
+            }
+        };
+        if r.is_ok() {
+            w.ckpt_end = w.end;
+            self.checkpoints.fetch_add(1, Ordering::Relaxed);
+            self.release_old_regions(&mut self.slots.lock(), &w.file);
+        }
+        r
+    }
+
+    /// Punches the old index regions that no checkpoint slot refers to any more.
+    pub(super) fn release_old_regions(&self, slots: &mut Slots, file: &FileHandle) {
+        // Both slots postdate a switch once the slot seq has moved past it.
+        let seq_now = slots.last.seq;
+        let (due, keep): (Vec<_>, Vec<_>) =
+            slots.pending_punch.drain(..).partition(|p| seq_now > p.2);
+        slots.pending_punch = keep;
+        if !due.is_empty() {
+            // Readers may hold slices over the whole published range: punch (which
+            // changes bytes to zeros) only while none is borrowed.
+            self.change_index(|| {
+                for (off, len, _) in due {
+                    file.punch_hole(off, len);
+                }
+            });
+        }
+    }
+
+    /// Starts a checkpoint of the delta on a thread of its own, so the writer does not
+    /// wait for it (a fifth of a bulk load's time went to checkpoints, and under `None`
+    /// their syncs were the only syncs on the write path). The delta is *frozen*: readers
+    /// consult it after the new delta the writes go on into, and before the buckets,
+    /// until the checkpoint switches to the updated index. Growth claims its new region
+    /// here, behind a JUMP at the tail, so the writer appends after it meanwhile.
+    ///
+    /// A checkpoint still running is waited for first: at most one runs, which bounds
+    /// memory to two deltas. A store rebuilding its index from the log (`delta_only`)
+    /// checkpoints synchronously.
+    pub(super) fn start_checkpoint(self: &Arc<Self>, w: &mut Writer) -> Result<()> {
+        self.finish_job(w)?;
+        let (delta_len, delta_only, frozen) = {
+            let st = self.state.read();
+            (st.delta.len(), st.delta_only, st.frozen.is_some())
+        };
+        if frozen || delta_only {
+            // A failed checkpoint's frozen delta (repaired by a rebuild), or a rebuilt
+            // index not yet written: synchronously.
+            return self.checkpoint(w, STATE_DIRTY);
+        }
+        if delta_len == 0 {
+            return Ok(());
+        }
+        let plan = {
+            let _resolving = self.resolving.lock();
+            self.freeze(w, STATE_DIRTY)?
+        };
+        let me = Arc::clone(self);
+        let job_plan = plan.clone();
+        match std::thread::Builder::new()
+            .name("mapkv-checkpoint".into())
+            .spawn(move || me.run_job(&job_plan))
+        {
+            Ok(thread) => {
+                w.job = Some(Job { thread, plan });
+                Ok(())
+            }
+            // No thread to be had: do the work here.
+            Err(_) => {
+                let r = self.run_job(&plan);
+                self.job_done(w, &plan, r)
+            }
+        }
+    }
+
+    /// Freezes the delta for a checkpoint (see `start_checkpoint`), after claiming a
+    /// larger index region if the keys call for one. The caller holds `resolving`.
+    pub(super) fn freeze(&self, w: &mut Writer, fin: u32) -> Result<JobPlan> {
+        let (geom, upper, unresolved) = {
+            let st = self.state.read();
+            (
+                st.index,
+                st.counters.live_keys,
+                st.delta.unresolved_len() as u64,
+            )
+        };
+        let max_keys = (geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD) as u64;
+        // `upper` counts every unresolved key as new. Each can only replace a key that is
+        // in the buckets, so the exact count is at least `lower`.
+        let in_buckets = self.slots.lock().last.live_keys;
+        let lower = upper.saturating_sub(unresolved.min(in_buckets));
+        let keys = if upper > max_keys && lower <= max_keys {
+            // Growing on the bound could double the index for nothing.
+            self.resolve_by_buckets(geom).live_keys
+        } else {
+            lower
+        };
+        let grow = if keys > max_keys {
+            // Counters come from the file and may be bogus: bound them by what fits in it.
+            let keys = keys.min(w.end / crate::format::RECORD_HEADER as u64);
+            Some(self.claim_region(w, buckets_for(keys).max(geom.buckets * 2))?)
+        } else {
+            None
+        };
+        {
+            let mut st = self.state.write();
+            let delta = std::mem::take(&mut st.delta);
+            let counters = st.counters;
+            st.frozen = Some(Box::new(Frozen {
+                delta,
+                counters,
+                failed: false,
+            }));
+        }
+        w.ckpt_end = w.end;
+        Ok(JobPlan {
+            file: Arc::clone(&w.file),
+            log_end: w.end,
+            old: geom,
+            grow,
+            fin,
+        })
+    }
+
+    /// After a failed checkpoint (with `resolving` held): its buckets may be
+    /// half-rewritten, so its entries are no longer resolved against them.
+    pub(super) fn mark_frozen_failed(&self) {
+        if let Some(f) = self.state.write().frozen.as_mut() {
+            f.failed = true;
+        }
+    }
+
+    /// Waits for the background checkpoint, if any, and deals with its outcome.
+    ///
+    /// # Errors
+    /// The checkpoint's error if it poisoned the store. A failure that did not (a damaged
+    /// or full bucket) is repaired by rebuilding the index from the log; that repair's
+    /// error is returned (the frozen delta then stays, and the next checkpoint retries).
+    pub(crate) fn finish_job(&self, w: &mut Writer) -> Result<()> {
+        let Some(job) = w.job.take() else {
+            return Ok(());
+        };
+        let r = job.thread.join().unwrap_or(Err(Error::Unsupported(
+            "internal: the checkpoint thread panicked",
+        )));
+        self.job_done(w, &job.plan, r)
+    }
+
+    pub(super) fn job_done(&self, w: &mut Writer, plan: &JobPlan, r: Result<()>) -> Result<()> {
+        let Err(e) = r else {
+            return Ok(());
+        };
+        self.check_not_poisoned()?;
+        let _ = e;
+        if let Some(claimed) = plan.grow {
+            self.forget_claim(plan.old, claimed);
+        }
+        // With the frozen delta still there, this rebuilds the index from the log.
+        self.checkpoint(w, STATE_DIRTY)
+    }
+
+    /// A background checkpoint (see `start_checkpoint`): the checkpoint protocol of the
+    /// module docs, for the frozen delta, ending in a DIRTY slot at `plan.log_end`.
+    pub(super) fn run_job(&self, plan: &JobPlan) -> Result<()> {
+        let _resolving = self.resolving.lock();
+        let r = self.run_job_locked(plan);
+        match r {
+            Ok(()) => {
+                self.checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+            // Still under `resolving`: no counter reader can have looked at buckets this
+            // job may have rewritten halfway (see `Frozen::failed`).
+            Err(_) => self.mark_frozen_failed(),
+        }
+        r
+    }
+
+    /// The checkpoint protocol for the frozen delta, on whichever thread, with
+    /// `resolving` held.
+    pub(super) fn run_job_locked(&self, plan: &JobPlan) -> Result<()> {
+        let mut slots = self.slots.lock();
+        let geom = plan.grow.map_or(plan.old, |g| g.0);
+        let (map, entries) = {
+            let st = self.state.read();
+            let Some(f) = &st.frozen else {
+                return Err(Error::Unsupported("internal: no frozen delta"));
+            };
+            (Arc::clone(&st.map), f.delta.entries())
+        };
+        let entries = crate::index::sort_by_bucket(entries, geom.buckets);
+        let mut gone = Resolved::default();
+        let applied = match plan.grow {
+            None => {
+                let mut c = slots.last;
+                c.state = STATE_CHECKPOINTING;
+                self.write_slot(&mut slots, &plan.file, c)?;
+                self.sync_file(&plan.file)?;
+                self.rewrite_buckets(&map, &plan.file, geom, &entries, &mut gone)
+            }
+            Some((new, _)) => {
+                self.build_region(&map, &plan.file, Some(plan.old), new, &entries, &mut gone)
+            }
+        };
+        match applied {
+            Ok(()) => {}
+            Err(ApplyError::Full) => return Err(Error::Unsupported("index bucket full")),
+            Err(ApplyError::Other(e)) => return Err(e),
+        }
+        self.sync_file(&plan.file)?;
+        let counters = {
+            let mut st = self.state.write();
+            gone.take_from(&mut st.counters);
+            let Some(f) = st.frozen.as_mut() else {
+                return Err(Error::Unsupported("internal: no frozen delta"));
+            };
+            gone.take_from(&mut f.counters);
+            f.delta.mark_all_resolved();
+            f.counters
+        };
+        let c = CheckpointInfo {
+            seq: 0,
+            state: plan.fin,
+            index_style: geom.style,
+            index_off: geom.off,
+            index_buckets: geom.buckets,
+            log_end: plan.log_end,
+            live_keys: counters.live_keys,
+            live_bytes: counters.live_bytes,
+            log_bytes: counters.log_bytes,
+            dead_index_bytes: counters.dead_index_bytes,
+        };
+        self.write_slot(&mut slots, &plan.file, c)?;
+        self.sync_file(&plan.file)?;
+        let frozen = {
+            let mut st = self.state.write();
+            st.index = geom;
+            st.frozen.take()
+        };
+        // Freeing a large table unmaps memory: not under the lock.
+        drop(frozen);
+        if let Some((_, true)) = plan.grow {
+            // The other slot still points at the old region; release it only after the
+            // next checkpoint.
+            let seq = slots.last.seq;
+            slots
+                .pending_punch
+                .push((plan.old.off, plan.old.bytes(), seq));
+        }
+        self.release_old_regions(&mut slots, &plan.file);
+        Ok(())
+    }
+
+    /// Exact counters: finishes the index lookups the write path deferred, a chunk per
+    /// hold of the state lock so readers are not stalled by a long backlog.
+    pub(crate) fn resolve_counters(&self) -> crate::state::Counters {
+        self.collect_failed_job();
+        let _resolving = self.resolving.lock();
+        self.resolve_counters_locked()
+    }
+
+    /// If a background checkpoint failed and the writer has not collected it yet,
+    /// collects it: the repair makes the counters exact again (a repair that fails too
+    /// leaves them upper bounds until a later one works). Takes the writer mutex.
+    pub(crate) fn collect_failed_job(&self) {
+        if self.state.read().frozen.as_ref().is_some_and(|f| f.failed) {
+            let mut w = self.writer.lock();
+            let _ = self.finish_job(&mut w);
+        }
+    }
+}

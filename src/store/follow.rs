@@ -1,0 +1,305 @@
+//! Readers in other processes: a read-only store follows its writer through the live
+//! area of the file (see `docs/FORMAT.md`, "Readers in other processes").
+//!
+//! A reader's view is recovery run in memory: the index buckets as of some checkpoint,
+//! plus a delta replayed from that checkpoint's log end up to the *committed end* the
+//! writer publishes. Before every call, a reader compares three words of the live area
+//! with what its view was built from (two loads on one cache line when nothing changed):
+//!
+//! - the committed end moved: replay the log from the view's end to it (catching up
+//!   costs what was written, not the store's size), remapping if the file grew past the
+//!   mapping;
+//! - the index sequence moved: re-read the checkpoint slot (the writer rewrote buckets,
+//!   switched to a new index region or punched an old one) and adopt its index;
+//! - the switch word says compaction replaced the file: open the file now at the path.
+//!
+//! A lookup reads bucket words atomically and checks afterwards that the index sequence
+//! has not moved; if it has, the bytes it read may be a mix, so it catches up and tries
+//! again. No reader registers anywhere: the writer never waits for readers, and a dead
+//! reader leaves nothing behind.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLockReadGuard;
+
+use super::inner::Inner;
+use crate::error::{Error, Result};
+use crate::format::{
+    RecordRef, LIVE_COMMITTED_OFF, LIVE_INDEX_SEQ_OFF, LIVE_SESSION_OFF, LIVE_SWITCH_OFF,
+    SWITCH_NONE, SWITCH_PENDING,
+};
+use crate::index::key_hash;
+use crate::log::{scan, StopReason};
+use crate::map::{FileHandle, LiveArea, Mapping};
+use crate::state::State;
+
+/// How long a reader waits for an odd index sequence (a bucket write in progress, which
+/// takes microseconds) before it asks whether the writer is still alive.
+const ODD_PATIENCE: Duration = Duration::from_millis(2);
+/// A reader rebuilds its delta from the current checkpoint once it holds this many
+/// entries, so its memory stays bounded by what the writer's own delta holds.
+const REBASE_ENTRIES: usize = 1 << 16;
+
+/// The index sequence once it is even (no bucket write in progress). If it stays odd and
+/// no writer holds the lock, the writer died in the middle of a write: its buckets are
+/// each whole (a killed process never leaves a page half copied) and nobody changes them
+/// until the next writer, whose open moves the sequence on; the odd value is returned.
+pub(super) fn stable_index_seq(live: &LiveArea, file: &FileHandle) -> u64 {
+    let start = Instant::now();
+    loop {
+        let s = live.load(LIVE_INDEX_SEQ_OFF);
+        if s.is_multiple_of(2) {
+            return s;
+        }
+        if start.elapsed() >= ODD_PATIENCE {
+            if !file.writer_alive() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// What a reader's view is missing, from the live area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behind {
+    Nothing,
+    /// Replay the log and/or adopt a newer checkpoint.
+    Changes,
+    /// The file was (or is being) replaced: reopen the path.
+    Switch,
+}
+
+fn behind(st: &State) -> Behind {
+    let live = &st.live;
+    match live.load(LIVE_SWITCH_OFF) {
+        SWITCH_NONE => {}
+        SWITCH_PENDING => {
+            // Compaction is renaming a new file over this one. Its writer holds the lock
+            // and commits nothing until the rename is done, so this file is still the
+            // store, unless that writer died after renaming: then the path names another
+            // file, and nothing will ever mark this one done.
+            if !st.file.writer_alive() {
+                return Behind::Switch;
+            }
+        }
+        _ => return Behind::Switch,
+    }
+    let committed = live.load(LIVE_COMMITTED_OFF);
+    let seq = live.load(LIVE_INDEX_SEQ_OFF);
+    if committed != st.seen.committed || seq != st.seen.index_seq {
+        Behind::Changes
+    } else {
+        Behind::Nothing
+    }
+}
+
+impl Inner {
+    /// The view to read from: for a writer's own store, its state; for a reader, its
+    /// state brought up to what the writer committed before this call.
+    pub(super) fn view(&self) -> Result<RwLockReadGuard<'_, State>> {
+        loop {
+            let st = self.state.read();
+            if !st.shared || behind(&st) == Behind::Nothing {
+                return Ok(st);
+            }
+            drop(st);
+            self.catch_up()?;
+        }
+    }
+
+    /// The newest live record for `key` in a fresh view, with the view (whose guard
+    /// keeps the record's bytes readable). A reader retries when the writer changed the
+    /// index while it probed.
+    pub(super) fn find_live_fresh(
+        &self,
+        key: &[u8],
+    ) -> Result<(RwLockReadGuard<'_, State>, Option<RecordRef>)> {
+        let h = key_hash(self.seed, key);
+        loop {
+            let st = self.view()?;
+            let found = st.find_live(h, key);
+            if !st.shared || self.index_unchanged(&st) {
+                return found.map(|r| (st, r));
+            }
+            drop(st);
+        }
+    }
+
+    /// True if the index sequence still is the one the view was built on: everything
+    /// read from the buckets since then is one consistent version of each bucket.
+    pub(super) fn index_unchanged(&self, st: &State) -> bool {
+        // Orders the bucket loads before the sequence load (the seqlock read side).
+        fence(Ordering::Acquire);
+        st.live.load(LIVE_INDEX_SEQ_OFF) == st.seen.index_seq
+    }
+
+    /// Runs `f` on a fresh view until the index did not change under it (a reader's
+    /// whole-index reads: iteration, verification, counters).
+    pub(super) fn with_stable_index<R>(&self, f: impl Fn(&State) -> Result<R>) -> Result<R> {
+        loop {
+            let st = self.view()?;
+            let r = f(&st);
+            if !st.shared || self.index_unchanged(&st) {
+                return r;
+            }
+        }
+    }
+
+    /// Brings a reader's view up to the live area (under the exclusive state lock).
+    fn catch_up(&self) -> Result<()> {
+        let mut st = self.state.write();
+        if behind(&st) == Behind::Switch {
+            self.follow_switch(&mut st)?;
+        }
+        // The slot first, then the committed end: a checkpoint raises the committed end
+        // over everything its buckets refer to before it writes the slot and moves the
+        // sequence (release), so this order sees an end that covers the adopted index.
+        let seq = stable_index_seq(&st.live, &st.file);
+        if seq != st.seen.index_seq {
+            self.adopt_checkpoint(&mut st, seq)?;
+        }
+        let committed = st.live.load(LIVE_COMMITTED_OFF);
+        let pos = st.map.published();
+        if committed > pos {
+            replay(&mut st, pos, committed)?;
+        } else if committed < pos && st.file.writer_alive() {
+            // A live writer whose recovery ended before what this reader saw (the file
+            // was damaged, or replaced by another program): start over.
+            *st = self.reopen_state()?;
+            return Ok(());
+        }
+        // (`committed < pos` with no writer: a dead writer's uncommitted tail, which
+        // this view keeps, as the next writer's recovery will.)
+        st.seen.committed = committed;
+        st.seen.session = st.live.load(LIVE_SESSION_OFF);
+        Ok(())
+    }
+
+    /// Reads the current checkpoint slot and takes its index.
+    fn adopt_checkpoint(&self, st: &mut State, seq: u64) -> Result<()> {
+        let len = st.file.len()?;
+        let (_, best) = super::open::read_superblock(&st.file, len)?;
+        let Some((c, _)) = best else {
+            // Both slots unreadable: one is being written (a torn read). Keep the old
+            // index; the sequence will move again when the write is done.
+            return Ok(());
+        };
+        if !self.index_unchanged_since(st, seq) {
+            return Ok(());
+        }
+        st.index = crate::state::IndexGeom {
+            off: c.index_off,
+            buckets: c.index_buckets,
+            style: c.index_style,
+        };
+        st.delta_only = false;
+        st.seen.index_seq = seq;
+        st.seen.ckpt_end = c.log_end;
+        if st.delta.len() >= REBASE_ENTRIES && c.log_end > st.seen.base {
+            rebase(st, c.log_end);
+        }
+        Ok(())
+    }
+
+    fn index_unchanged_since(&self, st: &State, seq: u64) -> bool {
+        fence(Ordering::Acquire);
+        st.live.load(LIVE_INDEX_SEQ_OFF) == seq
+    }
+
+    /// Follows compaction to the file now at the path (or stays, if the switch did not
+    /// happen: the path still names this file).
+    fn follow_switch(&self, st: &mut State) -> Result<()> {
+        let here = st.file.identity()?;
+        let there = std::fs::metadata(&self.path).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
+        match there {
+            Ok(id) if id == here => {
+                // A compaction that died before its rename: this file is still the
+                // store, and the next writer clears the mark. Nothing to follow.
+                Ok(())
+            }
+            _ => {
+                *st = self.reopen_state()?;
+                Ok(())
+            }
+        }
+    }
+
+    /// A reader's view of the file now at the path, as a fresh open builds it.
+    fn reopen_state(&self) -> Result<State> {
+        let fresh = super::open::open(&self.path, self.opts.clone())?;
+        *self.recovery.lock() = fresh.recovery.lock().clone();
+        Ok(fresh.state.into_inner())
+    }
+}
+
+/// Replays the committed writes in `[from, to)` into the view (recovery in memory).
+fn replay(st: &mut State, from: u64, to: u64) -> Result<()> {
+    if to > st.map.reserved() {
+        let len = st.file.len()?;
+        if len < to {
+            return Err(Error::corrupt(
+                to,
+                "the writer's committed end lies past the end of the file",
+            ));
+        }
+        let map = Arc::new(Mapping::new(
+            &st.file,
+            super::grow::reservation(len),
+            from,
+            false,
+        )?);
+        st.map = map;
+    }
+    let map = Arc::clone(&st.map);
+    // Readable up to `to` for the scan; on failure, back to `from`.
+    map.follow_to(to);
+    let seed = st.seed;
+    let end = scan(map.published_bytes(), seed, from, to, |recs| {
+        for r in recs {
+            let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
+            st.apply(key_hash(seed, key), key, r);
+        }
+        st.writes += 1;
+    });
+    if end.valid_end != to || !matches!(end.stop, StopReason::End) {
+        map.follow_to(end.valid_end);
+        return Err(Error::corrupt(
+            end.valid_end,
+            "damaged record below the writer's committed end",
+        ));
+    }
+    st.counters.log_bytes += end.bytes;
+    Ok(())
+}
+
+/// Rebuilds a reader's delta from `ckpt_end` (a checkpoint it adopted) to its end, so the
+/// entries the checkpoint's buckets now hold are dropped.
+fn rebase(st: &mut State, ckpt_end: u64) {
+    let map = Arc::clone(&st.map);
+    let to = map.published();
+    if ckpt_end > to {
+        return;
+    }
+    let seed = st.seed;
+    let old = std::mem::take(&mut st.delta);
+    let end = scan(map.published_bytes(), seed, ckpt_end, to, |recs| {
+        for r in recs {
+            let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
+            st.apply(key_hash(seed, key), key, r);
+        }
+    });
+    if end.valid_end == to {
+        st.seen.base = ckpt_end;
+        drop(old);
+    } else {
+        st.delta = old;
+    }
+}

@@ -1,0 +1,309 @@
+//! `Inner`: the state a store handle shares with its background threads, and the
+//! helpers every part of the store uses (poisoning, sync observers).
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::format::CheckpointInfo;
+use crate::map::{FileHandle, TailWriter};
+use crate::state::IndexGeom;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::error::{Error, Result};
+use crate::observe::SyncEvent;
+use crate::options::Options;
+use crate::state::State;
+use crate::stats::RecoveryReport;
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) path: PathBuf,
+    pub(crate) opts: Options,
+    pub(crate) seed: u64,
+    pub(crate) state: RwLock<State>,
+    pub(crate) writer: Mutex<Writer>,
+    /// Held by whoever settles deferred index lookups (see `State::resolve`) from more
+    /// than one hold of the state lock: a checkpoint, from the moment it reads which delta
+    /// entries are unresolved until it has taken them into the counters, and
+    /// `resolve_counters`. Without it, both could count the same old record. Taken
+    /// before the state lock, after the writer mutex.
+    pub(crate) resolving: Mutex<()>,
+    /// The checkpoint slots. Held by a background checkpoint for its whole run, and by
+    /// anyone else only to write a slot (never while a background checkpoint runs: the
+    /// writer waits for it first). Taken after `resolving`, before the state lock.
+    pub(super) slots: Mutex<Slots>,
+    /// `State::writes`, readable without the state lock (a group-commit leader polls it
+    /// while it waits for the other writers).
+    pub(super) published_writes: AtomicU64,
+    /// Bumped (under the sync mutex) whenever a sync finishes or syncs resume: what a
+    /// waiting writer watches.
+    pub(super) syncs_done: AtomicU64,
+    pub(super) sync: Mutex<SyncState>,
+    pub(super) sync_cv: Condvar,
+    pub(super) poisoned: AtomicBool,
+    /// `SyncState::durable_end`, readable without the sync mutex: the durable watermark
+    /// that new records carry (see `format::durable_mark`).
+    pub(super) durable_hint: AtomicU64,
+    /// Bumped by every growth of the file (before data in the new space is published).
+    /// A sync that samples epoch E with its target and then runs `fdatasync` makes every
+    /// size change up to E durable; `SyncState::size_epoch` remembers the last such E.
+    pub(super) size_epoch: AtomicU64,
+    /// Bumped (under the exclusive state lock) when compaction switches files: log
+    /// offsets of different generations are not comparable. A write of an older
+    /// generation is durable: compaction synced a file holding every published write.
+    pub(super) file_gen: AtomicU64,
+    pub(super) syncs: AtomicU64,
+    pub(super) bytes_synced: AtomicU64,
+    pub(super) checkpoints: AtomicU64,
+    /// Work for the background thread, and its stop flag.
+    pub(super) background: Mutex<Background>,
+    pub(super) background_cv: Condvar,
+    pub(crate) recovery: Mutex<RecoveryReport>,
+}
+
+impl Inner {
+    pub(crate) fn new(
+        path: PathBuf,
+        opts: Options,
+        seed: u64,
+        state: State,
+        writer: Writer,
+        ckpt: CheckpointInfo,
+    ) -> Self {
+        let end = writer.end;
+        Inner {
+            path,
+            opts,
+            seed,
+            state: RwLock::new(state),
+            writer: Mutex::new(writer),
+            resolving: Mutex::new(()),
+            slots: Mutex::new(Slots {
+                last: ckpt,
+                pending_punch: Vec::new(),
+            }),
+            published_writes: AtomicU64::new(0),
+            syncs_done: AtomicU64::new(0),
+            sync: Mutex::new(SyncState {
+                durable_end: end,
+                ..SyncState::default()
+            }),
+            sync_cv: Condvar::new(),
+            poisoned: AtomicBool::new(false),
+            durable_hint: AtomicU64::new(end),
+            size_epoch: AtomicU64::new(0),
+            file_gen: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            bytes_synced: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            background: Mutex::new(Background::default()),
+            background_cv: Condvar::new(),
+            recovery: Mutex::new(RecoveryReport::default()),
+        }
+    }
+
+    /// Runs `change`, a write of bytes outside the log that readers may be reading (index
+    /// buckets, a checkpoint slot, a punched region), under the exclusive state lock (for
+    /// readers in this process) and with the live area's index sequence odd (for readers
+    /// in other processes, which see it move and read again).
+    ///
+    /// Ordering: the first increment is a read-modify-write with acquire semantics, so
+    /// the change (stores made by the kernel on this thread's behalf) cannot become
+    /// visible before it; the second has release semantics, so the change is visible to
+    /// whoever acquires the new, even value.
+    pub(super) fn change_index<R>(&self, change: impl FnOnce() -> R) -> R {
+        let st = self.state.write();
+        st.live.add(crate::format::LIVE_INDEX_SEQ_OFF, 1);
+        let r = change();
+        st.live.add(crate::format::LIVE_INDEX_SEQ_OFF, 1);
+        r
+    }
+
+    pub(crate) fn check_not_poisoned(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn poison_pub<T>(&self, e: Error) -> Result<T> {
+        self.poison(e)
+    }
+
+    pub(crate) fn notify_pub(&self, ev: SyncEvent) {
+        self.notify(ev);
+    }
+
+    pub(crate) fn notify_path(&self, path: &Path, ev: SyncEvent) {
+        if let Some(obs) = &self.opts.sync_observer {
+            obs.0.synced(path, ev);
+        }
+    }
+
+    pub(super) fn check_writable(&self) -> Result<()> {
+        if self.opts.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        Ok(())
+    }
+
+    pub(super) fn poison<T>(&self, e: Error) -> Result<T> {
+        self.poisoned.store(true, Ordering::Release);
+        Err(e)
+    }
+
+    pub(super) fn notify(&self, ev: SyncEvent) {
+        if let Some(obs) = &self.opts.sync_observer {
+            obs.0.synced(&self.path, ev);
+        }
+    }
+}
+
+/// Writer-side state, behind the writer mutex.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    pub(crate) tail: TailWriter,
+    pub(crate) file: Arc<FileHandle>,
+    /// Offset where the next record goes (== published end).
+    pub(crate) end: u64,
+    /// Allocated file length.
+    pub(crate) alloc: u64,
+    /// The log end that the last checkpoint, finished or running, covers.
+    pub(super) ckpt_end: u64,
+    /// The background checkpoint, if one was started and not yet joined.
+    pub(super) job: Option<Job>,
+    /// Where the delta's next insert will probe (see `SlotHint`).
+    pub(super) delta_hint: crate::index::SlotHint,
+    /// After a checkpoint failed without poisoning the store (a full disk while growing
+    /// the index, say): the write count at which the next one is tried, and the gap that
+    /// doubles with each failure, so a lasting failure does not cost every write an
+    /// attempt (a repair rescans the whole log).
+    pub(super) retry_at: u64,
+    pub(super) retry_gap: u64,
+    /// A DIRTY checkpoint was written in this session.
+    pub(crate) dirty_marked: bool,
+    pub(super) buf: Vec<u8>,
+    pub(super) prefaulted: u64,
+    /// Under `None`/`Periodic`: write-back of the log was started up to here.
+    pub(super) written_back: u64,
+    /// Under `Always`/`Async`: `[end, zeroed)` holds real zeros written by us (not
+    /// unwritten extents), so an append there needs no extent conversion at sync time.
+    pub(super) zeroed: u64,
+    /// Writes applied (a batch counts once).
+    pub(crate) writes: u64,
+}
+
+impl Writer {
+    /// Puts off the next checkpoint attempt after a failed one (see `retry_at`).
+    pub(super) fn backoff(&mut self) {
+        self.retry_gap = (self.retry_gap * 2).clamp(1024, 1 << 20);
+        self.retry_at = self.writes + self.retry_gap;
+    }
+
+    pub(crate) fn new(
+        tail: TailWriter,
+        file: Arc<FileHandle>,
+        end: u64,
+        alloc: u64,
+        ckpt_end: u64,
+    ) -> Self {
+        Writer {
+            tail,
+            file,
+            end,
+            alloc,
+            ckpt_end,
+            job: None,
+            retry_at: 0,
+            retry_gap: 0,
+            delta_hint: crate::index::SlotHint::default(),
+            dirty_marked: false,
+            buf: Vec::new(),
+            prefaulted: 0,
+            written_back: end,
+            zeroed: end,
+            writes: 0,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(super) struct SyncState {
+    pub(super) durable_end: u64,
+    pub(super) durable_writes: u64,
+    /// The growth epoch made durable by the last `fdatasync`.
+    pub(super) size_epoch: u64,
+    /// A sync is running.
+    pub(super) syncing: bool,
+    /// Compaction is switching files: no sync may start.
+    pub(super) paused: bool,
+    /// Writers asleep until a sync finishes (after yielding for a while, see `sync_to`);
+    /// unparked when one does.
+    pub(super) waiters: Vec<std::thread::Thread>,
+    /// Writes covered by recent syncs (decays by one per round): how many writers share
+    /// syncs right now. A new leader waits briefly for that many writes to be pending.
+    pub(super) batch_hint: u64,
+    /// Duration of the last sync; bounds the leader's wait.
+    pub(super) last_sync: std::time::Duration,
+}
+
+/// The checkpoint slots in the file (see [`Inner::slots`]).
+#[derive(Debug)]
+pub(super) struct Slots {
+    /// The checkpoint slot last written (or read at open).
+    pub(super) last: CheckpointInfo,
+    /// Old index regions to release once no checkpoint slot can refer to them:
+    /// (offset, length, seq of the checkpoint that stopped using it).
+    pub(super) pending_punch: Vec<(u64, u64, u64)>,
+}
+
+/// What the write path hands to the background thread (`None`/`Periodic` only), so the
+/// writer does not pay for it: page faults on the log ahead of the tail and write-back
+/// submission behind it were a fifth of an unsynced put's CPU time.
+#[derive(Debug, Default)]
+pub(super) struct Background {
+    pub(super) stop: bool,
+    /// Prefault `[from, to)` of this mapping writable (`MADV_POPULATE_WRITE`).
+    pub(super) prefault: Option<(Arc<crate::map::Mapping>, u64, u64)>,
+    /// Start write-back of `[from, to)` of this file (`sync_file_range`).
+    pub(super) writeback: Option<(Arc<FileHandle>, u64, u64)>,
+}
+
+impl Background {
+    /// Adds a range to a pending one of the same mapping or file (ranges only grow).
+    pub(super) fn merge<T>(slot: &mut Option<(Arc<T>, u64, u64)>, new: (Arc<T>, u64, u64)) {
+        *slot = Some(match slot.take() {
+            Some((t, from, to)) if Arc::ptr_eq(&t, &new.0) => (t, from.min(new.1), to.max(new.2)),
+            _ => new,
+        });
+    }
+}
+
+/// A checkpoint running on its own thread (see `Inner::start_checkpoint`).
+#[derive(Debug)]
+pub(super) struct Job {
+    pub(super) thread: JoinHandle<Result<()>>,
+    pub(super) plan: JobPlan,
+}
+
+/// What a checkpoint does (on its own thread, or on the writer's): write the frozen delta
+/// into the index, in place or into a new, larger region the writer already claimed;
+/// `log_end` is the log end the frozen delta covers, which its final slot records.
+#[derive(Debug, Clone)]
+pub(super) struct JobPlan {
+    pub(super) file: Arc<FileHandle>,
+    pub(super) log_end: u64,
+    pub(super) old: IndexGeom,
+    /// The claimed region, and whether the old region is real space before it (to be
+    /// counted dead and released).
+    pub(super) grow: Option<(IndexGeom, bool)>,
+    /// State of the final slot: DIRTY, or CLEAN for the checkpoint of a clean close.
+    pub(super) fin: u32,
+}

@@ -1,0 +1,385 @@
+//! Readers in other processes (docs/GUARANTEES.md, "Processes: one writer, many
+//! readers"): a store opened with `read_only(true)` in one process sees every write that
+//! a writer in another process committed before the reader's call started, without
+//! reopening, across file growth, checkpoints, index growth, compaction and the writer's
+//! kill -9 and restart. Never an older value once a newer one is committed, never half a
+//! batch.
+//!
+//! The writer runs in a child process (this test binary re-run with
+//! `MAPKV_READERS_ROLE=writer`); it prints `ACK <i>` after each write returned. The
+//! parent holds the reader and checks, after each `ACK`, that the write is visible.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use mapkv::{Batch, Durability, Error, Options, Store};
+
+mod common;
+use common::tmp;
+
+const ROLE_VAR: &str = "MAPKV_READERS_ROLE";
+const PATH_VAR: &str = "MAPKV_READERS_PATH";
+const ARGS_VAR: &str = "MAPKV_READERS_ARGS";
+const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn key(i: u64) -> Vec<u8> {
+    format!("key{:07}", i % 5_000).into_bytes()
+}
+
+/// The value of write `i`: its number, then padding so the log grows quickly.
+fn value(i: u64) -> Vec<u8> {
+    let mut v = format!("{i:012}:").into_bytes();
+    v.resize(40 + (i % 200) as usize, b'v');
+    v
+}
+
+fn number(v: &[u8]) -> u64 {
+    std::str::from_utf8(&v[..12])
+        .expect("utf-8 value")
+        .parse()
+        .expect("value starts with its write number")
+}
+
+fn durability(name: &str) -> Durability {
+    match name {
+        "always" => Durability::Always,
+        "async" => Durability::Async,
+        "periodic" => Durability::Periodic(Duration::from_millis(5)),
+        _ => Durability::None,
+    }
+}
+
+/// Child side: writes `count` writes from `start` (a put of `key(i)`, every 10th a batch
+/// of that put and a pair `a`/`b` holding the same number), compacting every
+/// `compact_every` writes, printing `ACK i` after each returned.
+#[test]
+fn child_process_entry() {
+    let Ok(role) = std::env::var(ROLE_VAR) else {
+        return;
+    };
+    let path = PathBuf::from(std::env::var(PATH_VAR).expect("store path"));
+    let args: Vec<String> = std::env::var(ARGS_VAR)
+        .expect("args")
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    assert_eq!(role, "writer", "unknown role");
+    let start: u64 = args[1].parse().expect("start");
+    let count: u64 = args[2].parse().expect("count");
+    let compact_every: u64 = args[3].parse().expect("compact_every");
+    let opts = Options::default()
+        .durability(durability(&args[0]))
+        .checkpoint_keys(300)
+        .initial_size(64 << 10);
+    let store = Store::open(&path, opts).expect("writer open");
+    eprintln!("READY");
+    for i in start..start + count {
+        if i % 10 == 0 {
+            let mut b = Batch::new();
+            b.put(key(i), value(i))
+                .put(b"a", value(i))
+                .put(b"b", value(i));
+            store.write(&b).expect("batch");
+        } else {
+            store.put(key(i), value(i)).expect("put");
+        }
+        if compact_every > 0 && i % compact_every == compact_every - 1 {
+            store.compact().expect("compact");
+        }
+        eprintln!("ACK {i}");
+    }
+    store.close().expect("close");
+    eprintln!("DONE");
+}
+
+struct Writer {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+fn spawn_writer(path: &Path, args: &str) -> Writer {
+    let exe = std::env::current_exe().expect("test binary");
+    let mut child = Command::new(exe)
+        .args(["--exact", "child_process_entry", "--nocapture"])
+        .env(ROLE_VAR, "writer")
+        .env(PATH_VAR, path)
+        .env(ARGS_VAR, args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn writer");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Writer { child, lines: rx }
+}
+
+impl Writer {
+    /// The next `ACK i` (or `None` at `DONE`).
+    fn next_ack(&mut self) -> Option<u64> {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(CHILD_TIMEOUT)
+                .expect("writer child stopped talking");
+            if let Some(n) = line.strip_prefix("ACK ") {
+                return Some(n.trim().parse().expect("ack number"));
+            }
+            if line.starts_with("DONE") {
+                return None;
+            }
+            assert!(!line.contains("panicked"), "writer child panicked: {line}");
+        }
+    }
+
+    fn wait_ready(&mut self) {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(CHILD_TIMEOUT)
+                .expect("writer ready");
+            if line.starts_with("READY") {
+                return;
+            }
+            assert!(!line.contains("panicked"), "writer child panicked: {line}");
+        }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the child to exit (after its `DONE`).
+    fn finish(mut self) {
+        assert!(self.child.wait().expect("wait").success(), "writer failed");
+    }
+}
+
+/// Checks, in the reader, that write `i` is visible (the writer acknowledged it before
+/// this call started): its key holds write `i` or a later one of the same key, never an
+/// earlier one; and the batch pair is never torn or older than the last batch seen.
+fn check_visible(reader: &Store, i: u64, last_batch: &mut u64) {
+    let got = reader
+        .get(key(i))
+        .unwrap_or_else(|e| panic!("reader get after ACK {i}: {e}"))
+        .unwrap_or_else(|| panic!("write {i} acknowledged but not visible to the reader"));
+    let n = number(&got);
+    assert!(
+        n >= i && n % 5_000 == i % 5_000,
+        "write {i}: reader saw {n}"
+    );
+    assert_eq!(got, value(n), "write {i}: value of write {n} damaged");
+    if i.is_multiple_of(10) {
+        *last_batch = i;
+    }
+    // b first, then a: a was committed with b, so it is at least as new.
+    if let Some(b) = reader.get(b"b").expect("get b") {
+        let a = reader
+            .get(b"a")
+            .expect("get a")
+            .expect("b visible without a: half a batch");
+        assert!(number(&a) >= number(&b), "a older than b: half a batch");
+        assert!(
+            number(&b) >= *last_batch,
+            "b older than the last acknowledged batch"
+        );
+    }
+}
+
+/// The whole life of a store, seen by one reader that stays open: opened before the
+/// writer exists, then growth, checkpoints, index growth, compaction, kill -9 and
+/// restart.
+fn follow_writer_through_everything(policy: &str) {
+    let (_dir, path) = tmp();
+    // The store must exist for a reader to open it: a writer creates it and closes.
+    Store::open(&path, Options::default().initial_size(64 << 10))
+        .expect("create")
+        .close()
+        .expect("close");
+    let reader = Store::open(&path, Options::default().read_only(true)).expect("reader");
+    assert_eq!(reader.get(key(0)).expect("get"), None);
+    let mut last_batch = 0;
+    let mut next = 0u64;
+    // Round 1: 1,500 writes, compacting every 500; killed at a random-ish point.
+    // Round 2: a new writer recovers and continues; killed again.
+    // Round 3: runs to its end and closes.
+    for (round, (count, kill_after)) in [(1_500u64, 1_100u64), (1_500, 700), (1_200, u64::MAX)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut w = spawn_writer(&path, &format!("{policy},{next},{count},500"));
+        w.wait_ready();
+        let mut acked = 0;
+        while let Some(i) = w.next_ack() {
+            assert_eq!(i, next, "round {round}: writes acknowledged in order");
+            check_visible(&reader, i, &mut last_batch);
+            next = i + 1;
+            acked += 1;
+            if acked == kill_after {
+                break;
+            }
+        }
+        if kill_after == u64::MAX {
+            w.finish();
+        } else {
+            w.kill();
+            // Whatever the killed writer wrote after its last ACK may or may not be
+            // there; what it acknowledged must stay.
+            for i in next.saturating_sub(50)..next {
+                check_visible(&reader, i, &mut last_batch);
+            }
+        }
+    }
+    let stats = reader.stats();
+    assert!(stats.live.reader);
+    assert_eq!(stats.live.behind_bytes, 0, "caught up: {:?}", stats.live);
+    assert!(stats.live.writer_sessions >= 3, "{:?}", stats.live);
+    // Every key's newest acknowledged value, as a fresh open sees it.
+    let fresh = Store::open(&path, Options::default().read_only(true)).expect("fresh reader");
+    for i in next.saturating_sub(5_000)..next {
+        let k = key(i);
+        assert_eq!(reader.get(&k).expect("get"), fresh.get(&k).expect("get"));
+    }
+    reader.verify().expect("verify in the reader");
+}
+
+#[test]
+fn a_reader_follows_a_none_writer_through_growth_compaction_and_kills() {
+    follow_writer_through_everything("none");
+}
+
+#[test]
+fn a_reader_follows_an_always_writer_through_growth_compaction_and_kills() {
+    follow_writer_through_everything("always");
+}
+
+#[test]
+fn a_reader_follows_a_periodic_writer() {
+    follow_writer_through_everything("periodic");
+}
+
+/// A reader and a writer in one process are as separate as in two: the writer lock is
+/// per open file, readers take none.
+#[test]
+fn readers_and_one_writer_open_in_any_order_and_a_second_writer_is_locked() {
+    let (_dir, path) = tmp();
+    Store::open(&path, Options::default())
+        .expect("create")
+        .close()
+        .expect("close");
+    let r1 = Store::open(&path, Options::default().read_only(true)).expect("reader first");
+    let w = Store::open(&path, Options::default()).expect("writer after a reader");
+    let r2 = Store::open(&path, Options::default().read_only(true)).expect("reader after");
+    assert!(matches!(
+        Store::open(&path, Options::default()),
+        Err(Error::Locked)
+    ));
+    w.put(b"k", b"v1").expect("put");
+    assert_eq!(r1.get(b"k").expect("get").as_deref(), Some(&b"v1"[..]));
+    assert_eq!(r2.get(b"k").expect("get").as_deref(), Some(&b"v1"[..]));
+    assert!(matches!(r1.put(b"x", b"y"), Err(Error::ReadOnly)));
+    w.put(b"k", b"v2").expect("put");
+    assert!(w.delete(b"k").expect("delete"));
+    assert_eq!(r2.get(b"k").expect("get"), None);
+    drop(w);
+    // No writer: readers keep the last state; a new writer can open.
+    assert_eq!(r1.get(b"k").expect("get"), None);
+    let w = Store::open(&path, Options::default()).expect("writer again");
+    w.put(b"k", b"v3").expect("put");
+    assert_eq!(r1.get(b"k").expect("get").as_deref(), Some(&b"v3"[..]));
+}
+
+/// `get_with` borrows the value from the mapping: while its closure runs, the bytes
+/// never change, whatever the writer does meanwhile (overwrites, checkpoints, growth,
+/// compaction, which replaces the file).
+#[test]
+fn get_with_never_sees_bytes_change_under_it() {
+    let (_dir, path) = tmp();
+    let w = Store::open(
+        &path,
+        Options::default()
+            .checkpoint_keys(200)
+            .initial_size(64 << 10),
+    )
+    .expect("writer");
+    w.put(b"hot", value(0)).expect("put");
+    let r = Store::open(&path, Options::default().read_only(true)).expect("reader");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    /// Stops the writer thread even if an assertion below fails (else the scope hangs).
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut i = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                w.put(b"hot", value(i)).expect("overwrite");
+                w.put(key(i), value(i)).expect("put");
+                if i % 700 == 0 {
+                    w.compact().expect("compact");
+                }
+                i += 1;
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut checks = 0;
+        let mut seen = std::collections::BTreeSet::new();
+        while Instant::now() < deadline {
+            r.get_with(b"hot", |v| {
+                let before = v.to_vec();
+                std::thread::sleep(Duration::from_millis(1));
+                assert_eq!(v, &before[..], "bytes changed under get_with");
+                assert_eq!(before, value(number(&before)));
+                seen.insert(number(&before));
+            })
+            .expect("get_with")
+            .expect("hot exists");
+            checks += 1;
+        }
+        assert!(checks > 20, "only {checks} reads ran");
+        assert!(
+            seen.len() > 5,
+            "the reader saw only {} values of hot",
+            seen.len()
+        );
+    });
+}
+
+/// A reader never writes: opening one on a file it cannot write works, and its files and
+/// directory are left exactly as they were.
+#[test]
+fn a_reader_changes_nothing_on_disk() {
+    let (dir, path) = tmp();
+    let w = Store::open(&path, Options::default()).expect("writer");
+    w.put(b"k", b"v").expect("put");
+    // Leftovers a reader must not clean up: a compaction file of the running writer.
+    let leftover = dir.path().join("store.mkv.compact-999999");
+    std::fs::write(&leftover, b"not ours").expect("leftover");
+    let before = std::fs::read(&path).expect("read");
+    let r = Store::open(&path, Options::default().read_only(true)).expect("reader");
+    assert_eq!(r.get(b"k").expect("get").as_deref(), Some(&b"v"[..]));
+    drop(r);
+    assert!(leftover.exists(), "a reader deleted a file");
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        before,
+        "a reader changed the file"
+    );
+}
