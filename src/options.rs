@@ -243,7 +243,7 @@ impl Options {
     }
 
     /// Install an observer that is told about every sync the store issues, with the byte
-    /// range it covered. Used by the crash simulator ([`crate::sim`]) to know which bytes
+    /// range it covered. Used by the crash simulator (the `sim` feature) to know which bytes
     /// were durable at each moment. Defaults to none.
     #[must_use]
     pub fn sync_observer(mut self, obs: std::sync::Arc<dyn crate::SyncObserver>) -> Self {

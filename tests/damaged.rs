@@ -344,8 +344,9 @@ fn background_checkpoint_rebuilds_a_damaged_bucket() {
     let path = path_in(&f);
     let (ckpt, _) = layout(&f.bytes).current;
     let mut bytes = f.bytes.clone();
-    // A flip in the reserved header bytes of the last bucket: lookups do not notice.
-    let pos = (ckpt.index_off + (ckpt.index_buckets - 1) * PAGE + 6) as usize;
+    // A flip in the reserved header bytes of the last bucket (after its magic): lookups
+    // do not notice, the checkpoint's CRC check does.
+    let pos = (ckpt.index_off + (ckpt.index_buckets - 1) * PAGE + 10) as usize;
     bytes[pos] ^= 0x10;
     write_file(&path, &bytes);
     let opts = Options::default()
@@ -670,10 +671,12 @@ fn random_and_foreign_files() {
             }
         }
     }
-    // A newer format: the same header with major 2, then minor + 1, checksums fixed.
+    // A newer format: the same header with the next major, then minor + 1, then a minor
+    // version 1 never had; checksums fixed.
     let good = sim::sample_store(dir.path(), 20, 2).expect("sample");
     for (major, minor) in [
-        (2u16, 0u16),
+        (mapkv::format::VERSION_MAJOR + 1, 0u16),
+        (mapkv::format::VERSION_MAJOR_V1, 1),
         (
             mapkv::format::VERSION_MAJOR,
             mapkv::format::VERSION_MINOR + 1,

@@ -152,7 +152,7 @@ fn cleanup_leftovers(path: &Path) {
             let orphan = OpenOptions::new()
                 .read(true)
                 .open(e.path())
-                .is_ok_and(|f| !FileHandle::unlocked(f).writer_alive());
+                .is_ok_and(|f| f.try_lock().is_ok() && !FileHandle::unlocked(f).writer_alive());
             if orphan {
                 let _ = std::fs::remove_file(e.path());
             }
@@ -274,22 +274,17 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
         return Err(Error::NotAStore { offset: 0 });
     }
     let reader = opts.read_only;
-    if len < PAGE {
-        return Err(Error::NotAStore { offset: 0 });
-    }
-    let live = Arc::new(LiveArea::new(&fh, !reader)?);
     // A reader notes the index sequence before it reads the checkpoint slot: a slot
-    // written meanwhile moves it, and the first lookup then reads the slot again.
-    let seen_seq = if reader {
-        super::follow::stable_index_seq(&live, &fh)
+    // written meanwhile moves it, and the first lookup then reads the slot again. (Only
+    // mapped, never written, before the superblock says this is a store.)
+    let live = if len >= PAGE {
+        Some(Arc::new(LiveArea::new(&fh, !reader)?))
     } else {
-        // A writer killed while it changed the index left the sequence odd: even it
-        // before anything else, so readers stop waiting for that writer.
-        let seq = live.load(LIVE_INDEX_SEQ_OFF);
-        if seq % 2 == 1 {
-            live.add(LIVE_INDEX_SEQ_OFF, 1);
-        }
-        0
+        None
+    };
+    let seen_seq = match &live {
+        Some(live) if reader => super::follow::stable_index_seq(live, &fh),
+        _ => 0,
     };
     let (info, best) = read_superblock(&fh, len)?;
     let seed = info.seed;
@@ -302,6 +297,15 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
             len,
             "file ends before the log starts (nothing to salvage)",
         ));
+    }
+
+    let Some(live) = live else {
+        return Err(Error::corrupt(len, "file ends inside the superblock page"));
+    };
+    if !reader && live.load(LIVE_INDEX_SEQ_OFF) % 2 == 1 {
+        // A writer killed while it changed the index left the sequence odd: even it
+        // before anything else, so readers stop waiting for that writer.
+        live.add(LIVE_INDEX_SEQ_OFF, 1);
     }
 
     let (ckpt, full) = match best {
