@@ -58,8 +58,12 @@ pub struct StaticHeader {
     pub log_start: [u8; 8],
     /// Offset of the first index region (informational; checkpoints name the current one).
     pub first_index: [u8; 8],
+    /// The log end the file was created with: `log_start` for a new store, the end of
+    /// the copied records for a compacted one. Changes after it are the writes made since
+    /// (what a follower reads); 0 in version 1 files (read as `log_start`).
+    pub origin_end: [u8; 8],
     /// Reserved, zero.
-    pub reserved: [u8; 468],
+    pub reserved: [u8; 460],
     /// CRC-32 of bytes `0..508`.
     pub crc: [u8; 4],
 }
@@ -193,6 +197,8 @@ pub struct StaticInfo {
     pub log_start: u64,
     /// First index region offset.
     pub first_index: u64,
+    /// See [`StaticHeader::origin_end`] (`log_start` when the file says 0).
+    pub origin_end: u64,
     /// Major version the file was written with ([`VERSION_MAJOR`] or
     /// [`VERSION_MAJOR_V1`]); [`encode_static`] always writes [`VERSION_MAJOR`].
     pub major: u16,
@@ -259,6 +265,7 @@ pub fn encode_static(info: &StaticInfo) -> [u8; SECTOR as usize] {
     h.seed = info.seed.to_le_bytes();
     h.log_start = info.log_start.to_le_bytes();
     h.first_index = info.first_index.to_le_bytes();
+    h.origin_end = info.origin_end.to_le_bytes();
     let mut out = [0u8; SECTOR as usize];
     out.copy_from_slice(bytemuck::bytes_of(&h));
     let crc = crc32fast::hash(&out[..SECTOR_CRC_SPAN]);
@@ -296,9 +303,16 @@ pub fn decode_static(bytes: &[u8]) -> Result<StaticInfo, HeaderError> {
         seed: u64_at(h.seed),
         log_start: u64_at(h.log_start),
         first_index: u64_at(h.first_index),
+        origin_end: match u64_at(h.origin_end) {
+            0 => u64_at(h.log_start),
+            e => e,
+        },
         major,
     };
-    if info.first_index != PAGE || info.log_start < 2 * PAGE || !info.log_start.is_multiple_of(PAGE)
+    if info.first_index != PAGE
+        || info.log_start < 2 * PAGE
+        || !info.log_start.is_multiple_of(PAGE)
+        || info.origin_end < info.log_start
     {
         return Err(HeaderError::Corrupt("static header layout out of range"));
     }
@@ -758,6 +772,7 @@ mod tests {
             seed: 42,
             log_start: 3 * PAGE,
             first_index: PAGE,
+            origin_end: 3 * PAGE,
             major: VERSION_MAJOR,
         };
         let b = encode_static(&s);
@@ -824,6 +839,7 @@ mod tests {
             seed: 42,
             log_start: 3 * PAGE,
             first_index: PAGE,
+            origin_end: 3 * PAGE,
             major: VERSION_MAJOR,
         };
         let mut b = encode_static(&s);

@@ -73,6 +73,44 @@ pub(crate) struct State {
     pub(crate) shared: bool,
     /// What a reader has caught up with (see `store::follow`).
     pub(crate) seen: Seen,
+    /// The file's place in the chain of files the store has lived in (for followers).
+    pub(crate) gen: Arc<FileGen>,
+}
+
+/// One file of the store's life, for followers of its changes: compaction starts a new
+/// one and links it from the old one, so a follower that was still reading the old file
+/// finishes it and goes on in the new one, however many switches it slept through. The
+/// store holds only the current link; a follower holds its own (and so the files it has
+/// yet to finish).
+#[derive(Debug)]
+pub(crate) struct FileGen {
+    /// The file's current mapping (growth replaces it). Its published end is how far
+    /// the file's changes can be read; once `next` is set, that end is final.
+    pub(crate) map: parking_lot::Mutex<Arc<Mapping>>,
+    /// Where the changes of this file start: the log end it was created with.
+    pub(crate) start: u64,
+    /// The file that replaced this one.
+    pub(crate) next: std::sync::OnceLock<Arc<FileGen>>,
+}
+
+impl FileGen {
+    pub(crate) fn new(map: Arc<Mapping>, start: u64) -> Arc<FileGen> {
+        Arc::new(FileGen {
+            map: parking_lot::Mutex::new(map),
+            start,
+            next: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Records that the file now has a new mapping (growth).
+    pub(crate) fn remapped(&self, map: &Arc<Mapping>) {
+        *self.map.lock() = Arc::clone(map);
+    }
+
+    /// Links the file that replaced this one.
+    pub(crate) fn replaced_by(&self, next: &Arc<FileGen>) {
+        let _ = self.next.set(Arc::clone(next));
+    }
 }
 
 /// How far a reader's view has followed its writer: the live-area values it last acted

@@ -383,3 +383,113 @@ fn a_reader_changes_nothing_on_disk() {
         "a reader changed the file"
     );
 }
+
+/// Applies a snapshot and then changes to a map, as a consumer of `follow` does.
+fn replay_into(
+    map: &mut std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+    changes: Vec<mapkv::Change>,
+) {
+    for c in changes {
+        match c {
+            mapkv::Change::Put { key, value } => {
+                map.insert(key, value);
+            }
+            mapkv::Change::Delete { key } => {
+                map.remove(&key);
+            }
+        }
+    }
+}
+
+fn contents(s: &Store) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+    s.iter().map(|r| r.expect("iter")).collect()
+}
+
+/// `follow` in the writer's own process: the snapshot, then exactly the writes made
+/// after it (none missed, none repeated), across batches, deletes and compactions.
+#[test]
+fn follow_in_process_gives_the_snapshot_then_every_later_write_once() {
+    let (_dir, path) = tmp();
+    let w = Store::open(&path, Options::default().checkpoint_keys(100)).expect("writer");
+    for i in 0..500u64 {
+        w.put(key(i), value(i)).expect("put");
+    }
+    let (snapshot, mut follower) = w.follow().expect("follow");
+    let mut state: std::collections::BTreeMap<_, _> =
+        snapshot.map(|r| r.expect("snapshot")).collect();
+    let mut expected = Vec::new();
+    for i in 500..3_000u64 {
+        if i % 7 == 0 {
+            w.delete(key(i - 3)).expect("delete");
+            expected.push(mapkv::Change::Delete { key: key(i - 3) });
+        } else if i % 10 == 1 {
+            let mut b = Batch::new();
+            b.put(key(i), value(i)).delete(b"nothing");
+            w.write(&b).expect("batch");
+            expected.push(mapkv::Change::Put {
+                key: key(i),
+                value: value(i),
+            });
+            expected.push(mapkv::Change::Delete {
+                key: b"nothing".to_vec(),
+            });
+        } else {
+            w.put(key(i), value(i)).expect("put");
+            expected.push(mapkv::Change::Put {
+                key: key(i),
+                value: value(i),
+            });
+        }
+        if i % 900 == 0 {
+            // Compaction moves the store to a new file while the follower lags.
+            w.compact().expect("compact");
+        }
+        if i % 250 == 0 {
+            let got = follower.poll().expect("poll");
+            let n = got.len();
+            assert_eq!(got[..], expected[..n], "changes in order, none missed");
+            expected.drain(..n);
+            replay_into(&mut state, got);
+        }
+    }
+    let got = follower.poll().expect("poll");
+    assert_eq!(got, expected, "the rest, exactly once");
+    replay_into(&mut state, got);
+    assert_eq!(state, contents(&w), "snapshot + changes == the store");
+    assert!(follower.poll().expect("poll").is_empty());
+}
+
+/// `follow` in a reader process: what it reports, applied to its snapshot, is what the
+/// writer (another process, compacting as it goes) left.
+#[test]
+fn follow_in_a_reader_process_reconstructs_the_writer_state() {
+    let (_dir, path) = tmp();
+    Store::open(&path, Options::default().initial_size(64 << 10))
+        .expect("create")
+        .close()
+        .expect("close");
+    let reader = Store::open(&path, Options::default().read_only(true)).expect("reader");
+    let mut w = spawn_writer(&path, "none,0,400,0");
+    w.wait_ready();
+    for _ in 0..100 {
+        w.next_ack();
+    }
+    let (snapshot, mut follower) = reader.follow().expect("follow");
+    let mut state: std::collections::BTreeMap<_, _> =
+        snapshot.map(|r| r.expect("snapshot")).collect();
+    w.finish();
+    let mut w = spawn_writer(&path, "always,400,2000,600");
+    w.wait_ready();
+    let mut polls = 0;
+    while let Some(i) = w.next_ack() {
+        if i % 97 == 0 {
+            replay_into(&mut state, follower.poll().expect("poll"));
+            polls += 1;
+        }
+    }
+    w.finish();
+    replay_into(&mut state, follower.poll().expect("poll"));
+    assert!(polls > 5);
+    let fresh = Store::open(&path, Options::default().read_only(true)).expect("fresh");
+    assert_eq!(state, contents(&fresh), "snapshot + changes == the store");
+}

@@ -38,7 +38,7 @@ use crate::index::bucket::fill_empty;
 use crate::index::{BucketBuf, BucketFull};
 use crate::map::{sync_dir, FileHandle, LiveArea, Mapping, TailWriter};
 use crate::observe::SyncEvent;
-use crate::state::{Counters, IndexGeom};
+use crate::state::{Counters, FileGen, IndexGeom};
 
 /// Target load of a compacted index (buckets are a power of two, so the real load lies
 /// between half this and this).
@@ -223,6 +223,7 @@ fn build(
             seed,
             log_start,
             first_index: PAGE,
+            origin_end: log_end,
             major: VERSION_MAJOR,
         };
         fh.write_at(&encode_static(&info), 0)?;
@@ -280,6 +281,9 @@ impl Inner {
             let old_map = std::mem::replace(&mut st.map, Arc::clone(&c.map));
             let old_file = std::mem::replace(&mut st.file, Arc::clone(&c.file));
             st.live = Arc::clone(&c.live);
+            let gen = FileGen::new(Arc::clone(&c.map), c.log_end);
+            st.gen.replaced_by(&gen);
+            st.gen = gen;
             st.index = c.index;
             st.log_start = c.log_start;
             st.delta.clear();

@@ -226,7 +226,17 @@ impl Inner {
                 Ok(())
             }
             _ => {
-                *st = self.reopen_state()?;
+                // Finish this file first: everything its writer committed before the
+                // switch (it commits nothing after marking it), so followers of its
+                // changes miss none; then link the new file after it.
+                let committed = st.live.load(LIVE_COMMITTED_OFF);
+                let pos = st.map.published();
+                if committed > pos {
+                    replay(st, pos, committed)?;
+                }
+                let fresh = self.reopen_state()?;
+                st.gen.replaced_by(&fresh.gen);
+                *st = fresh;
                 Ok(())
             }
         }
@@ -256,6 +266,7 @@ fn replay(st: &mut State, from: u64, to: u64) -> Result<()> {
             from,
             false,
         )?);
+        st.gen.remapped(&map);
         st.map = map;
     }
     let map = Arc::clone(&st.map);

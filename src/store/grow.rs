@@ -48,7 +48,11 @@ impl Inner {
             )?);
             map.advise(self.opts.access)?;
             w.tail.replace(Arc::clone(&map));
-            let old = std::mem::replace(&mut self.state.write().map, map);
+            let old = {
+                let mut st = self.state.write();
+                st.gen.remapped(&map);
+                std::mem::replace(&mut st.map, map)
+            };
             // Unmapping takes time (page tables); do it after releasing the state lock.
             drop(old);
             w.prefaulted = 0;

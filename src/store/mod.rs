@@ -14,6 +14,7 @@
 
 mod background;
 mod buckets;
+mod changes;
 mod checkpoint;
 mod commit;
 mod compact;
@@ -48,6 +49,7 @@ use crate::stats::Stats;
 
 use background::background;
 pub(crate) use inner::Inner;
+pub use changes::{Change, Follower};
 pub use iter::Iter;
 use sync::ASYNC_BOUND;
 pub use verify::VerifyReport;
@@ -237,6 +239,34 @@ impl Store {
             Ok(it) => it,
             Err(e) => Iter::failed(&self.inner.state.read(), e),
         }
+    }
+
+    /// A snapshot of the live pairs and a [`Follower`] of every change committed after
+    /// it: together, the store's state and then its history, with no change missed or
+    /// repeated between the two (`mapkv scan --follow` prints them). The snapshot is
+    /// the [`Store::iter`] of the same moment.
+    ///
+    /// # Errors
+    /// As for [`Store::get`] (a reader catching up with its writer).
+    pub fn follow(&self) -> Result<(Iter, Follower)> {
+        self.inner.with_stable_index(|st| {
+            let it = Iter::new(st);
+            let f = Follower::new(Arc::clone(&self.inner), Arc::clone(&st.gen), st.map.published());
+            Ok((it, f))
+        })
+    }
+
+    /// A [`Follower`] of the changes committed from now on.
+    ///
+    /// # Errors
+    /// As for [`Store::follow`].
+    pub fn changes(&self) -> Result<Follower> {
+        let st = self.inner.view()?;
+        Ok(Follower::new(
+            Arc::clone(&self.inner),
+            Arc::clone(&st.gen),
+            st.map.published(),
+        ))
     }
 
     /// Rewrites the live records into a fresh file and switches to it atomically,

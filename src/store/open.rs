@@ -42,7 +42,7 @@ use crate::index::{key_hash, Delta};
 use crate::log::{scan, StopReason};
 use crate::map::{sync_dir, FileHandle, LiveArea, Mapping, TailWriter};
 use crate::options::{Options, MIN_FILE_SIZE};
-use crate::state::{Counters, IndexGeom, Seen, State};
+use crate::state::{Counters, FileGen, IndexGeom, Seen, State};
 use crate::stats::RecoveryReport;
 
 fn random_seed() -> u64 {
@@ -73,6 +73,7 @@ fn init_store(fh: &FileHandle, opts: &Options) -> Result<()> {
         seed,
         log_start,
         first_index: PAGE,
+        origin_end: log_start,
         major: crate::format::VERSION_MAJOR,
     };
     fh.write_at(&encode_static(&info), 0)?;
@@ -396,6 +397,7 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
                 session: live.load(LIVE_SESSION_OFF),
                 committed,
             },
+            gen: FileGen::new(Arc::clone(&map), info.origin_end),
         };
         let start = if full { info.log_start } else { ckpt.log_end };
         if !full && (start >= limit || nothing_after(&fh, start, limit)?) {

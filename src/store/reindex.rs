@@ -120,6 +120,7 @@ impl Inner {
                 live: Arc::clone(&st.live),
                 shared: st.shared,
                 seen: st.seen,
+                gen: Arc::clone(&st.gen),
             }
         };
         let map = Arc::clone(&scratch.map);
