@@ -54,7 +54,8 @@ pub enum Error {
         /// The configured limit.
         max: usize,
     },
-    /// Another handle (in this or another process) holds a conflicting lock on the file.
+    /// Another handle (in this or another process) has the store open for writing: a
+    /// store has one writer at a time. Readers (`Options::read_only(true)`) never get it.
     Locked,
     /// A write was attempted on a store opened with `read_only(true)`.
     ReadOnly,
@@ -111,7 +112,9 @@ impl fmt::Display for Error {
             }
             Error::Locked => write!(
                 f,
-                "store is locked by another handle (another process or another Store in this one)"
+                "store is open for writing by another handle (in another process or this one); \
+                 a store has one writer at a time. Readers (Options::read_only(true), and the \
+                 mapkv get/scan/stats/verify/backup commands) work beside it"
             ),
             Error::ReadOnly => write!(f, "store was opened read-only; writes are refused"),
             Error::Poisoned => write!(

@@ -52,7 +52,8 @@ enum Cmd {
     Put(tools::PutArgs),
     /// Delete a key (exit 1 if it was missing).
     Del(tools::DelArgs),
-    /// List the live pairs, one `key<TAB>value` per line, in log (write) order.
+    /// List the live pairs, one `key<TAB>value` per line, in log (write) order; with
+    /// `--follow`, then every committed change as it happens.
     Scan(tools::ScanArgs),
     /// Print the store's counters: sizes, dead bytes, resident pages, recovery report.
     Stats(tools::StatsArgs),
@@ -60,6 +61,9 @@ enum Cmd {
     Verify(tools::VerifyArgs),
     /// Rewrite the store without dead records and print the file size before and after.
     Compact(tools::CompactArgs),
+    /// Write a consistent copy of a store (which may be open for writing elsewhere) to a
+    /// new file.
+    Backup(tools::BackupArgs),
     /// Crash-test a temporary store: kill -9 rounds and simulated power-loss images;
     /// exit 1 on any violation of the durability contract.
     Crashtest(crashtest::CrashtestArgs),
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
         Cmd::Stats(a) => tools::stats(a),
         Cmd::Verify(a) => tools::verify(a),
         Cmd::Compact(a) => tools::compact(a),
+        Cmd::Backup(a) => tools::backup(a),
         Cmd::Crashtest(a) => match crashtest::run(a) {
             Ok(true) => Ok(()),
             Ok(false) => Err(Failure::msg("crashtest found violations (see above)")),

@@ -321,3 +321,52 @@ impl Inner {
         s.durable_writes = writes;
     }
 }
+
+/// [`Store::backup`](crate::Store::backup): writes the live records of a consistent view
+/// into a new store at `dst`, as compaction writes its new file, then links it into place.
+///
+/// The view is taken under the state lock for as long as it takes to list the live
+/// records (a walk of the index); the copy itself reads the mapping the view had, which
+/// stays valid and unchanged however the store moves on. Built under a temporary name in
+/// `dst`'s directory (`.NAME.mapkv-new.*`, the name a store being created has, so the
+/// next writer that opens `dst` deletes it if a crash left it behind), synced, then
+/// hard-linked to `dst`, which must not exist: a crash leaves either no `dst` or a
+/// complete one.
+pub(crate) fn backup(inner: &Inner, dst: &std::path::Path) -> Result<()> {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let (map, mut offsets) =
+        inner.with_stable_index(|st| Ok((Arc::clone(&st.map), super::iter::live_offsets(st)?)))?;
+    offsets.sort_unstable();
+    let name = dst
+        .file_name()
+        .ok_or(Error::InvalidOption("backup path has no file name"))?
+        .to_string_lossy()
+        .into_owned();
+    if dst.symlink_metadata().is_ok() {
+        return Err(Error::io(
+            "backup",
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists; a backup never overwrites a file", dst.display()),
+            ),
+        ));
+    }
+    let tmp = dst.with_file_name(format!(
+        ".{name}.mapkv-new.{}.b{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| Error::io("create backup file", e))?;
+    let r = build(inner, &map, &offsets, f, &tmp).and_then(|built| {
+        drop(built);
+        std::fs::hard_link(&tmp, dst).map_err(|e| Error::io("link backup into place", e))?;
+        sync_dir(dst)
+    });
+    let _ = std::fs::remove_file(&tmp);
+    r
+}

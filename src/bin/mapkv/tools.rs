@@ -1,8 +1,10 @@
-//! Maintenance subcommands: `get`, `put`, `del`, `scan`, `stats`, `verify`, `compact`.
+//! Maintenance subcommands: `get`, `put`, `del`, `scan`, `stats`, `verify`, `compact`,
+//! `backup`.
 //!
-//! Every command opens the store, does one thing and closes it. Read-only commands open
-//! with `Options::read_only(true)` (a shared lock: they work while another read-only
-//! handle is open, and fail with "locked" while a writer has the store).
+//! Every command opens the store, does one thing and closes it. The reading ones (`get`,
+//! `scan`, `stats`, `verify`, `backup`) open it as a reader (`Options::read_only(true)`):
+//! they take no lock and work while an application has the store open for writing,
+//! seeing what it committed. The writing ones get "locked" then.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -107,8 +109,23 @@ pub struct ScanArgs {
     /// Print only the keys.
     #[arg(long)]
     pub keys_only: bool,
+    /// After the live pairs, print every change as the writer commits it, like
+    /// `tail -f`, until interrupted: `+<TAB>key<TAB>value` for a put, `-<TAB>key` for a
+    /// delete (deletes of keys that did not exist included). No change is missed or
+    /// printed twice between the pairs and the changes.
+    #[arg(long, conflicts_with = "limit")]
+    pub follow: bool,
     #[command(flatten)]
     pub enc: Encoding,
+}
+
+/// `mapkv backup SRC DST`.
+#[derive(Debug, clap::Args)]
+pub struct BackupArgs {
+    /// The store to copy (it may be open for writing by an application meanwhile).
+    pub src: PathBuf,
+    /// Where to write the copy (must not exist).
+    pub dst: PathBuf,
 }
 
 /// `mapkv stats PATH`.
@@ -219,7 +236,13 @@ pub fn scan(a: &ScanArgs) -> Result<(), Failure> {
     let store = open_ro(&a.path)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut shown = 0u64;
-    for item in store.iter() {
+    let (pairs, follower) = if a.follow {
+        let (it, f) = store.follow().map_err(|e| Failure::store(&a.path, &e))?;
+        (it, Some(f))
+    } else {
+        (store.iter(), None)
+    };
+    for item in pairs {
         if a.limit.is_some_and(|l| shown >= l) {
             break;
         }
@@ -235,7 +258,51 @@ pub fn scan(a: &ScanArgs) -> Result<(), Failure> {
         r.map_err(Failure::stdout)?;
         shown += 1;
     }
-    out.flush().map_err(Failure::stdout)
+    out.flush().map_err(Failure::stdout)?;
+    let Some(mut follower) = follower else {
+        return Ok(());
+    };
+    loop {
+        let changes = follower
+            .wait(std::time::Duration::from_millis(200))
+            .map_err(|e| Failure::store(&a.path, &e))?;
+        for c in changes {
+            let r = match c {
+                mapkv::Change::Put { key, value } if key.starts_with(&prefix) => {
+                    if a.keys_only {
+                        writeln!(out, "+\t{}", a.enc.show(&key))
+                    } else {
+                        writeln!(out, "+\t{}\t{}", a.enc.show(&key), a.enc.show(&value))
+                    }
+                }
+                mapkv::Change::Delete { key } if key.starts_with(&prefix) => {
+                    writeln!(out, "-\t{}", a.enc.show(&key))
+                }
+                _ => Ok(()),
+            };
+            r.map_err(Failure::stdout)?;
+        }
+        out.flush().map_err(Failure::stdout)?;
+    }
+}
+
+/// Runs `backup`: a consistent copy of the committed state, beside a running writer.
+pub fn backup(a: &BackupArgs) -> Result<(), Failure> {
+    let store = open_ro(&a.src)?;
+    store
+        .backup(&a.dst)
+        .map_err(|e| Failure::store(&a.src, &e))?;
+    let copy = Store::open(&a.dst, Options::default().read_only(true))
+        .map_err(|e| Failure::store(&a.dst, &e))?;
+    let s = copy.stats();
+    println!(
+        "{} -> {}: {} live keys, {} (the copy is compacted)",
+        a.src.display(),
+        a.dst.display(),
+        s.live_keys,
+        fmt_bytes(s.file_size)
+    );
+    Ok(())
 }
 
 /// Runs `stats`: every counter of [`mapkv::Stats`], explained.
@@ -325,6 +392,40 @@ pub fn stats(a: &StatsArgs) -> Result<(), Failure> {
             "offset where an incomplete tail was dropped",
         ),
     ];
+    let l = &s.live;
+    let live_rows: Vec<(&str, String, &str)> = vec![
+        (
+            "reader: view end",
+            l.view_end.to_string(),
+            "log end this reader has caught up with",
+        ),
+        (
+            "writer: committed end",
+            l.committed_end.to_string(),
+            "log end the writer has committed (published for readers)",
+        ),
+        (
+            "reader: behind by",
+            fmt_bytes(l.behind_bytes),
+            "committed log this reader has not replayed yet",
+        ),
+        (
+            "writer: durable end",
+            l.durable_end.to_string(),
+            "log end the writer last made durable",
+        ),
+        (
+            "writer: running",
+            l.writer_alive.to_string(),
+            "a process holds the store open for writing",
+        ),
+        (
+            "writer: sessions",
+            l.writer_sessions.to_string(),
+            "writers that opened the file since it was made",
+        ),
+    ];
+    let rows = rows.into_iter().chain(live_rows);
     for (k, v, m) in rows {
         t.add_row(vec![k.to_owned(), v, m.to_owned()]);
     }

@@ -1,0 +1,137 @@
+//! The `mapkv` command-line tool as a user runs it, beside an application that holds the
+//! store open for writing (this test process): the reading commands work and see what
+//! the application committed, the writing ones say the store is locked, `scan --follow`
+//! prints the changes as they are committed, `backup` copies the store.
+#![cfg(feature = "cli")]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use mapkv::{Options, Store};
+
+mod common;
+use common::tmp;
+
+fn mapkv(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mapkv"))
+        .args(args)
+        .output()
+        .expect("run mapkv")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn reading_commands_work_beside_a_writer_and_writing_ones_are_locked() {
+    let (dir, path) = tmp();
+    let p = path.to_str().expect("utf-8 path");
+    let w = Store::open(&path, Options::default()).expect("writer");
+    w.put(b"alpha", b"1").expect("put");
+    w.put(b"beta", b"2").expect("put");
+
+    let o = mapkv(&["get", p, "alpha"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stdout(&o), "1\n");
+    w.put(b"alpha", b"one").expect("put");
+    let o = mapkv(&["get", p, "alpha"]);
+    assert_eq!(stdout(&o), "one\n", "a later commit is seen");
+
+    let o = mapkv(&["scan", p]);
+    assert!(o.status.success(), "{o:?}");
+    let mut lines: Vec<_> = stdout(&o).lines().map(str::to_owned).collect();
+    lines.sort();
+    assert_eq!(lines, ["alpha\tone", "beta\t2"]);
+
+    let o = mapkv(&["stats", p]);
+    assert!(o.status.success(), "{o:?}");
+    let s = stdout(&o);
+    assert!(s.contains("writer: running") && s.contains("true"), "{s}");
+
+    let o = mapkv(&["verify", p]);
+    assert!(o.status.success(), "{o:?}");
+
+    let copy = dir.path().join("copy.mkv");
+    let o = mapkv(&["backup", p, copy.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{o:?}");
+    let c = Store::open(&copy, Options::default().read_only(true)).expect("copy");
+    assert_eq!(c.get(b"alpha").expect("get").as_deref(), Some(&b"one"[..]));
+
+    for args in [
+        vec!["put", p, "x", "y"],
+        vec!["del", p, "alpha"],
+        vec!["compact", p],
+    ] {
+        let o = mapkv(&args);
+        assert!(!o.status.success(), "{args:?} beside a writer must fail");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("open for writing by another"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(w.get(b"x").expect("get"), None, "nothing was written");
+}
+
+#[test]
+fn scan_follow_prints_the_pairs_then_each_change_once() {
+    let (_dir, path) = tmp();
+    let w = Store::open(&path, Options::default()).expect("writer");
+    for i in 0..50 {
+        w.put(format!("k{i:02}"), format!("v{i}")).expect("put");
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mapkv"))
+        .args(["scan", "--follow", path.to_str().expect("utf-8")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn scan --follow");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines.len() < 50 && Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            lines.push(l);
+        }
+    }
+    lines.sort();
+    let want: Vec<String> = (0..50).map(|i| format!("k{i:02}\tv{i}")).collect();
+    assert_eq!(lines, want, "the live pairs first");
+    w.put(b"k00", b"new").expect("put");
+    w.delete(b"k01").expect("delete");
+    let mut b = mapkv::Batch::new();
+    b.put(b"k50", b"v50").delete(b"k02");
+    w.write(&b).expect("batch");
+    w.compact().expect("compact");
+    w.put(b"after-compaction", b"yes").expect("put");
+    let mut changes = Vec::new();
+    while changes.len() < 5 && Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            changes.push(l);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        changes,
+        [
+            "+\tk00\tnew",
+            "-\tk01",
+            "+\tk50\tv50",
+            "-\tk02",
+            "+\tafter-compaction\tyes"
+        ],
+        "every change once, in order, across a compaction"
+    );
+}
