@@ -34,7 +34,7 @@ fn a_backup_made_while_writes_go_on_holds_a_prefix_with_everything_before_it() {
                 w.put(format!("k{}", i % 1_000), value(i)).expect("put");
                 i += 1;
                 acked.store(i, Ordering::Release);
-                if i % 5_000 == 0 {
+                if i.is_multiple_of(5_000) {
                     w.compact().expect("compact");
                 }
             }
