@@ -493,3 +493,57 @@ fn follow_in_a_reader_process_reconstructs_the_writer_state() {
     let fresh = Store::open(&path, Options::default().read_only(true)).expect("fresh");
     assert_eq!(state, contents(&fresh), "snapshot + changes == the store");
 }
+
+/// Damage made by another program to what the writer committed: the reader's catch-up
+/// reports it as an error (never a panic, never a silently shorter history); and a file
+/// replaced by something that is not a store is a clear error when the reader follows
+/// the switch to it.
+#[test]
+fn a_reader_reports_damage_and_foreign_files_as_errors() {
+    use std::os::unix::fs::FileExt;
+    let (dir, path) = tmp();
+    let w = Store::open(&path, Options::default()).expect("writer");
+    for i in 0..100u64 {
+        w.put(key(i), value(i)).expect("put");
+    }
+    let r = Store::open(&path, Options::default().read_only(true)).expect("reader");
+    assert!(r.get(key(5)).expect("get").is_some());
+    let end = w.stats().log_end;
+    for i in 100..200u64 {
+        w.put(key(i), value(i)).expect("put");
+    }
+    // A second reader, caught up before the damage.
+    let r2 = Store::open(&path, Options::default().read_only(true)).expect("reader 2");
+    assert!(r2.get(key(150)).expect("get").is_some());
+    // Garbage over records the first reader has not replayed yet.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open for damage");
+    f.write_all_at(&[0xA5; 64], end + 300).expect("damage");
+    match r.get(key(150)) {
+        Err(Error::Corrupt { offset, .. }) => assert!(offset >= end, "{offset} < {end}"),
+        other => panic!("damage below the committed end must be an error: {other:?}"),
+    }
+    assert!(
+        matches!(r.get(key(150)), Err(Error::Corrupt { .. })),
+        "and stays one"
+    );
+    // A reader opening now meets the damage below the committed end at open.
+    match Store::open(&path, Options::default().read_only(true)) {
+        Err(Error::Corrupt { .. }) => {}
+        other => panic!("a new reader must not take the damage for a torn tail: {other:?}"),
+    }
+
+    // Another program renames a foreign file over the store and (as compaction would)
+    // marks the old file replaced.
+    let foreign = dir.path().join("foreign");
+    std::fs::write(&foreign, b"not a store at all\n".repeat(500)).expect("foreign");
+    std::fs::rename(&foreign, &path).expect("rename over the store");
+    f.write_all_at(&2u64.to_le_bytes(), mapkv::format::LIVE_SWITCH_OFF)
+        .expect("mark switched");
+    match r2.get(key(5)) {
+        Err(Error::NotAStore { .. }) => {}
+        other => panic!("a foreign file at the path: {other:?}"),
+    }
+}

@@ -427,6 +427,13 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     let mut state = state;
     state.counters.log_bytes = if full { 0 } else { ckpt.log_bytes } + scan_end.bytes;
     let valid_end = scan_end.valid_end;
+    if reader && limit < len && valid_end < limit {
+        // Below what a live writer committed nothing is torn: it is damage.
+        return Err(Error::corrupt(
+            valid_end,
+            "damaged record below the writer's committed end",
+        ));
+    }
     match scan_end.stop {
         StopReason::End => {}
         StopReason::Invalid(pos, _)
