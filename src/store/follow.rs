@@ -185,8 +185,14 @@ impl Inner {
         let len = st.file.len()?;
         let (_, best) = super::open::read_superblock(&st.file, len)?;
         let Some((c, _)) = best else {
-            // Both slots unreadable: one is being written (a torn read). Keep the old
-            // index; the sequence will move again when the write is done.
+            if self.index_unchanged_since(st, seq) {
+                // No slot write in flight: both slots are damaged.
+                return Err(Error::corrupt(
+                    crate::format::checkpoint_off(0),
+                    "both checkpoint slots are damaged",
+                ));
+            }
+            // A slot write raced the read: the caller reads them again.
             return Ok(());
         };
         if !self.index_unchanged_since(st, seq) {

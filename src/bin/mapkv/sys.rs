@@ -1,6 +1,7 @@
 //! Operating-system probes of `mapkv bench`: the scratch mappings of the mmap flag
 //! experiments (`MAP_POPULATE`, `MAP_NORESERVE`, `MAP_PRIVATE`, `madvise`), page-fault
-//! counts, page-cache eviction and residency.
+//! counts, page-cache eviction and residency; for the reader-process section, a clock
+//! that processes share and a mapping of atomic words that processes share.
 //!
 //! This is the binary's only module with `unsafe` code. The library never makes these
 //! mappings (it maps its store `MAP_SHARED` only, behind its own protocol), so they live
@@ -9,7 +10,7 @@
 //! scratch-file opener) are in `common.rs`.
 #![expect(
     unsafe_code,
-    reason = "mmap of scratch files, getrusage, posix_fadvise and mincore"
+    reason = "mmap of scratch files, getrusage, posix_fadvise, mincore and clock_gettime"
 )]
 
 use std::fs::File;
@@ -18,6 +19,7 @@ use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 
 pub use memmap2::Advice;
 
@@ -201,4 +203,109 @@ pub fn resident(path: &Path) -> io::Result<(u64, u64)> {
         vec.iter().filter(|&&b| b & 1 == 1).count() as u64,
         pages as u64,
     ))
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the machine, so a
+/// time taken in one process can be subtracted from one taken in another (`Instant` reads
+/// the same clock but does not expose its value).
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one `timespec` into the pointer, which points at a
+    // live, writable, properly aligned local.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// A mapping of a small scratch file that two processes share, made with raw `mmap` so it
+/// can be `MAP_SHARED` or `MAP_PRIVATE`, and read and written only as atomic 8-byte words
+/// ([`WordMap::word`]): no slice of it is ever handed out, so another process changing the
+/// file under it breaks no reference. The reader-process section of `mapkv bench` uses it
+/// for the floor of cross-process visibility and for what `MAP_PRIVATE` does.
+#[derive(Debug)]
+pub struct WordMap {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl WordMap {
+    /// Maps the first `len` bytes (`len > 0`, inside the file) of `file`, readable and
+    /// writable, `MAP_PRIVATE` (copy-on-write) if `private`, else `MAP_SHARED`. The file
+    /// must have been opened for reading and, for a shared mapping, writing.
+    ///
+    /// # Safety
+    /// While the mapping lives, no process may truncate the file below `len` (an access
+    /// past the end of a file raises SIGBUS), and every change of those bytes, by any
+    /// process, must be an aligned atomic store of whole 8-byte words (another
+    /// `WordMap` of the same file) or must happen while no word is being read. A scratch
+    /// file that the bench created for the experiment, handed only to its own child
+    /// processes, satisfies this.
+    ///
+    /// # Errors
+    /// The `mmap` error, or `InvalidInput` if `len` is 0 or exceeds the file.
+    pub unsafe fn new(file: &File, len: usize, private: bool) -> io::Result<Self> {
+        let file_len = file.metadata()?.len();
+        if len == 0 || u64::try_from(len).map_or(true, |l| l > file_len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "word map empty or past end of file",
+            ));
+        }
+        let flags = if private {
+            libc::MAP_PRIVATE
+        } else {
+            libc::MAP_SHARED
+        };
+        // SAFETY: a fresh mapping at an address the kernel chooses (null hint), so it
+        // overlaps nothing of ours; the fd is open for the duration of the call. The
+        // result is checked against MAP_FAILED before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(WordMap { ptr, len })
+    }
+
+    /// The `i`-th 8-byte word of the mapping. Panics if it is not inside the mapping.
+    #[must_use]
+    pub fn word(&self, i: usize) -> &AtomicU64 {
+        let off = i.checked_mul(8).filter(|&o| o + 8 <= self.len);
+        let Some(off) = off else {
+            panic!("word {i} outside a {}-byte word map", self.len);
+        };
+        // SAFETY: the mapping starts page-aligned, so `off` (a multiple of 8, checked to
+        // lie inside the mapping, which lies inside the file and is never truncated by the
+        // promise made to `new`) is an aligned `u64` that stays mapped as long as `&self`.
+        // `AtomicU64` has the layout of `u64`. No slice of the mapping exists, and every
+        // other access to these bytes is atomic (the promise made to `new`), which is what
+        // concurrent changes need.
+        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(off).cast::<u64>()) }
+    }
+}
+
+impl Drop for WordMap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the mapping made in `new`, unmapped only here;
+        // references from `word` borrow `self`, so none outlives this call.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
 }
