@@ -57,7 +57,7 @@ pub use error::{Error, Result};
 pub use observe::{SyncEvent, SyncObserver};
 pub use options::{AccessPattern, Durability, Options};
 pub use stats::{LiveStats, RecoveryReport, Stats};
-pub use store::{Change, Follower, Iter, Store, VerifyReport};
+pub use store::{Change, Follower, Iter, PrefixIter, Store, VerifyReport};
 
 /// The README's example, compiled and run as a doctest.
 #[doc = include_str!("../README.md")]

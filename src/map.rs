@@ -90,7 +90,7 @@ impl FileHandle {
             match e.raw_os_error() {
                 Some(libc::EAGAIN | libc::EACCES) => {
                     if std::time::Instant::now() >= deadline {
-                        return Err(Error::Locked);
+                        return Err(Error::locked());
                     }
                     std::thread::sleep(std::time::Duration::from_millis(2));
                 }
@@ -255,7 +255,7 @@ impl LiveArea {
     /// caller has read a valid superblock from it).
     pub(crate) fn new(file: &FileHandle, writable: bool) -> Result<Self> {
         if file.len()? < crate::format::PAGE {
-            return Err(Error::NotAStore { offset: 0 });
+            return Err(Error::not_a_store(0));
         }
         let mut opts = MmapOptions::new();
         opts.len(crate::format::PAGE as usize);

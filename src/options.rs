@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 /// process. The policies differ only in what survives *power loss*. In every policy, and
 /// after any crash, the store reopens to the state after some prefix of the applied writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub enum Durability {
     /// Never sync on the write path. [`Store::flush`](crate::Store::flush) and a clean
     /// close make everything durable.
@@ -91,6 +92,7 @@ pub struct Options {
     pub(crate) populate: bool,
     pub(crate) durability: Durability,
     pub(crate) read_only: bool,
+    pub(crate) create: bool,
     pub(crate) initial_size: u64,
     pub(crate) access: AccessPattern,
     pub(crate) max_key_size: usize,
@@ -116,6 +118,7 @@ impl Default for Options {
             populate: false,
             durability: Durability::default(),
             read_only: false,
+            create: true,
             initial_size: 1 << 20,
             access: AccessPattern::Normal,
             max_key_size: 64 << 10,
@@ -166,6 +169,23 @@ impl Options {
     #[must_use]
     pub fn read_only(mut self, on: bool) -> Self {
         self.read_only = on;
+        self
+    }
+
+    /// Whether opening for writing may create the store.
+    ///
+    /// With `true` (the default), a path with no file gets a new, empty store (built under
+    /// a temporary name and linked into place, so no other process ever sees it half
+    /// made), and so does an existing file of length zero. With `false`, only an existing
+    /// store opens: a missing file is [`Error::NotFound`] and an empty one
+    /// [`Error::NotAStore`], and nothing is created or changed. Use `false` where a
+    /// mistyped path must not silently become a new, empty store.
+    ///
+    /// Either way a file that is not empty and not a store is never turned into one
+    /// ([`Error::NotAStore`]). Readers (`read_only(true)`) never create anything.
+    #[must_use]
+    pub fn create(mut self, on: bool) -> Self {
+        self.create = on;
         self
     }
 

@@ -89,15 +89,18 @@ pub(crate) struct FileGen {
     pub(crate) map: parking_lot::Mutex<Arc<Mapping>>,
     /// Where the changes of this file start: the log end it was created with.
     pub(crate) start: u64,
+    /// The file's seed (it keys the record checksums).
+    pub(crate) seed: u64,
     /// The file that replaced this one.
     pub(crate) next: std::sync::OnceLock<Arc<FileGen>>,
 }
 
 impl FileGen {
-    pub(crate) fn new(map: Arc<Mapping>, start: u64) -> Arc<FileGen> {
+    pub(crate) fn new(map: Arc<Mapping>, start: u64, seed: u64) -> Arc<FileGen> {
         Arc::new(FileGen {
             map: parking_lot::Mutex::new(map),
             start,
+            seed,
             next: std::sync::OnceLock::new(),
         })
     }
@@ -126,6 +129,10 @@ pub(crate) struct Seen {
     pub(crate) base: u64,
     /// Writer sessions seen in the live area.
     pub(crate) session: u64,
+    /// A "switch pending" mark found stale (its writer died before renaming: the path
+    /// still names this file), with the writer session it was found in: ignored until a
+    /// new writer opens the file (which clears it).
+    pub(crate) stale_pending: Option<u64>,
     /// The committed end the view last acted on (it may lag the view's end when a dead
     /// writer left records it never committed: the view then keeps what recovery keeps).
     pub(crate) committed: u64,
@@ -185,6 +192,12 @@ impl State {
             return Err(Error::corrupt(off, "index points at a non-data record"));
         }
         let hit = rec.key_len as usize == key.len() && self.key_of(&rec)? == key;
+        // Another key under the same hash is a collision only if that record is intact:
+        // a damaged key must not make the looked-up key read as missing. (Only checked
+        // on a mismatch, which is rare: the common path costs nothing more.)
+        if !hit && !record_crc_ok(self.map.published_bytes(), self.seed, &rec) {
+            return Err(Error::corrupt(off, "record checksum mismatch"));
+        }
         Ok(hit.then_some(rec))
     }
 

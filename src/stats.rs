@@ -1,9 +1,17 @@
 //! [`Stats`]: what the store can tell about itself.
 
+use std::fmt;
+
 use crate::options::Durability;
 
 /// A snapshot of a store's counters; see [`Store::stats`](crate::Store::stats).
+///
+/// `Display` prints a short human-readable summary (sizes in KiB/MiB/GiB, ratios as
+/// percentages); `{:#}` adds the counters since open and the live area. With the `serde`
+/// feature it implements `serde::Serialize` (byte counts as plain integers), which
+/// `mapkv stats --json` prints.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Stats {
     /// Live keys.
@@ -29,7 +37,14 @@ pub struct Stats {
     pub resident_pages: u64,
     /// `resident_pages` in bytes.
     pub resident_bytes: u64,
-    /// `file_size / live_bytes` (1.0 for an empty store).
+    /// File bytes per live byte: `file_size / max(live_bytes, min(file_size, 1 MiB))`.
+    ///
+    /// Live data smaller than 1 MiB (or than the file, if that is smaller) counts as that
+    /// much: such a store's file is as large as its fixed minimum (the preallocated
+    /// space, the index region), not amplified by its data, so a tiny or empty store
+    /// reports 1.0 instead of a meaningless ratio. Always at least 1.0. Compaction brings
+    /// it close to 1 for a store larger than a few MiB. For the share of the log that
+    /// compaction would reclaim, see [`Stats::dead_ratio`].
     pub space_amplification: f64,
     /// Writes applied since open (a batch counts once).
     pub writes: u64,
@@ -61,6 +76,7 @@ pub struct Stats {
 /// The live area of the store file: what its writer publishes for readers in other
 /// processes; see [`Stats::live`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct LiveStats {
     /// This handle is a reader (`Options::read_only`).
@@ -81,6 +97,7 @@ pub struct LiveStats {
 
 /// What [`Store::open`](crate::Store::open) found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct RecoveryReport {
     /// The store had been closed cleanly (nothing to replay).
@@ -93,4 +110,211 @@ pub struct RecoveryReport {
     pub truncated_at: Option<u64>,
     /// With `salvage(true)`: bytes of damaged log dropped after the valid prefix.
     pub salvaged_bytes: u64,
+}
+
+/// What counts as "small": live data below this (or below the file size, if smaller) is
+/// counted as this much in [`Stats::space_amplification`].
+pub(crate) const AMPLIFICATION_FLOOR: u64 = 1 << 20;
+
+/// [`Stats::space_amplification`] from its parts.
+pub(crate) fn space_amplification(file_size: u64, live_bytes: u64) -> f64 {
+    let floor = live_bytes.max(file_size.min(AMPLIFICATION_FLOOR)).max(1);
+    (file_size as f64 / floor as f64).max(1.0)
+}
+
+impl Stats {
+    /// The share of the store's record bytes that are dead (overwritten or deleted records,
+    /// delete markers, old index regions): what [`Store::compact`](crate::Store::compact)
+    /// reclaims, and what [`Options::auto_compact`](crate::Options::auto_compact) compares
+    /// with its `dead_ratio`. From 0.0 (nothing to reclaim, also for an empty store) to 1.0.
+    #[must_use]
+    pub fn dead_ratio(&self) -> f64 {
+        let dead = self.dead_bytes + self.dead_index_bytes;
+        let total = self.log_bytes + self.dead_index_bytes;
+        if total == 0 {
+            0.0
+        } else {
+            (dead as f64 / total as f64).clamp(0.0, 1.0)
+        }
+    }
+}
+
+/// A byte count in binary units: `512 B`, `1.5 KiB`, `12.0 MiB`.
+pub(crate) struct Bytes(pub(crate) u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+        if self.0 < 1024 {
+            return write!(f, "{} B", self.0);
+        }
+        let mut v = self.0 as f64 / 1024.0;
+        let mut unit = 0;
+        while v >= 1024.0 && unit + 1 < UNITS.len() {
+            v /= 1024.0;
+            unit += 1;
+        }
+        if v >= 100.0 {
+            write!(f, "{v:.0} {}", UNITS[unit])
+        } else {
+            write!(f, "{v:.1} {}", UNITS[unit])
+        }
+    }
+}
+
+/// A fraction as a percentage, `0.4 %`, `37 %`.
+struct Percent(f64);
+
+impl fmt::Display for Percent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = self.0 * 100.0;
+        if p == 0.0 || p >= 10.0 {
+            write!(f, "{p:.0}%")
+        } else {
+            write!(f, "{p:.1}%")
+        }
+    }
+}
+
+/// A durability policy as a user writes it: `Periodic(1s)`.
+struct Policy(Durability);
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Durability::None => f.write_str("None"),
+            Durability::Async => f.write_str("Async"),
+            Durability::Always => f.write_str("Always"),
+            Durability::Periodic(d) => write!(f, "Periodic({d:?})"),
+        }
+    }
+}
+
+impl fmt::Display for Stats {
+    /// A summary, one topic a line:
+    ///
+    /// ```text
+    /// keys:       4 live
+    /// data:       116 B live, 58 B dead (33% of the log), 174 B of log
+    /// file:       1.0 MiB (index 128 KiB), space amplification 1.00
+    /// memory:     1.0 MiB mapped, 136 KiB resident, 6 changes not yet checkpointed
+    /// durability: Periodic(1s), 174 B (6 writes) not yet durable
+    /// recovery:   clean
+    /// ```
+    ///
+    /// The alternate form (`{:#}`) adds the counters since open and the live area.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "keys:       {} live", self.live_keys)?;
+        writeln!(
+            f,
+            "data:       {} live, {} dead ({} of the log), {} of log",
+            Bytes(self.live_bytes),
+            Bytes(self.dead_bytes),
+            Percent(if self.log_bytes == 0 {
+                0.0
+            } else {
+                self.dead_bytes as f64 / self.log_bytes as f64
+            }),
+            Bytes(self.log_bytes),
+        )?;
+        write!(
+            f,
+            "file:       {} (index {}",
+            Bytes(self.file_size),
+            Bytes(self.index_bytes)
+        )?;
+        if self.dead_index_bytes > 0 {
+            write!(f, ", old index regions {}", Bytes(self.dead_index_bytes))?;
+        }
+        writeln!(f, "), space amplification {:.2}", self.space_amplification)?;
+        writeln!(
+            f,
+            "memory:     {} mapped, {} resident, {} changes not yet checkpointed ({} of heap)",
+            Bytes(self.mapped_bytes),
+            Bytes(self.resident_bytes),
+            self.delta_entries,
+            Bytes(self.delta_heap_bytes),
+        )?;
+        writeln!(
+            f,
+            "durability: {}{}, {} ({} writes) not yet durable",
+            Policy(self.durability),
+            if self.populated { ", populated" } else { "" },
+            Bytes(self.bytes_at_risk),
+            self.writes_at_risk,
+        )?;
+        let r = &self.recovery;
+        write!(
+            f,
+            "recovery:   {}",
+            if r.was_clean {
+                "clean"
+            } else {
+                "not closed cleanly"
+            }
+        )?;
+        if r.replayed_writes > 0 {
+            write!(f, ", {} writes replayed", r.replayed_writes)?;
+        }
+        if r.rebuilt_index {
+            f.write_str(", index rebuilt from the log")?;
+        }
+        if let Some(at) = r.truncated_at {
+            write!(f, ", torn tail cut at byte offset {at}")?;
+        }
+        if r.salvaged_bytes > 0 {
+            write!(f, ", {} of damaged log dropped", Bytes(r.salvaged_bytes))?;
+        }
+        if f.alternate() {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "since open: {} writes, {} syncs covering {}, {} checkpoints",
+                self.writes,
+                self.syncs,
+                Bytes(self.bytes_synced),
+                self.checkpoints,
+            )?;
+            let l = &self.live;
+            write!(
+                f,
+                "live area:  {}, view at {}, writer committed {} and made {} durable, \
+                 {} behind, writer {}, {} writer sessions",
+                if l.reader { "reader" } else { "writer" },
+                l.view_end,
+                l.committed_end,
+                l.durable_end,
+                Bytes(l.behind_bytes),
+                if l.writer_alive { "running" } else { "gone" },
+                l.writer_sessions,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_printed_in_binary_units() {
+        assert_eq!(Bytes(0).to_string(), "0 B");
+        assert_eq!(Bytes(1023).to_string(), "1023 B");
+        assert_eq!(Bytes(1024).to_string(), "1.0 KiB");
+        assert_eq!(Bytes(1536).to_string(), "1.5 KiB");
+        assert_eq!(Bytes(1 << 20).to_string(), "1.0 MiB");
+        assert_eq!(Bytes(300 << 20).to_string(), "300 MiB");
+        assert_eq!(Bytes(u64::MAX).to_string(), "16.0 EiB");
+    }
+
+    #[test]
+    fn space_amplification_is_sane_for_small_stores() {
+        assert_eq!(space_amplification(1 << 20, 0), 1.0);
+        assert_eq!(space_amplification(1 << 20, 116), 1.0);
+        assert_eq!(space_amplification(12 << 10, 116), 1.0);
+        assert_eq!(space_amplification(0, 0), 1.0);
+        assert_eq!(space_amplification(8 << 20, 4 << 20), 2.0);
+        assert_eq!(space_amplification(100 << 20, 1 << 10), 100.0);
+    }
 }

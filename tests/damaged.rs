@@ -561,7 +561,7 @@ fn get_reports_a_bad_record_checksum() {
     write_file(&path, &b);
     let s = Store::open(&path, Options::default()).expect("open is O(1) and does not read records");
     match s.get(&key) {
-        Err(Error::Corrupt { offset, what }) => {
+        Err(Error::Corrupt { offset, what, .. }) => {
             assert_eq!(offset, rec.offset, "Corrupt names the record ({what})");
         }
         other => panic!("get of a damaged record returned {other:?}"),
@@ -664,7 +664,7 @@ fn random_and_foreign_files() {
         for salvage in [false, true] {
             write_file(&path, b);
             match Store::open(&path, Options::default().salvage(salvage)) {
-                Err(Error::NotAStore { offset }) => assert_eq!(offset, 0),
+                Err(Error::NotAStore { offset, .. }) => assert_eq!(offset, 0),
                 Err(e @ Error::Corrupt { .. }) => assert!(what.contains("mapkv"), "{what}: {e}"),
                 Err(e) => panic!("{what} (salvage={salvage}): unexpected error {e:?}"),
                 Ok(_) => panic!("{what} (salvage={salvage}): opened as a store"),
@@ -690,7 +690,9 @@ fn random_and_foreign_files() {
         b[SECTOR_CRC_SPAN..SECTOR as usize].copy_from_slice(&crc.to_le_bytes());
         write_file(&path, &b);
         match Store::open(&path, Options::default()) {
-            Err(Error::Version { found, supported }) => {
+            Err(Error::Version {
+                found, supported, ..
+            }) => {
                 assert_eq!(found, (major, minor));
                 assert_eq!(
                     supported,
@@ -809,4 +811,37 @@ fn truncated_behind_the_stores_back() {
     s.verify().expect("salvaged store verifies");
     let n = prefix_of_writes(&s);
     assert!(n > 0 && n < 2000, "salvage kept {n} keys");
+}
+
+/// Regression: a flipped byte in a record's key made that key read as missing
+/// (`Ok(None)`): the lookup took the mismatch for a hash collision. A mismatching key is
+/// a collision only if its record's checksum holds; here it does not.
+#[test]
+fn a_damaged_key_is_reported_not_read_as_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("key.mkv");
+    let s = Store::open(&path, Options::default()).expect("open");
+    for i in 0..2_000u32 {
+        s.put(format!("some-key-{i:05}"), b"value").expect("put");
+    }
+    s.close().expect("close");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let needle = b"some-key-01234";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("the key is in the file");
+    bytes[at + 9] ^= 0x01;
+    std::fs::write(&path, &bytes).expect("write");
+    let s = Store::open(&path, Options::default().read_only(true)).expect("open");
+    match s.get("some-key-01234") {
+        Err(Error::Corrupt { offset, .. }) => {
+            assert!(offset < at as u64 && offset + 64 > at as u64)
+        }
+        other => panic!("a damaged key read as {other:?}"),
+    }
+    assert_eq!(
+        s.get("some-key-01235").expect("others unharmed").as_deref(),
+        Some(&b"value"[..])
+    );
 }

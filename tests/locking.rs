@@ -11,9 +11,9 @@
 //! closes a store and reopens it at once could otherwise get a spurious `Locked` while a
 //! concurrent test is spawning its child.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
 fn describe(r: &mapkv::Result<Store>) -> String {
     match r {
         Ok(_) => "Ok".to_string(),
-        Err(Error::Locked) => "Locked".to_string(),
+        Err(Error::Locked { .. }) => "Locked".to_string(),
         Err(e) => format!("Err({e})"),
     }
 }
@@ -80,37 +80,14 @@ struct ChildProc {
 }
 
 fn spawn(role: &str, path: &Path) -> ChildProc {
-    let exe = std::env::current_exe().expect("path of the test binary");
-    let mut child = Command::new(exe)
-        .args([
-            "--exact",
-            "child_process_entry",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(ROLE_VAR, role)
-        .env(PATH_VAR, path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the test binary as a child");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let stdin = child.stdin.take();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let c = common::spawn_test_child(
+        "child_process_entry",
+        &[(ROLE_VAR, role.as_ref()), (PATH_VAR, path.as_os_str())],
+    );
     ChildProc {
-        child,
-        stdin,
-        lines: rx,
+        child: c.child,
+        stdin: c.stdin,
+        lines: c.lines,
     }
 }
 
@@ -155,16 +132,22 @@ fn second_writer_in_same_process_is_locked() {
     let (dir, path) = tmp();
     let first = Store::open(&path, rw()).unwrap();
     first.put(b"k", b"v").unwrap();
-    assert!(matches!(Store::open(&path, rw()), Err(Error::Locked)));
+    assert!(matches!(
+        Store::open(&path, rw()),
+        Err(Error::Locked { .. })
+    ));
     // Another spelling of the same path, and a hard link: the lock is on the file.
     let other_spelling = dir.path().join(".").join("store.mkv");
     assert!(matches!(
         Store::open(&other_spelling, rw()),
-        Err(Error::Locked)
+        Err(Error::Locked { .. })
     ));
     let link = dir.path().join("link.mkv");
     std::fs::hard_link(&path, &link).unwrap();
-    assert!(matches!(Store::open(&link, rw()), Err(Error::Locked)));
+    assert!(matches!(
+        Store::open(&link, rw()),
+        Err(Error::Locked { .. })
+    ));
     // A reader opens beside the writer and sees its committed writes.
     let reader = Store::open(&path, ro()).expect("a reader beside a writer");
     assert_eq!(reader.get(b"k").unwrap(), Some(b"v".to_vec()));
@@ -181,7 +164,10 @@ fn second_writer_in_same_process_is_locked() {
     let second = Store::open(&path, rw()).unwrap();
     assert!(second.stats().recovery.was_clean);
     assert_eq!(second.get(b"k2").unwrap(), Some(b"v2".to_vec()));
-    assert!(matches!(Store::open(&path, rw()), Err(Error::Locked)));
+    assert!(matches!(
+        Store::open(&path, rw()),
+        Err(Error::Locked { .. })
+    ));
 }
 
 #[test]
@@ -191,7 +177,10 @@ fn locked_until_close_returns() {
     let first = Store::open(&path, rw()).unwrap();
     first.put(b"a", b"1").unwrap();
     for _ in 0..3 {
-        assert!(matches!(Store::open(&path, rw()), Err(Error::Locked)));
+        assert!(matches!(
+            Store::open(&path, rw()),
+            Err(Error::Locked { .. })
+        ));
     }
     first.close().unwrap();
     let s = Store::open(&path, rw()).unwrap();
@@ -213,7 +202,7 @@ fn readers_share_with_each_other_and_with_one_writer() {
     assert_eq!(r1.get(b"k").unwrap(), Some(b"v2".to_vec()));
     drop(r1);
     assert!(
-        matches!(Store::open(&path, rw()), Err(Error::Locked)),
+        matches!(Store::open(&path, rw()), Err(Error::Locked { .. })),
         "a second writer, with readers open"
     );
     assert_eq!(r2.get(b"k").unwrap(), Some(b"v2".to_vec()));
@@ -243,7 +232,10 @@ fn store_held_by_child_process_is_locked() {
     let (_dir, path) = tmp();
     let mut child = spawn("hold-writer", &path);
     child.expect_line("MAPKV-CHILD READY");
-    assert!(matches!(Store::open(&path, rw()), Err(Error::Locked)));
+    assert!(matches!(
+        Store::open(&path, rw()),
+        Err(Error::Locked { .. })
+    ));
     let r = Store::open(&path, ro()).expect("a reader beside another process's writer");
     assert_eq!(r.get(b"child").unwrap(), Some(b"was here".to_vec()));
     drop(r);
@@ -262,7 +254,10 @@ fn lock_is_released_when_holder_is_killed() {
     let (_dir, path) = tmp();
     let mut child = spawn("hold-writer", &path);
     child.expect_line("MAPKV-CHILD READY");
-    assert!(matches!(Store::open(&path, rw()), Err(Error::Locked)));
+    assert!(matches!(
+        Store::open(&path, rw()),
+        Err(Error::Locked { .. })
+    ));
     child.child.kill().expect("SIGKILL the child");
     let status = child.child.wait().unwrap();
     assert!(!status.success());
@@ -331,7 +326,7 @@ fn opening_for_writing_during_compactions_never_breaks_them() {
         s.spawn(|| {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 match Store::open(&path, rw()) {
-                    Err(Error::Locked) => {}
+                    Err(Error::Locked { .. }) => {}
                     other => panic!("a second writer during compaction: {other:?}"),
                 }
             }

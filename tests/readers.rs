@@ -9,9 +9,8 @@
 //! `MAPKV_READERS_ROLE=writer`); it prints `ACK <i>` after each write returned. The
 //! parent holds the reader and checks, after each `ACK`, that the write is visible.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -101,28 +100,18 @@ struct Writer {
 }
 
 fn spawn_writer(path: &Path, args: &str) -> Writer {
-    let exe = std::env::current_exe().expect("test binary");
-    let mut child = Command::new(exe)
-        .args(["--exact", "child_process_entry", "--nocapture"])
-        .env(ROLE_VAR, "writer")
-        .env(PATH_VAR, path)
-        .env(ARGS_VAR, args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn writer");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    Writer { child, lines: rx }
+    let c = common::spawn_test_child(
+        "child_process_entry",
+        &[
+            (ROLE_VAR, "writer".as_ref()),
+            (PATH_VAR, path.as_os_str()),
+            (ARGS_VAR, args.as_ref()),
+        ],
+    );
+    Writer {
+        child: c.child,
+        lines: c.lines,
+    }
 }
 
 impl Writer {
@@ -284,7 +273,7 @@ fn readers_and_one_writer_open_in_any_order_and_a_second_writer_is_locked() {
     let r2 = Store::open(&path, Options::default().read_only(true)).expect("reader after");
     assert!(matches!(
         Store::open(&path, Options::default()),
-        Err(Error::Locked)
+        Err(Error::Locked { .. })
     ));
     w.put(b"k", b"v1").expect("put");
     assert_eq!(r1.get(b"k").expect("get").as_deref(), Some(&b"v1"[..]));
@@ -546,4 +535,50 @@ fn a_reader_reports_damage_and_foreign_files_as_errors() {
         Err(Error::NotAStore { .. }) => {}
         other => panic!("a foreign file at the path: {other:?}"),
     }
+}
+
+/// A compacting writer killed between marking its file "switch pending" and renaming the
+/// new file over it (or right after the rename): no reader is stranded. With the old file
+/// still at the path, readers keep using it (it is still the store); with a new file
+/// there, they move to it at their next call.
+#[test]
+fn a_compaction_killed_around_its_rename_strands_no_reader() {
+    use std::os::unix::fs::FileExt;
+    let (dir, path) = tmp();
+    let w = Store::open(&path, Options::default()).expect("writer");
+    w.put(b"k", b"old file").expect("put");
+    drop(w);
+    let r = Store::open(&path, Options::default().read_only(true)).expect("reader");
+    assert_eq!(r.get(b"k").expect("get").as_deref(), Some(&b"old file"[..]));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    // Killed after marking, before renaming (no writer holds the lock any more).
+    f.write_all_at(&1u64.to_le_bytes(), mapkv::format::LIVE_SWITCH_OFF)
+        .expect("mark pending");
+    assert_eq!(
+        r.get(b"k").expect("still the store").as_deref(),
+        Some(&b"old file"[..])
+    );
+    assert_eq!(
+        r.get(b"k").expect("still the store").as_deref(),
+        Some(&b"old file"[..])
+    );
+    // Killed after renaming: the new file is at the path, the old one says pending. (A
+    // reader that opened the old file before the rename, and has not looked since.)
+    let r = Store::open(&path, Options::default().read_only(true)).expect("reader 2");
+    let other = dir.path().join("new.mkv");
+    let w = Store::open(&other, Options::default()).expect("new file");
+    w.put(b"k", b"new file").expect("put");
+    w.close().expect("close");
+    std::fs::rename(&other, &path).expect("rename over");
+    assert_eq!(
+        r.get(b"k").expect("follows the rename").as_deref(),
+        Some(&b"new file"[..])
+    );
+    // And it keeps following the writer of the new file.
+    let w = Store::open(&path, Options::default()).expect("writer of the new file");
+    w.put(b"k", b"newer").expect("put");
+    assert_eq!(r.get(b"k").expect("get").as_deref(), Some(&b"newer"[..]));
 }

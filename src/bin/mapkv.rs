@@ -19,6 +19,8 @@ mod flags;
 mod measure;
 #[path = "mapkv/plot.rs"]
 mod plot;
+#[path = "mapkv/readers.rs"]
+mod readers;
 #[path = "mapkv/sys.rs"]
 mod sys;
 #[path = "mapkv/tools.rs"]
@@ -67,6 +69,10 @@ enum Cmd {
     /// Crash-test a temporary store: kill -9 rounds and simulated power-loss images;
     /// exit 1 on any violation of the durability contract.
     Crashtest(crashtest::CrashtestArgs),
+    /// A writer or reader process of `mapkv bench`'s reader-process section (started by
+    /// `mapkv bench` itself).
+    #[command(hide = true)]
+    BenchChild(readers::ChildArgs),
 }
 
 /// Why a command failed: one line for stderr, or a quiet exit (stdout was closed early,
@@ -85,8 +91,11 @@ impl Failure {
         Failure::Message(m.into())
     }
 
-    /// A store error, naming the store.
+    /// A store error, naming the store (unless the error names its file already).
     pub fn store(path: &Path, e: &mapkv::Error) -> Self {
+        if e.path().is_some() {
+            return Failure::Message(e.to_string());
+        }
         Failure::Message(format!("{}: {e}", path.display()))
     }
 
@@ -131,6 +140,7 @@ fn main() -> ExitCode {
             Ok(false) => Err(Failure::msg("crashtest found violations (see above)")),
             Err(e) => Err(Failure::Message(format!("crashtest: {e}"))),
         },
+        Cmd::BenchChild(a) => readers::child(a),
     };
     match result {
         Ok(()) | Err(Failure::BrokenPipe) => ExitCode::SUCCESS,

@@ -64,9 +64,9 @@ impl Follower {
         // A reader first catches up with its writer (which moves it to a new file after
         // compaction, and publishes what it replayed).
         drop(self.inner.view()?);
-        let seed = self.inner.seed;
         let mut out = Vec::new();
         loop {
+            let seed = self.gen.seed;
             // `next` first: once it is set, the file's published end is final.
             let next = self.gen.next.get().cloned();
             let map = Arc::clone(&self.gen.map.lock());

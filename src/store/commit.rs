@@ -17,14 +17,31 @@
 //!    which probes the bucket anyway, finds the record it replaced.
 //! 4. The durability policy runs: `Always` waits for a sync covering the write (group
 //!    commit: one leader syncs for everyone waiting), `Async` starts write-back.
+//!
+//! # Read-modify-write
+//!
+//! `compare_and_swap` and `update` look the key up (step 0) under the same writer mutex
+//! as steps 1-3, so no other write comes between the read and the write; the write is then
+//! an ordinary single write, with the same durability. When they write nothing (the
+//! comparison failed, or the value is unchanged), they release the mutex and, under
+//! `Always`, wait for a sync covering the log end they read, as the write they decided
+//! against would have. `update`'s closure runs with the writer mutex held and no other
+//! lock (it gets a copy of the value); a thread-local list of the stores whose closure is
+//! running on this thread turns a call that would take the mutex again into
+//! `Error::Reentrant` instead of a deadlock.
 
+use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+use parking_lot::MutexGuard;
 
 use super::inner::{Inner, Writer};
 use crate::error::{Error, Result};
 use crate::format::LIVE_COMMITTED_OFF;
-use crate::format::{encode_record, record_len, RecordRef, FLAG_BATCH_MORE, STATE_DIRTY};
+use crate::format::{
+    encode_record, record_len, RecordRef, FLAG_BATCH_MORE, KIND_DELETE, KIND_PUT, STATE_DIRTY,
+};
 use crate::index::key_hash;
 use crate::observe::SyncEvent;
 use crate::options::Durability;
@@ -65,10 +82,118 @@ impl Inner {
         ops: &[(u8, &[u8], &[u8])],
         only_if_present: bool,
     ) -> Result<Option<u64>> {
+        self.check_open()?;
         self.check_writable()?;
         if ops.is_empty() {
             return Ok(Some(0));
         }
+        let total = self.check_sizes(ops)?;
+        let w = self.lock_for_write()?;
+        let hash0 = key_hash(self.seed, ops[0].1);
+        if only_if_present {
+            let st = self.state.read();
+            if st.find_live(hash0, ops[0].1)?.is_none() {
+                return Ok(None);
+            }
+        }
+        self.commit_locked(w, ops, total, hash0).map(Some)
+    }
+
+    /// `Store::compare_and_swap`: under the writer mutex, compares the current value of
+    /// `key` with `expected` and, if they are equal, sets it to `new` (`None` deletes).
+    /// Returns whether they were equal. Writes nothing if `new` is what the key already
+    /// holds.
+    pub(super) fn compare_and_swap(
+        self: &Arc<Self>,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool> {
+        self.check_open()?;
+        self.check_writable()?;
+        let op = match new {
+            Some(v) => (KIND_PUT, key, v),
+            None => (KIND_DELETE, key, &b""[..]),
+        };
+        let total = self.check_sizes(&[op])?;
+        let w = self.lock_for_write()?;
+        let hash = key_hash(self.seed, key);
+        let (equal, unchanged) = {
+            let st = self.state.read();
+            let current = match st.find_live(hash, key)? {
+                Some(rec) => Some(st.value_of(&rec)?),
+                None => None,
+            };
+            (current == expected, current == new)
+        };
+        if !equal || unchanged {
+            self.settle(w)?;
+            return Ok(equal);
+        }
+        self.commit_locked(w, &[op], total, hash)?;
+        Ok(true)
+    }
+
+    /// `Store::update`: under the writer mutex, reads the current value of `key` (a
+    /// copy), calls `f` with it and writes what `f` returns (`None` deletes). Writes
+    /// nothing if that is what the key already holds. Returns the new value.
+    pub(super) fn update(
+        self: &Arc<Self>,
+        key: &[u8],
+        f: impl FnOnce(Option<&[u8]>) -> Option<Vec<u8>>,
+    ) -> Result<Option<Vec<u8>>> {
+        self.check_open()?;
+        self.check_writable()?;
+        self.check_sizes(&[(KIND_DELETE, key, &b""[..])])?;
+        let w = self.lock_for_write()?;
+        let hash = key_hash(self.seed, key);
+        let current = {
+            let st = self.state.read();
+            match st.find_live(hash, key)? {
+                Some(rec) => Some(st.value_of(&rec)?.to_vec()),
+                None => None,
+            }
+        };
+        let new = {
+            // No lock but the writer mutex is held while `f` runs (the value is a copy):
+            // reads of this store from `f` work; calls that need the writer mutex get
+            // `Error::Reentrant` instead of a deadlock.
+            let _in_update = InUpdate::enter(self);
+            f(current.as_deref())
+        };
+        if new == current {
+            self.settle(w)?;
+            return Ok(new);
+        }
+        let op = match &new {
+            Some(v) => (KIND_PUT, key, v.as_slice()),
+            None => (KIND_DELETE, key, &b""[..]),
+        };
+        let total = self.check_sizes(&[op])?;
+        self.commit_locked(w, &[op], total, hash)?;
+        Ok(new)
+    }
+
+    /// `Error::Closed` once the store was closed.
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// `Error::Reentrant` if this thread is running a `Store::update` closure of this
+    /// store, i.e. holds its writer mutex.
+    pub(super) fn check_not_in_update(&self) -> Result<()> {
+        let me = std::ptr::from_ref(self) as usize;
+        if IN_UPDATE.with(|s| s.borrow().contains(&me)) {
+            return Err(Error::Reentrant);
+        }
+        Ok(())
+    }
+
+    /// Checks the key and value sizes of `ops`; returns the bytes their records take.
+    fn check_sizes(&self, ops: &[(u8, &[u8], &[u8])]) -> Result<u64> {
         let mut total = 0u64;
         for &(_, k, v) in ops {
             if k.len() > self.opts.max_key_size {
@@ -85,8 +210,18 @@ impl Inner {
             }
             total += record_len(k.len(), v.len());
         }
-        let pwrite = matches!(self.opts.durability, Durability::Always | Durability::Async);
+        Ok(total)
+    }
+
+    /// Takes the writer mutex for a write: refuses a closed or poisoned store, and a call
+    /// from inside an `update` closure (which holds the mutex already); collects a
+    /// finished background checkpoint.
+    fn lock_for_write(&self) -> Result<MutexGuard<'_, Writer>> {
+        self.check_not_in_update()?;
         let mut w = self.writer.lock();
+        // Under the mutex: a close that took it first has finished, and nothing may be
+        // appended after its final checkpoint.
+        self.check_open()?;
         if w.job.as_ref().is_some_and(|j| j.thread.is_finished()) {
             // A failed repair is retried by a later checkpoint; this write goes on.
             if let Err(e) = self.finish_job(&mut w) {
@@ -99,13 +234,33 @@ impl Inner {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned);
         }
-        let hash0 = key_hash(self.seed, ops[0].1);
-        if only_if_present {
-            let st = self.state.read();
-            if st.find_live(hash0, ops[0].1)?.is_none() {
-                return Ok(None);
-            }
+        Ok(w)
+    }
+
+    /// For a compare-and-swap or update that wrote nothing: releases the writer mutex
+    /// and, under `Always`, waits until the state it read is durable, as a write would
+    /// have (the value it saw may be a write that is still waiting for its sync).
+    fn settle(&self, w: MutexGuard<'_, Writer>) -> Result<()> {
+        let end = w.end;
+        let gen = self.file_gen.load(Ordering::Acquire);
+        drop(w);
+        if matches!(self.opts.durability, Durability::Always) {
+            self.sync_to(gen, end)?;
         }
+        Ok(())
+    }
+
+    /// Appends `ops` (their records take `total` bytes; `hash0` is the first key's hash)
+    /// under the writer mutex `w`, publishes them, releases `w` and applies the
+    /// durability policy. Returns the log end after them.
+    fn commit_locked(
+        self: &Arc<Self>,
+        mut w: MutexGuard<'_, Writer>,
+        ops: &[(u8, &[u8], &[u8])],
+        total: u64,
+        hash0: u64,
+    ) -> Result<u64> {
+        let pwrite = matches!(self.opts.durability, Durability::Always | Durability::Async);
         self.mark_dirty(&mut w)?;
         // The first key's delta slot: fetched while the record is encoded and copied,
         // rather than missed under the state lock.
@@ -230,6 +385,32 @@ impl Inner {
                 let _ = super::compact::compact(self);
             }
         }
-        Ok(Some(end))
+        Ok(end)
+    }
+}
+
+thread_local! {
+    /// The stores (addresses of their `Inner`) whose `Store::update` closure is running on
+    /// this thread, innermost last: a thread holds their writer mutexes.
+    static IN_UPDATE: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Marks this thread as running an `update` closure of a store until dropped (also when
+/// the closure panics).
+struct InUpdate;
+
+impl InUpdate {
+    fn enter(inner: &Inner) -> InUpdate {
+        let me = std::ptr::from_ref(inner) as usize;
+        IN_UPDATE.with(|s| s.borrow_mut().push(me));
+        InUpdate
+    }
+}
+
+impl Drop for InUpdate {
+    fn drop(&mut self) {
+        IN_UPDATE.with(|s| {
+            s.borrow_mut().pop();
+        });
     }
 }

@@ -63,6 +63,7 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
     }
     inner.check_not_poisoned()?;
     let mut w = inner.writer.lock();
+    inner.check_open()?;
     // A background checkpoint would go on writing the old file. One that failed leaves
     // its frozen delta, which the snapshot below reads like any delta: compaction is a
     // repair too.
@@ -281,7 +282,7 @@ impl Inner {
             let old_map = std::mem::replace(&mut st.map, Arc::clone(&c.map));
             let old_file = std::mem::replace(&mut st.file, Arc::clone(&c.file));
             st.live = Arc::clone(&c.live);
-            let gen = FileGen::new(Arc::clone(&c.map), c.log_end);
+            let gen = FileGen::new(Arc::clone(&c.map), c.log_end, self.seed);
             st.gen.replaced_by(&gen);
             st.gen = gen;
             st.index = c.index;

@@ -81,9 +81,11 @@ fn behind(st: &State) -> Behind {
         SWITCH_PENDING => {
             // Compaction is renaming a new file over this one. Its writer holds the lock
             // and commits nothing until the rename is done, so this file is still the
-            // store, unless that writer died after renaming: then the path names another
-            // file, and nothing will ever mark this one done.
-            if !st.file.writer_alive() {
+            // store, unless that writer died: after renaming (the path names another
+            // file, and nothing will ever mark this one done: follow it), or before (a
+            // stale mark, remembered so that it costs no system call per read).
+            let stale = st.seen.stale_pending == Some(live.load(LIVE_SESSION_OFF));
+            if !stale && !st.file.writer_alive() {
                 return Behind::Switch;
             }
         }
@@ -119,10 +121,10 @@ impl Inner {
         &self,
         key: &[u8],
     ) -> Result<(RwLockReadGuard<'_, State>, Option<RecordRef>)> {
-        let h = key_hash(self.seed, key);
         loop {
             let st = self.view()?;
-            let found = st.find_live(h, key);
+            // The view's seed: a reader may have followed its path to another file.
+            let found = st.find_live(key_hash(st.seed, key), key);
             if !st.shared || self.index_unchanged(&st) {
                 return found.map(|r| (st, r));
             }
@@ -229,6 +231,7 @@ impl Inner {
             Ok(id) if id == here => {
                 // A compaction that died before its rename: this file is still the
                 // store, and the next writer clears the mark. Nothing to follow.
+                st.seen.stale_pending = Some(st.live.load(LIVE_SESSION_OFF));
                 Ok(())
             }
             _ => {

@@ -45,6 +45,9 @@ pub(crate) struct Inner {
     pub(super) sync: Mutex<SyncState>,
     pub(super) sync_cv: Condvar,
     pub(super) poisoned: AtomicBool,
+    /// Set (under the writer mutex) by `Store::close_shared`/`close`: every later call
+    /// fails with `Error::Closed`.
+    pub(super) closed: AtomicBool,
     /// `SyncState::durable_end`, readable without the sync mutex: the durable watermark
     /// that new records carry (see `format::durable_mark`).
     pub(super) durable_hint: AtomicU64,
@@ -94,6 +97,7 @@ impl Inner {
             }),
             sync_cv: Condvar::new(),
             poisoned: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             durable_hint: AtomicU64::new(end),
             size_epoch: AtomicU64::new(0),
             file_gen: AtomicU64::new(0),

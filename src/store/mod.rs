@@ -45,6 +45,7 @@ use crate::format::{
     LIVE_SESSION_OFF, PAGE, STATE_CLEAN,
 };
 use crate::options::{Durability, Options};
+use crate::state::Counters;
 use crate::stats::Stats;
 
 use background::background;
@@ -56,9 +57,16 @@ pub use verify::VerifyReport;
 
 /// An open mapkv store. `Send + Sync`: share it between threads with `Arc`.
 ///
-/// Readers run concurrently with each other and with the writer; writers are serialized.
-/// Dropping the store closes it cleanly (checkpoint + sync); use [`Store::close`] to see
-/// errors from that.
+/// Readers run concurrently with each other and with the writer; writers are serialized,
+/// which makes [`Store::compare_and_swap`] and [`Store::update`] (atomic read-modify-write)
+/// cheap.
+///
+/// Dropping the store closes it cleanly (checkpoint + sync) but cannot report an error;
+/// [`Store::close`] does. A store shared as `Arc<Store>` is closed, with its error, by
+/// [`Store::close_shared`]; every later call through any clone then fails with
+/// [`Error::Closed`].
+///
+/// Errors about the file name it ([`Error::path`]).
 ///
 /// Changing the file from outside mapkv while it is open (another program writing or
 /// truncating it) is unsupported: the store locks the file against other mapkv handles,
@@ -74,17 +82,36 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens the store at `path`, creating it if it does not exist (unless read-only).
+    /// Opens the store at `path`. A writer creates it if the file does not exist or is
+    /// empty, unless [`Options::create(false)`](Options::create); a reader
+    /// ([`Options::read_only(true)`](Options::read_only)) never creates anything.
     ///
     /// Opening a cleanly closed store costs O(1) whatever its size: the index lives in the
     /// file. After a crash, only the writes after the last checkpoint are replayed.
     ///
     /// # Errors
-    /// [`Error::Locked`] if another handle has the store open for writing,
+    /// Every error names `path` ([`Error::path`]).
+    /// [`Error::NotFound`] if there is no file and none may be created;
+    /// [`Error::Locked`] if another handle has the store open for writing;
     /// [`Error::NotAStore`], [`Error::Version`] or [`Error::Corrupt`] for a file that is
-    /// not a usable store, [`Error::Io`] for system errors. Never panics on file content.
+    /// not a usable store (a file that is not a store is never changed);
+    /// [`Error::Io`] for system errors (a directory at `path` is one, with
+    /// [`io::ErrorKind::IsADirectory`](std::io::ErrorKind::IsADirectory)). Never panics
+    /// on file content.
     pub fn open(path: impl AsRef<Path>, options: Options) -> Result<Store> {
-        let inner = Arc::new(open::open(path.as_ref(), options)?);
+        let path = path.as_ref();
+        Self::open_inner(path, options).map_err(|e| e.with_path(path))
+    }
+
+    fn open_inner(path: &Path, options: Options) -> Result<Store> {
+        // A reader could open a directory and fail only at its first read.
+        if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::io(
+                "open",
+                std::io::Error::from(std::io::ErrorKind::IsADirectory),
+            ));
+        }
+        let inner = Arc::new(open::open(path, options)?);
         Ok(Store {
             inner,
             background: Mutex::new(None),
@@ -126,10 +153,11 @@ impl Store {
     /// (a full disk while growing the file is one; nothing is lost; so is a failure to
     /// start the store's background thread at its first write), [`Error::Poisoned`].
     pub fn put(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
-        self.start_background()?;
-        self.inner
-            .write_ops(&[(KIND_PUT, key.as_ref(), value.as_ref())], false)
-            .map(drop)
+        self.named(self.write_started().and_then(|()| {
+            self.inner
+                .write_ops(&[(KIND_PUT, key.as_ref(), value.as_ref())], false)
+                .map(drop)
+        }))
     }
 
     /// Removes `key`; returns whether it existed.
@@ -137,11 +165,12 @@ impl Store {
     /// # Errors
     /// As for [`Store::put`].
     pub fn delete(&self, key: impl AsRef<[u8]>) -> Result<bool> {
-        self.start_background()?;
-        let out = self
-            .inner
-            .write_ops(&[(KIND_DELETE, key.as_ref(), b"")], true)?;
-        Ok(out.is_some())
+        self.named(self.write_started().and_then(|()| {
+            let out = self
+                .inner
+                .write_ops(&[(KIND_DELETE, key.as_ref(), b"")], true)?;
+            Ok(out.is_some())
+        }))
     }
 
     /// Applies every operation of `batch` atomically, in order: after any crash the store
@@ -150,7 +179,7 @@ impl Store {
     /// # Errors
     /// As for [`Store::put`]; a rejected batch changes nothing.
     pub fn write(&self, batch: &Batch) -> Result<()> {
-        self.start_background()?;
+        self.named(self.write_started())?;
         let ops: Vec<(u8, &[u8], &[u8])> = batch
             .ops
             .iter()
@@ -159,7 +188,93 @@ impl Store {
                 Op::Delete(k) => (KIND_DELETE, k.as_slice(), &b""[..]),
             })
             .collect();
-        self.inner.write_ops(&ops, false).map(drop)
+        self.named(self.inner.write_ops(&ops, false).map(drop))
+    }
+
+    /// Atomically sets `key` to `new` if its current value is `expected`, and returns
+    /// whether it did. `None` as `expected` means "the key is absent"; `None` as `new`
+    /// deletes the key. So `compare_and_swap(k, None, Some(v))` inserts only if `k` is
+    /// absent, and `compare_and_swap(k, Some(old), None)` deletes only if `k` still holds
+    /// `old`.
+    ///
+    /// The comparison and the write happen under the writer lock: no other write, from
+    /// any thread of this process (other processes cannot write the store meanwhile),
+    /// comes between them. The write is a single write, as durable as [`Store::put`]
+    /// under every policy; when nothing is written (the comparison failed, or `new` is
+    /// the current value already), under [`Durability::Always`] the call still returns
+    /// only once the state it compared against is durable.
+    ///
+    /// ```
+    /// # use mapkv::{Options, Store};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let store = Store::open(dir.path().join("s.mkv"), Options::default()).unwrap();
+    /// // Claim a short code: only one claimant can win it.
+    /// assert!(store.compare_and_swap("x1", None, Some(b"https://a.example"))?);
+    /// assert!(!store.compare_and_swap("x1", None, Some(b"https://b.example"))?);
+    /// assert_eq!(store.get("x1")?.as_deref(), Some(&b"https://a.example"[..]));
+    /// # Ok::<(), mapkv::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As for [`Store::put`] (checked before anything is compared);
+    /// [`Error::Corrupt`] if the current record fails its checksum (nothing is written).
+    pub fn compare_and_swap(
+        &self,
+        key: impl AsRef<[u8]>,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool> {
+        self.named(
+            self.write_started()
+                .and_then(|()| self.inner.compare_and_swap(key.as_ref(), expected, new)),
+        )
+    }
+
+    /// Atomically replaces the value of `key` with `f(current value)` and returns the new
+    /// value. `f` gets `None` if the key is absent; returning `None` deletes the key (or
+    /// leaves it absent). If `f` returns the current value unchanged, nothing is written.
+    ///
+    /// `f` is called exactly once, with a copy of the current value, while this thread
+    /// holds the store's writer lock: every other write to the store waits until it
+    /// returns, so keep it short (no I/O, no waiting on other threads that may write this
+    /// store). **`f` must not call this store.** Reads from inside it work but see the
+    /// value before the update; calls that need the writer lock ([`Store::put`],
+    /// [`Store::delete`], [`Store::write`], [`Store::compare_and_swap`], a nested
+    /// `update`, [`Store::compact`], [`Store::close_shared`]) return [`Error::Reentrant`]
+    /// instead of deadlocking. If `f` panics, nothing is written and the lock is released
+    /// (the panic propagates).
+    ///
+    /// Durability as for [`Store::compare_and_swap`]: the write is as durable as
+    /// [`Store::put`]; under [`Durability::Always`] the call returns only once the state
+    /// it returns is durable, also when it wrote nothing.
+    ///
+    /// ```
+    /// # use mapkv::{Options, Store};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let store = Store::open(dir.path().join("s.mkv"), Options::default()).unwrap();
+    /// // A counter that many threads may bump at once.
+    /// let bump = |v: Option<&[u8]>| {
+    ///     let n = v.map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()));
+    ///     Some((n + 1).to_le_bytes().to_vec())
+    /// };
+    /// store.update("hits", bump)?;
+    /// let now = store.update("hits", bump)?;
+    /// assert_eq!(now, Some(2u64.to_le_bytes().to_vec()));
+    /// # Ok::<(), mapkv::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As for [`Store::put`] (the key is checked before `f` runs; a value from `f` that
+    /// is too large is [`Error::ValueTooLarge`] and nothing is written);
+    /// [`Error::Corrupt`] if the current record fails its checksum (`f` is not called).
+    pub fn update<F>(&self, key: impl AsRef<[u8]>, f: F) -> Result<Option<Vec<u8>>>
+    where
+        F: FnOnce(Option<&[u8]>) -> Option<Vec<u8>>,
+    {
+        self.named(
+            self.write_started()
+                .and_then(|()| self.inner.update(key.as_ref(), f)),
+        )
     }
 
     /// Returns a copy of the value of `key`.
@@ -182,11 +297,14 @@ impl Store {
         key: impl AsRef<[u8]>,
         f: impl FnOnce(&[u8]) -> R,
     ) -> Result<Option<R>> {
-        let (st, found) = self.inner.find_live_fresh(key.as_ref())?;
-        match found {
-            Some(rec) => Ok(Some(f(st.value_of(&rec)?))),
-            None => Ok(None),
-        }
+        let r = self.inner.check_open().and_then(|()| {
+            let (st, found) = self.inner.find_live_fresh(key.as_ref())?;
+            match found {
+                Some(rec) => Ok(Some(f(st.value_of(&rec)?))),
+                None => Ok(None),
+            }
+        });
+        self.named(r)
     }
 
     /// True if `key` has a value.
@@ -194,7 +312,11 @@ impl Store {
     /// # Errors
     /// As for [`Store::get`].
     pub fn contains_key(&self, key: impl AsRef<[u8]>) -> Result<bool> {
-        Ok(self.inner.find_live_fresh(key.as_ref())?.1.is_some())
+        self.named(
+            self.inner
+                .check_open()
+                .and_then(|()| Ok(self.inner.find_live_fresh(key.as_ref())?.1.is_some())),
+        )
     }
 
     /// Makes everything written before the call durable. Costs nothing if nothing changed
@@ -203,11 +325,12 @@ impl Store {
     /// # Errors
     /// The sync's I/O error; after one the store is poisoned.
     pub fn flush(&self) -> Result<()> {
+        self.named(self.inner.check_open())?;
         if self.inner.opts.read_only {
             return Ok(());
         }
         let (gen, end) = self.inner.published_end();
-        self.inner.sync_to(gen, end)
+        self.named(self.inner.sync_to(gen, end))
     }
 
     /// Number of live keys, exact.
@@ -222,7 +345,17 @@ impl Store {
         if let Ok(view) = self.inner.view() {
             drop(view);
         }
-        usize::try_from(self.inner.resolve_counters().live_keys).unwrap_or(usize::MAX)
+        usize::try_from(self.counters().live_keys).unwrap_or(usize::MAX)
+    }
+
+    /// Exact counters (see [`Store::len`]), also from inside an [`Store::update`] closure,
+    /// which holds the writer mutex that collecting a failed checkpoint needs.
+    fn counters(&self) -> Counters {
+        if self.inner.check_not_in_update().is_ok() {
+            return self.inner.resolve_counters();
+        }
+        let _resolving = self.inner.resolving.lock();
+        self.inner.resolve_counters_locked()
     }
 
     /// True if the store holds no key.
@@ -233,11 +366,76 @@ impl Store {
 
     /// Iterates over every live pair, each exactly once, as of the moment of the call
     /// (a snapshot: later writes are not seen). Pairs come in log order.
+    ///
+    /// Cost: the call lists the live records from the index (a walk of every index
+    /// bucket, under the state lock, shared); each step then reads and verifies one
+    /// record, taking no lock. Errors (a damaged record, a closed store) are items.
     #[must_use]
     pub fn iter(&self) -> Iter {
-        match self.inner.with_stable_index(|st| Ok(Iter::new(st))) {
+        let r = self
+            .inner
+            .check_open()
+            .and_then(|()| self.inner.with_stable_index(|st| Ok(Iter::new(st))));
+        match r {
             Ok(it) => it,
-            Err(e) => Iter::failed(&self.inner.state.read(), e),
+            Err(e) => Iter::failed(&self.inner.state.read(), e.with_path(&self.inner.path)),
+        }
+    }
+
+    /// Iterates over the live pairs whose key starts with `prefix`, each exactly once, as
+    /// of the moment of the call (a snapshot, like [`Store::iter`]), in log (write)
+    /// order, not key order. An empty prefix yields every pair.
+    ///
+    /// The index is a hash, so there is no key order to seek in: this is a scan of all
+    /// live pairs that skips the others. Its cost is that of [`Store::iter`] over the
+    /// whole store (listing every live record from the index, then reading every live
+    /// record's header and key), whatever the prefix matches; only the matching values
+    /// are read, verified and copied. Fine for tools and occasional queries; an
+    /// application that lists a prefix often should keep its own index of those keys
+    /// (for example a key holding the list).
+    ///
+    /// ```
+    /// # use mapkv::{Options, Store};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let store = Store::open(dir.path().join("s.mkv"), Options::default()).unwrap();
+    /// store.put("user:1", "ada")?;
+    /// store.put("post:1", "hello")?;
+    /// store.put("user:2", "bob")?;
+    /// let mut users = store
+    ///     .iter_prefix("user:")
+    ///     .map(|item| item.map(|(k, _)| k))
+    ///     .collect::<mapkv::Result<Vec<_>>>()?;
+    /// users.sort();
+    /// assert_eq!(users, [b"user:1".to_vec(), b"user:2".to_vec()]);
+    /// # Ok::<(), mapkv::Error>(())
+    /// ```
+    #[must_use]
+    pub fn iter_prefix(&self, prefix: impl AsRef<[u8]>) -> PrefixIter {
+        let prefix = prefix.as_ref().to_vec();
+        let listed = self.inner.check_open().and_then(|()| {
+            self.inner.with_stable_index(|st| {
+                let mut offsets = iter::live_offsets(st)?;
+                offsets.sort_unstable();
+                Ok((Arc::clone(&st.map), st.seed, offsets))
+            })
+        });
+        match listed {
+            Ok((map, seed, offsets)) => PrefixIter {
+                map,
+                seed,
+                prefix,
+                offsets: offsets.into_iter(),
+                err: None,
+                path: self.inner.path.clone(),
+            },
+            Err(e) => PrefixIter {
+                map: Arc::clone(&self.inner.state.read().map),
+                seed: self.inner.seed,
+                prefix,
+                offsets: Vec::new().into_iter(),
+                err: Some(e.with_path(&self.inner.path)),
+                path: self.inner.path.clone(),
+            },
         }
     }
 
@@ -258,8 +456,15 @@ impl Store {
     /// An I/O error if `path` exists (a backup never overwrites anything), or on a full
     /// disk (the partial copy is removed); [`Error::Corrupt`] if a live record fails its
     /// checksum (the damage is reported, not copied).
+    ///
+    /// I/O errors name the copy's path; a damaged record names this store's.
     pub fn backup(&self, path: impl AsRef<Path>) -> Result<()> {
-        compact::backup(&self.inner, path.as_ref())
+        let dst = path.as_ref();
+        self.named(self.inner.check_open())?;
+        compact::backup(&self.inner, dst).map_err(|e| match e {
+            Error::Io { .. } => e.with_path(dst),
+            e => e.with_path(&self.inner.path),
+        })
     }
 
     /// A snapshot of the live pairs and a [`Follower`] of every change committed after
@@ -270,7 +475,8 @@ impl Store {
     /// # Errors
     /// As for [`Store::get`] (a reader catching up with its writer).
     pub fn follow(&self) -> Result<(Iter, Follower)> {
-        self.inner.with_stable_index(|st| {
+        self.named(self.inner.check_open())?;
+        self.named(self.inner.with_stable_index(|st| {
             let it = Iter::new(st);
             let f = Follower::new(
                 Arc::clone(&self.inner),
@@ -278,7 +484,7 @@ impl Store {
                 st.map.published(),
             );
             Ok((it, f))
-        })
+        }))
     }
 
     /// A [`Follower`] of the changes committed from now on.
@@ -286,7 +492,8 @@ impl Store {
     /// # Errors
     /// As for [`Store::follow`].
     pub fn changes(&self) -> Result<Follower> {
-        let st = self.inner.view()?;
+        self.named(self.inner.check_open())?;
+        let st = self.named(self.inner.view())?;
         Ok(Follower::new(
             Arc::clone(&self.inner),
             Arc::clone(&st.gen),
@@ -300,7 +507,11 @@ impl Store {
     /// # Errors
     /// I/O errors; the store is unchanged if compaction fails.
     pub fn compact(&self) -> Result<()> {
-        compact::compact(&self.inner)
+        let r = self
+            .inner
+            .check_not_in_update()
+            .and_then(|()| compact::compact(&self.inner));
+        self.named(r)
     }
 
     /// Checks every record checksum in the log and every index entry against the log.
@@ -308,6 +519,11 @@ impl Store {
     /// # Errors
     /// [`Error::Corrupt`] naming the first damage found.
     pub fn verify(&self) -> Result<VerifyReport> {
+        self.named(self.verify_inner())
+    }
+
+    fn verify_inner(&self) -> Result<VerifyReport> {
+        self.inner.check_open()?;
         loop {
             let seq = self.inner.view()?.seen.index_seq;
             let r = verify::verify(&self.inner);
@@ -325,7 +541,9 @@ impl Store {
     #[must_use]
     pub fn stats(&self) -> Stats {
         let inner = &*self.inner;
-        let (alloc, end) = if inner.opts.read_only {
+        // Inside an `update` closure this thread holds the writer mutex, and the writer
+        // is idle: its file and published end are the writer's.
+        let (alloc, end) = if inner.opts.read_only || inner.check_not_in_update().is_err() {
             let st = inner.state.read();
             (st.file.len().unwrap_or(0), st.map.published())
         } else {
@@ -335,7 +553,7 @@ impl Store {
         if let Ok(view) = inner.view() {
             drop(view);
         }
-        let c = inner.resolve_counters();
+        let c = self.counters();
         let (durable_end, durable_writes) = {
             let s = inner.sync.lock();
             (s.durable_end, s.durable_writes)
@@ -365,11 +583,7 @@ impl Store {
             mapped_bytes: st.map.reserved(),
             resident_pages: resident,
             resident_bytes: resident * PAGE,
-            space_amplification: if c.live_bytes == 0 {
-                1.0
-            } else {
-                alloc as f64 / c.live_bytes as f64
-            },
+            space_amplification: crate::stats::space_amplification(alloc, c.live_bytes),
             writes: st.writes,
             syncs: inner.syncs.load(Ordering::Relaxed),
             bytes_synced: inner.bytes_synced.load(Ordering::Relaxed),
@@ -403,25 +617,87 @@ impl Store {
     }
 
     /// Closes the store cleanly (checkpoint, sync, mark clean) and reports errors, which
-    /// dropping the store cannot.
+    /// dropping the store cannot. For a store shared through an `Arc`, see
+    /// [`Store::close_shared`].
     ///
     /// # Errors
-    /// The I/O error of the final checkpoint; the store then recovers at the next open.
-    pub fn close(mut self) -> Result<()> {
-        self.shutdown()
+    /// The I/O error of the final checkpoint (naming the file); the store then recovers
+    /// at the next open. [`Error::Closed`] if it was closed by [`Store::close_shared`]
+    /// already.
+    pub fn close(self) -> Result<()> {
+        self.close_shared()
     }
 
-    fn shutdown(&mut self) -> Result<()> {
-        if let Some(t) = self.background.get_mut().take() {
-            self.inner.background.lock().stop = true;
-            self.inner.background_cv.notify_all();
+    /// Closes a store that may be shared (`Arc<Store>`), as [`Store::close`] does, and
+    /// reports the error that dropping the last clone would lose.
+    ///
+    /// Writes in progress on other threads finish first (a write that returned `Ok` is
+    /// in the store, with the durability of its policy); the store is then checkpointed,
+    /// synced and marked clean, so the next open costs O(1). From then on every call
+    /// through any clone fails with [`Error::Closed`]: writes, reads (`get`,
+    /// `contains_key`, `iter`, `follow`, ...), `flush`, and `close_shared` itself.
+    /// The calls that cannot fail ([`Store::len`], [`Store::stats`], [`Store::path`])
+    /// keep answering from the last state. The file itself, and with it the writer lock,
+    /// is released when the last clone is dropped: until then another writer opening the
+    /// store gets [`Error::Locked`] (readers open it at any time).
+    ///
+    /// The store is closed even when this returns an error: a failed final checkpoint
+    /// leaves the file to be recovered at the next open, as after a crash, with nothing
+    /// lost that a policy promised. If you can get the `Store` out of its `Arc`
+    /// (`Arc::try_unwrap` once the other clones are gone), [`Store::close`] is the same.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use mapkv::{Error, Options, Store};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let store = Arc::new(Store::open(dir.path().join("s.mkv"), Options::default())?);
+    /// let worker = Arc::clone(&store);
+    /// std::thread::spawn(move || worker.put("k", "v")).join().unwrap()?;
+    /// store.close_shared()?; // the final checkpoint's error, if any, is here
+    /// assert!(matches!(store.get("k"), Err(Error::Closed)));
+    /// # Ok::<(), mapkv::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The error of the final checkpoint or sync (naming the file), or
+    /// [`Error::Poisoned`] if an earlier sync had failed; [`Error::Closed`] if the store
+    /// was closed already; [`Error::Reentrant`] from inside an [`Store::update`] closure.
+    pub fn close_shared(&self) -> Result<()> {
+        self.named(self.shutdown())
+    }
+
+    /// Starts the background thread before a write, unless the store is closed.
+    fn write_started(&self) -> Result<()> {
+        self.inner.check_open()?;
+        self.start_background()
+    }
+
+    /// Names the store's file in an error about it.
+    fn named<T>(&self, r: Result<T>) -> Result<T> {
+        r.map_err(|e| e.with_path(&self.inner.path))
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        let inner = &*self.inner;
+        inner.check_not_in_update()?;
+        // Stop the background thread, and any that a racing first write starts later.
+        inner.background.lock().stop = true;
+        inner.background_cv.notify_all();
+        let thread = self.background.lock().take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
-        let inner = &*self.inner;
         if inner.opts.read_only {
+            if inner.closed.swap(true, Ordering::AcqRel) {
+                return Err(Error::Closed);
+            }
             return Ok(());
         }
         let mut w = inner.writer.lock();
+        // Under the writer mutex: writes that took it first are in, later ones fail.
+        if inner.closed.swap(true, Ordering::AcqRel) {
+            return Err(Error::Closed);
+        }
         // Always joined, even on a poisoned store: the thread holds the store open.
         let finished = inner.finish_job(&mut w);
         if inner.poisoned.load(Ordering::Acquire) {
@@ -442,5 +718,74 @@ impl Store {
 impl Drop for Store {
     fn drop(&mut self) {
         let _ = self.shutdown();
+    }
+}
+
+/// Iterator over the live pairs whose key starts with a prefix, as of the call to
+/// [`Store::iter_prefix`]: owned `(key, value)` pairs, each key once, in log order. Like
+/// [`Iter`], it holds the mapping it started on, so it stays valid through file growth
+/// and compaction, and takes no lock while it steps.
+#[derive(Debug)]
+pub struct PrefixIter {
+    map: Arc<crate::map::Mapping>,
+    seed: u64,
+    prefix: Vec<u8>,
+    offsets: std::vec::IntoIter<u64>,
+    err: Option<Error>,
+    path: std::path::PathBuf,
+}
+
+impl PrefixIter {
+    /// The pair of the put record at `off` if its key has the prefix: the header and key
+    /// are read first (bounds-checked), the value only for a match, after the record's
+    /// checksum is verified.
+    fn pair_at(&self, off: u64) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        use crate::format::{decode_header_in, record_crc_ok_in, RECORD_HEADER};
+        let bad = || Error::corrupt(off, "index points at an invalid record");
+        let hdr = self.map.read(off, RECORD_HEADER as u64).ok_or_else(bad)?;
+        let klen = u64::from(u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]));
+        let vlen = u64::from(u32::from_le_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]));
+        let key = self
+            .map
+            .read(off + RECORD_HEADER as u64, klen)
+            .ok_or_else(bad)?;
+        if !key.starts_with(&self.prefix) {
+            return Ok(None);
+        }
+        let bytes = self
+            .map
+            .read(off, RECORD_HEADER as u64 + klen + vlen)
+            .ok_or_else(bad)?;
+        let rec = decode_header_in(bytes, off).map_err(|_| bad())?;
+        if rec.kind != KIND_PUT || !record_crc_ok_in(bytes, self.seed, &rec) {
+            return Err(bad());
+        }
+        let (k, v) = bytes[RECORD_HEADER..].split_at(klen as usize);
+        Ok(Some((k.to_vec(), v.to_vec())))
+    }
+}
+
+impl Iterator for PrefixIter {
+    type Item = Result<(Vec<u8>, Vec<u8>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(e) = self.err.take() {
+            return Some(Err(e));
+        }
+        loop {
+            let off = self.offsets.next()?;
+            match self.pair_at(off) {
+                Ok(Some(pair)) => return Some(Ok(pair)),
+                Ok(None) => {}
+                Err(e) => return Some(Err(e.with_path(&self.path))),
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (
+            usize::from(self.err.is_some()),
+            Some(self.offsets.len() + usize::from(self.err.is_some())),
+        )
     }
 }

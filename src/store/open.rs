@@ -182,7 +182,7 @@ pub(crate) fn open(path: &Path, opts: Options) -> Result<Inner> {
             return load(path.to_path_buf(), opts, Arc::new(fh));
         }
     }
-    Err(Error::Locked)
+    Err(Error::locked())
 }
 
 fn same_file(path: &Path, fh: &FileHandle) -> Result<bool> {
@@ -200,6 +200,10 @@ fn open_writer(path: &Path, opts: &Options) -> Result<FileHandle> {
     let fh = {
         let existing = match OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => Some(FileHandle::lock_writer(f)?),
+            // `Options::create(false)`: nothing is created (`Store::open` names the file).
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !opts.create => {
+                return Err(Error::io("open", e))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => create_new(path, opts)?,
             Err(e) => return Err(Error::io("open", e)),
         };
@@ -215,6 +219,11 @@ fn open_writer(path: &Path, opts: &Options) -> Result<FileHandle> {
             }
         };
         if fh.len()? == 0 {
+            // Checked under the writer lock: only `create(true)` turns an empty file into
+            // a store.
+            if !opts.create {
+                return Err(Error::not_a_store(0));
+            }
             init_store(&fh, opts)?;
         }
         fh
@@ -235,11 +244,11 @@ fn nothing_after(fh: &FileHandle, off: u64, len: u64) -> Result<bool> {
 
 fn header_error(e: HeaderError) -> Error {
     match e {
-        HeaderError::BadMagic => Error::NotAStore { offset: 0 },
-        HeaderError::Version(major, minor) => Error::Version {
-            found: (major, minor),
-            supported: (crate::format::VERSION_MAJOR, crate::format::VERSION_MINOR),
-        },
+        HeaderError::BadMagic => Error::not_a_store(0),
+        HeaderError::Version(major, minor) => Error::version(
+            (major, minor),
+            (crate::format::VERSION_MAJOR, crate::format::VERSION_MINOR),
+        ),
         HeaderError::Corrupt(what) => Error::corrupt(0, what),
     }
 }
@@ -253,7 +262,7 @@ pub(crate) fn read_superblock(
     let mut sb = vec![0u8; usize::try_from(len.min(PAGE)).unwrap_or(0)];
     fh.read_at(&mut sb, 0)?;
     if sb.len() < MAGIC.len() || sb[..MAGIC.len()] != MAGIC {
-        return Err(Error::NotAStore { offset: 0 });
+        return Err(Error::not_a_store(0));
     }
     let info = decode_static(&sb).map_err(header_error)?;
     let mut best: Option<(CheckpointInfo, u64)> = None;
@@ -272,7 +281,7 @@ pub(crate) fn read_superblock(
 fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     let len = fh.len()?;
     if len == 0 {
-        return Err(Error::NotAStore { offset: 0 });
+        return Err(Error::not_a_store(0));
     }
     let reader = opts.read_only;
     // A reader notes the index sequence before it reads the checkpoint slot: a slot
@@ -396,8 +405,9 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
                 base: if full { info.log_start } else { ckpt.log_end },
                 session: live.load(LIVE_SESSION_OFF),
                 committed,
+                stale_pending: None,
             },
-            gen: FileGen::new(Arc::clone(&map), info.origin_end),
+            gen: FileGen::new(Arc::clone(&map), info.origin_end, seed),
         };
         let start = if full { info.log_start } else { ckpt.log_end };
         if !full && (start >= limit || nothing_after(&fh, start, limit)?) {

@@ -12,6 +12,8 @@
 //!    which of this VM's two sync regimes was observed.
 //! 4. Unless `--quick`: group commit (`always` with 1 and 4 writers) and the mmap flag
 //!    experiments of [`crate::flags`].
+//! 5. Unless `--quick` or `--readers off`: readers in other processes, [`crate::readers`]
+//!    (`--readers only` runs that section alone).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +44,7 @@ Examples:
   mapkv bench --quick --policies none,always
   mapkv bench --threads 4 --policies always # group commit
   mapkv bench --json > bench.json --plot bench.svg
+  mapkv bench --readers only                # reader processes beside a writer process
   mapkv bench --dir /mnt/ssd/tmp            # measure another disk")]
 pub struct BenchArgs {
     /// Directory for the benchmark's files (default: a new temporary directory, removed
@@ -71,14 +74,21 @@ pub struct BenchArgs {
     /// Seconds of warm random reads per row.
     #[arg(long, default_value_t = 0.5)]
     pub read_secs: f64,
-    /// Only the policy x populate table: skip group commit and the mmap flag experiments.
+    /// Only the policy x populate table: skip group commit, the mmap flag experiments and
+    /// the reader processes.
     #[arg(long)]
     pub quick: bool,
+    /// Readers in other processes (visibility of a write between processes, reads/s of
+    /// 1, 2 and 4 reader processes beside a writer process; about 20 s): on, off, or only
+    /// (that section alone).
+    #[arg(long, value_enum, default_value_t = ReadersSel::On)]
+    pub readers: ReadersSel,
     /// Size of the scratch file for the mmap flag experiments, in MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(4..=65536))]
     pub flags_mib: u64,
     /// Print the results as JSON on stdout (one object per policy x populate row, plus
-    /// the raw sync, group commit and flag experiments) instead of tables.
+    /// the raw sync, group commit, flag experiments and reader processes) instead of
+    /// tables.
     #[arg(long)]
     pub json: bool,
     /// Also draw throughput and tail latency per row into this SVG file.
@@ -149,6 +159,17 @@ impl PopulateSel {
             PopulateSel::Both => &[false, true],
         }
     }
+}
+
+/// Whether to run the reader-process section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadersSel {
+    /// With the rest (unless `--quick`).
+    On,
+    /// Skip it.
+    Off,
+    /// Only it.
+    Only,
 }
 
 /// One row of the table: one policy with populate on or off.
@@ -256,6 +277,8 @@ pub struct Report {
     pub group_commit: Vec<GroupCommit>,
     /// The mmap flag experiments (unless `--quick`).
     pub flags: Option<crate::flags::FlagsReport>,
+    /// Readers in other processes (unless `--quick` or `--readers off`).
+    pub readers: Option<crate::readers::ReadersReport>,
     /// Wall time of the whole run.
     pub wall_secs: f64,
 }
@@ -312,9 +335,20 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
             dir.display()
         );
     }
+    if a.readers == ReadersSel::Only {
+        return crate::readers::run_only(&dir, &filesystem, a.json);
+    }
+    let with_readers = !a.quick && a.readers == ReadersSel::On;
 
     let rows_n = a.policies.len() * a.populate.values().len();
-    let steps = 3 + rows_n as u64 + if a.quick { 0 } else { 2 + crate::flags::STEPS };
+    let steps = 3
+        + rows_n as u64
+        + if a.quick { 0 } else { 2 + crate::flags::STEPS }
+        + if with_readers {
+            crate::readers::STEPS
+        } else {
+            0
+        };
     let pb = ProgressBar::new(steps);
     pb.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
@@ -367,6 +401,11 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
         }
         flags = Some(crate::flags::run(&dir, a.flags_mib, &pb)?);
     }
+    let readers = if with_readers {
+        Some(crate::readers::run(&dir, &pb)?)
+    } else {
+        None
+    };
     pb.set_message("raw sync cost");
     let raw_end = measure::raw_sync(&dir, 200, Duration::from_millis(700))
         .map_err(|e| io_fail("raw sync measurement", &e))?;
@@ -388,6 +427,7 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
         rows,
         group_commit: group,
         flags,
+        readers,
         wall_secs: wall.elapsed().as_secs_f64(),
     };
     if let Some(svg) = &a.plot {
@@ -893,6 +933,9 @@ fn render(a: &BenchArgs, r: &Report) -> String {
     }
     if let Some(f) = &r.flags {
         let _ = write!(s, "{}", crate::flags::render(f));
+    }
+    if let Some(x) = &r.readers {
+        let _ = write!(s, "{}", crate::readers::render(x));
     }
     let _ = writeln!(s, "\nTotal wall time: {:.1} s.", r.wall_secs);
     s

@@ -4,7 +4,11 @@
 //! Every command opens the store, does one thing and closes it. The reading ones (`get`,
 //! `scan`, `stats`, `verify`, `backup`) open it as a reader (`Options::read_only(true)`):
 //! they take no lock and work while an application has the store open for writing,
-//! seeing what it committed. The writing ones get "locked" then.
+//! seeing what it committed. The writing ones get "locked" then. Only `put` creates a
+//! store; the others open an existing one (`Options::create(false)`).
+//!
+//! Keys and values are printed in one of three forms (see [`Encoding`]): escaped text
+//! (the default, unambiguous), `--hex`, or `--raw` bytes.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,11 +20,19 @@ use crate::measure::fmt_bytes;
 use crate::Failure;
 
 /// How keys and values are given on the command line and printed.
+///
+/// Printed text is escaped so that it decodes unambiguously and each pair stays on one
+/// line: valid UTF-8 is printed as is, except that a backslash is printed as `\\`, and
+/// each byte of a control character (tab, newline and carriage return included) or of
+/// invalid UTF-8 as `\xNN` (two lowercase hex digits). So the text `\x01` prints as
+/// `\\x01` and the byte 0x01 as `\x01`. Text given on the command line is taken as is
+/// (no escapes are interpreted); use `--hex` for arbitrary bytes.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct Encoding {
-    /// Keys and values on the command line are hex (`6b6579` = `key`), and values are
-    /// printed as hex. Without it they are UTF-8 text, and bytes that are not printable
-    /// text are printed as `\xNN` escapes.
+    /// Keys and values (and a prefix) on the command line are hex (`6b6579` = `key`),
+    /// and keys and values are printed as hex. Without it they are UTF-8 text, printed
+    /// escaped: a backslash as `\\`, control characters (tab, newline, ...) and bytes
+    /// that are not UTF-8 as `\xNN`, everything else as is.
     #[arg(long)]
     pub hex: bool,
 }
@@ -48,13 +60,45 @@ impl Encoding {
 
     fn show(self, bytes: &[u8]) -> String {
         if self.hex {
-            return bytes.iter().map(|b| format!("{b:02x}")).collect();
+            return hex(bytes);
         }
-        match std::str::from_utf8(bytes) {
-            Ok(s) if !s.chars().any(char::is_control) => s.to_owned(),
-            _ => bytes.escape_ascii().to_string(),
+        escape(bytes)
+    }
+}
+
+/// `bytes` as lowercase hex, two digits a byte.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// `bytes` as escaped text (see [`Encoding`]): UTF-8 as is, but `\` for a backslash and
+/// `\xNN` for each byte of a control character or of invalid UTF-8.
+fn escape(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else if c.is_control() {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    let _ = write!(out, "\\x{b:02x}");
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
         }
     }
+    out
 }
 
 /// `mapkv get PATH KEY`.
@@ -100,9 +144,15 @@ pub struct DelArgs {
 pub struct ScanArgs {
     /// The store file.
     pub path: PathBuf,
-    /// Only keys that start with this prefix.
+    /// Only keys that start with this prefix (still a scan of the whole store: the index
+    /// is a hash, see `Store::iter_prefix`).
     #[arg(long)]
     pub prefix: Option<String>,
+    /// Print keys and values as raw bytes, with no escaping: `key<TAB>value<NEWLINE>`.
+    /// Ambiguous if keys or values contain tabs or newlines; use it for text you know,
+    /// and the default escaped text or `--hex` otherwise.
+    #[arg(long, conflicts_with = "hex")]
+    pub raw: bool,
     /// Print at most this many pairs.
     #[arg(long)]
     pub limit: Option<u64>,
@@ -133,6 +183,10 @@ pub struct BackupArgs {
 pub struct StatsArgs {
     /// The store file.
     pub path: PathBuf,
+    /// Print the counters as one JSON object (the fields of `mapkv::Stats`, byte counts
+    /// as integers) instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `mapkv verify PATH`.
@@ -154,27 +208,34 @@ pub struct CompactArgs {
     pub path: PathBuf,
 }
 
-fn must_exist(path: &Path) -> Result<(), Failure> {
-    if path.exists() {
-        Ok(())
-    } else {
-        Err(Failure::msg(format!("no such store: {}", path.display())))
+/// A store error as one line for the user.
+fn fail(path: &Path, e: &mapkv::Error) -> Failure {
+    match e {
+        mapkv::Error::NotFound { .. } => {
+            Failure::msg(format!("no such store: {} (no file there)", path.display()))
+        }
+        e => Failure::store(path, e),
     }
 }
 
 fn open_ro(path: &Path) -> Result<Store, Failure> {
-    must_exist(path)?;
-    Store::open(path, Options::default().read_only(true)).map_err(|e| Failure::store(path, &e))
+    Store::open(path, Options::default().read_only(true)).map_err(|e| fail(path, &e))
 }
 
-fn open_rw(path: &Path) -> Result<Store, Failure> {
+/// Opens for writing; only `create` makes a new store (an empty file included).
+fn open_rw(path: &Path, create: bool) -> Result<Store, Failure> {
     // `None`: no flusher thread; `close()` below syncs before the command returns.
-    Store::open(path, Options::default().durability(Durability::None))
-        .map_err(|e| Failure::store(path, &e))
+    Store::open(
+        path,
+        Options::default()
+            .durability(Durability::None)
+            .create(create),
+    )
+    .map_err(|e| fail(path, &e))
 }
 
 fn close(path: &Path, store: Store) -> Result<(), Failure> {
-    store.close().map_err(|e| Failure::store(path, &e))
+    store.close().map_err(|e| fail(path, &e))
 }
 
 /// Runs `get`; a missing key is a failure (exit 1), like `grep` finding nothing.
@@ -190,7 +251,7 @@ pub fn get(a: &GetArgs) -> Result<(), Failure> {
                 writeln!(out, "{}", a.enc.show(v))
             }
         })
-        .map_err(|e| Failure::store(&a.path, &e))?;
+        .map_err(|e| fail(&a.path, &e))?;
     match found {
         Some(r) => r.map_err(Failure::stdout),
         None => Err(Failure::msg(format!("key not found: {}", a.key))),
@@ -201,21 +262,16 @@ pub fn get(a: &GetArgs) -> Result<(), Failure> {
 pub fn put(a: &PutArgs) -> Result<(), Failure> {
     let key = a.enc.parse("key", &a.key)?;
     let value = a.enc.parse("value", &a.value)?;
-    let store = open_rw(&a.path)?;
-    store
-        .put(&key, &value)
-        .map_err(|e| Failure::store(&a.path, &e))?;
+    let store = open_rw(&a.path, true)?;
+    store.put(&key, &value).map_err(|e| fail(&a.path, &e))?;
     close(&a.path, store)
 }
 
 /// Runs `del`; a missing key is a failure (exit 1).
 pub fn del(a: &DelArgs) -> Result<(), Failure> {
     let key = a.enc.parse("key", &a.key)?;
-    must_exist(&a.path)?;
-    let store = open_rw(&a.path)?;
-    let existed = store
-        .delete(&key)
-        .map_err(|e| Failure::store(&a.path, &e))?;
+    let store = open_rw(&a.path, false)?;
+    let existed = store.delete(&key).map_err(|e| fail(&a.path, &e))?;
     close(&a.path, store)?;
     if existed {
         Ok(())
@@ -227,6 +283,22 @@ pub fn del(a: &DelArgs) -> Result<(), Failure> {
     }
 }
 
+/// Writes one line: `fields` joined by tabs, each in the chosen form (raw, hex or
+/// escaped text).
+fn line(out: &mut impl Write, a: &ScanArgs, fields: &[&[u8]]) -> std::io::Result<()> {
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            out.write_all(b"\t")?;
+        }
+        if a.raw {
+            out.write_all(f)?;
+        } else {
+            out.write_all(a.enc.show(f).as_bytes())?;
+        }
+    }
+    out.write_all(b"\n")
+}
+
 /// Runs `scan`: one `key<TAB>value` line per pair, in log order.
 pub fn scan(a: &ScanArgs) -> Result<(), Failure> {
     let prefix = match &a.prefix {
@@ -235,28 +307,24 @@ pub fn scan(a: &ScanArgs) -> Result<(), Failure> {
     };
     let store = open_ro(&a.path)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut shown = 0u64;
-    let (pairs, follower) = if a.follow {
-        let (it, f) = store.follow().map_err(|e| Failure::store(&a.path, &e))?;
-        (it, Some(f))
+    let (pairs, follower): (Box<dyn Iterator<Item = mapkv::Result<_>>>, _) = if a.follow {
+        let (it, f) = store.follow().map_err(|e| fail(&a.path, &e))?;
+        let it = it.filter(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)));
+        (Box::new(it), Some(f))
     } else {
-        (store.iter(), None)
+        (Box::new(store.iter_prefix(&prefix)), None)
     };
-    for item in pairs {
-        if a.limit.is_some_and(|l| shown >= l) {
-            break;
-        }
-        let (k, v) = item.map_err(|e| Failure::store(&a.path, &e))?;
-        if !k.starts_with(&prefix) {
-            continue;
-        }
+    let limit = a
+        .limit
+        .map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+    for item in pairs.take(limit) {
+        let (k, v): (Vec<u8>, Vec<u8>) = item.map_err(|e| fail(&a.path, &e))?;
         let r = if a.keys_only {
-            writeln!(out, "{}", a.enc.show(&k))
+            line(&mut out, a, &[&k])
         } else {
-            writeln!(out, "{}\t{}", a.enc.show(&k), a.enc.show(&v))
+            line(&mut out, a, &[&k, &v])
         };
         r.map_err(Failure::stdout)?;
-        shown += 1;
     }
     out.flush().map_err(Failure::stdout)?;
     let Some(mut follower) = follower else {
@@ -265,18 +333,18 @@ pub fn scan(a: &ScanArgs) -> Result<(), Failure> {
     loop {
         let changes = follower
             .wait(std::time::Duration::from_millis(200))
-            .map_err(|e| Failure::store(&a.path, &e))?;
+            .map_err(|e| fail(&a.path, &e))?;
         for c in changes {
             let r = match c {
                 mapkv::Change::Put { key, value } if key.starts_with(&prefix) => {
                     if a.keys_only {
-                        writeln!(out, "+\t{}", a.enc.show(&key))
+                        line(&mut out, a, &[b"+", &key])
                     } else {
-                        writeln!(out, "+\t{}\t{}", a.enc.show(&key), a.enc.show(&value))
+                        line(&mut out, a, &[b"+", &key, &value])
                     }
                 }
                 mapkv::Change::Delete { key } if key.starts_with(&prefix) => {
-                    writeln!(out, "-\t{}", a.enc.show(&key))
+                    line(&mut out, a, &[b"-", &key])
                 }
                 _ => Ok(()),
             };
@@ -289,11 +357,9 @@ pub fn scan(a: &ScanArgs) -> Result<(), Failure> {
 /// Runs `backup`: a consistent copy of the committed state, beside a running writer.
 pub fn backup(a: &BackupArgs) -> Result<(), Failure> {
     let store = open_ro(&a.src)?;
-    store
-        .backup(&a.dst)
-        .map_err(|e| Failure::store(&a.src, &e))?;
-    let copy = Store::open(&a.dst, Options::default().read_only(true))
-        .map_err(|e| Failure::store(&a.dst, &e))?;
+    store.backup(&a.dst).map_err(|e| fail(&a.src, &e))?;
+    let copy =
+        Store::open(&a.dst, Options::default().read_only(true)).map_err(|e| fail(&a.dst, &e))?;
     let s = copy.stats();
     println!(
         "{} -> {}: {} live keys, {} (the copy is compacted)",
@@ -305,10 +371,17 @@ pub fn backup(a: &BackupArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Runs `stats`: every counter of [`mapkv::Stats`], explained.
+/// Runs `stats`: every counter of [`mapkv::Stats`], explained (or, with `--json`, as
+/// JSON).
 pub fn stats(a: &StatsArgs) -> Result<(), Failure> {
     let store = open_ro(&a.path)?;
     let s = store.stats();
+    if a.json {
+        let json = serde_json::to_string_pretty(&s)
+            .map_err(|e| Failure::msg(format!("cannot encode the stats as JSON: {e}")))?;
+        let mut out = std::io::stdout().lock();
+        return writeln!(out, "{json}").map_err(Failure::stdout);
+    }
     let mut t = Table::new();
     t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
     t.set_header(vec!["stat", "value", "meaning"]);
@@ -362,7 +435,12 @@ pub fn stats(a: &StatsArgs) -> Result<(), Failure> {
         (
             "space amplification",
             format!("{:.2}", s.space_amplification),
-            "file size / live bytes",
+            "file size / live bytes (live bytes counted as at least 1 MiB)",
+        ),
+        (
+            "dead ratio",
+            format!("{:.1}%", s.dead_ratio() * 100.0),
+            "share of the log (and old index regions) that `compact` reclaims",
         ),
         (
             "delta entries",
@@ -435,7 +513,6 @@ pub fn stats(a: &StatsArgs) -> Result<(), Failure> {
 
 /// Runs `verify` (and `verify --repair`).
 pub fn verify(a: &VerifyArgs) -> Result<(), Failure> {
-    must_exist(&a.path)?;
     let mut out = std::io::stdout().lock();
     let store = if a.repair {
         let size_before = std::fs::metadata(&a.path).map(|m| m.len()).unwrap_or(0);
@@ -443,9 +520,10 @@ pub fn verify(a: &VerifyArgs) -> Result<(), Failure> {
             &a.path,
             Options::default()
                 .durability(Durability::None)
+                .create(false)
                 .salvage(true),
         )
-        .map_err(|e| Failure::store(&a.path, &e))?;
+        .map_err(|e| fail(&a.path, &e))?;
         let r = store.stats().recovery;
         let mut lines = vec![format!(
             "repair of {} (file was {size_before} bytes):",
@@ -470,7 +548,7 @@ pub fn verify(a: &VerifyArgs) -> Result<(), Failure> {
     } else {
         open_ro(&a.path)?
     };
-    let rep = store.verify().map_err(|e| Failure::store(&a.path, &e))?;
+    let rep = store.verify().map_err(|e| fail(&a.path, &e))?;
     writeln!(
         out,
         "ok: {}: {} records ({} writes, {}) checksummed, {} index buckets checked, {} live keys all found by the index",
@@ -487,13 +565,12 @@ pub fn verify(a: &VerifyArgs) -> Result<(), Failure> {
 
 /// Runs `compact`: prints the file size before and after.
 pub fn compact(a: &CompactArgs) -> Result<(), Failure> {
-    must_exist(&a.path)?;
-    let store = open_rw(&a.path)?;
+    let store = open_rw(&a.path, false)?;
     let before = store.stats();
     let res = store.compact();
     let after = store.stats();
     close(&a.path, store)?;
-    res.map_err(|e| Failure::store(&a.path, &e))?;
+    res.map_err(|e| fail(&a.path, &e))?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
