@@ -179,7 +179,10 @@ fn reader_2(path: &Path) -> Result<()> {
                 Change::Put { key, value } if key == b"counter" => {
                     counters.push(String::from_utf8_lossy(value).into_owned());
                 }
-                Change::Put { key, .. } if key == b"done" => done = true,
+                Change::Put { key, .. } if key == b"done" => {
+                    done = true;
+                    events.push("`done` set".into());
+                }
                 Change::Put { key, .. } => {
                     events.push(format!("{} joined", String::from_utf8_lossy(key)));
                 }
@@ -197,7 +200,9 @@ fn reader_2(path: &Path) -> Result<()> {
         } else {
             format!("; {}", events.join(", "))
         };
-        println!("[reader 2] {} changes: {range}{events}", batch.len());
+        let n = batch.len();
+        let plural = if n == 1 { "" } else { "s" };
+        println!("[reader 2] {n} change{plural}: {range}{events}");
         if done {
             println!("[reader 2] saw `done` after {total} changes in all; stopping");
             return Ok(());

@@ -75,6 +75,53 @@ pub(crate) struct State {
     pub(crate) seen: Seen,
     /// The file's place in the chain of files the store has lived in (for followers).
     pub(crate) gen: Arc<FileGen>,
+    /// Buckets of `index` whose checksum a lookup has verified since they were last
+    /// written (see [`BucketChecks`]).
+    pub(crate) checked: BucketChecks,
+}
+
+/// One bit per bucket of the current index: its checksum was verified since the bucket
+/// was last written. A lookup verifies a bucket's checksum (one CRC of 4 KiB) the first
+/// time it probes it after the index changed, then only tests the bit: a damaged bucket
+/// is reported instead of read as "no such key", for about one CRC per bucket per
+/// checkpoint.
+#[derive(Debug, Default)]
+pub(crate) struct BucketChecks {
+    bits: Box<[std::sync::atomic::AtomicU64]>,
+}
+
+impl BucketChecks {
+    pub(crate) fn for_buckets(buckets: u64) -> BucketChecks {
+        let words = usize::try_from(buckets.div_ceil(64)).unwrap_or(0);
+        BucketChecks {
+            bits: (0..words)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    fn word(&self, b: u64) -> Option<(&std::sync::atomic::AtomicU64, u64)> {
+        let w = self.bits.get(usize::try_from(b / 64).ok()?)?;
+        Some((w, 1u64 << (b % 64)))
+    }
+
+    fn is_checked(&self, b: u64) -> bool {
+        self.word(b)
+            .is_some_and(|(w, m)| w.load(std::sync::atomic::Ordering::Relaxed) & m != 0)
+    }
+
+    fn mark(&self, b: u64) {
+        if let Some((w, m)) = self.word(b) {
+            w.fetch_or(m, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets every check (buckets were rewritten).
+    pub(crate) fn clear(&self) {
+        for w in &self.bits {
+            w.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// One file of the store's life, for followers of its changes: compaction starts a new
@@ -165,6 +212,35 @@ pub(crate) struct Frozen {
 }
 
 impl State {
+    /// Switches to the index `geom` (its buckets are checked anew).
+    pub(crate) fn set_index(&mut self, geom: IndexGeom) {
+        self.checked = BucketChecks::for_buckets(geom.buckets);
+        self.index = geom;
+    }
+
+    /// Marks bucket `b` as verified, as a lookup does (tests that damage a bucket after
+    /// it was checked).
+    #[cfg(test)]
+    pub(crate) fn checked_mark_for_tests(&self, b: u64) {
+        self.checked.mark(b);
+    }
+
+    /// Verifies the checksum of bucket `b` unless a lookup did since it was written.
+    fn check_bucket(&self, b: u64) -> Result<()> {
+        if self.checked.is_checked(b) {
+            return Ok(());
+        }
+        let bytes = self.bucket(b)?;
+        if !crate::format::bucket_crc_ok(bytes) {
+            return Err(Error::corrupt(
+                self.index.bucket_off(b),
+                "index bucket checksum mismatch",
+            ));
+        }
+        self.checked.mark(b);
+        Ok(())
+    }
+
     /// Header of the record at `off` (untrusted offset: bounds-checked, not checksummed).
     pub(crate) fn header(&self, off: u64) -> Result<RecordRef> {
         header_in(&self.map, off)
@@ -244,6 +320,7 @@ impl State {
             return Ok(None);
         }
         let b = bucket_of(hash, self.index.buckets);
+        self.check_bucket(b)?;
         let mut found = None;
         if self.shared {
             let off = self.index.bucket_off(b);

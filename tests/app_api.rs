@@ -363,6 +363,8 @@ fn update_closure_calling_its_store_gets_reentrant_not_a_deadlock() {
                 Err(Error::Reentrant)
             ));
             assert!(matches!(s.compact(), Err(Error::Reentrant)));
+            assert!(matches!(s.verify(), Err(Error::Reentrant)));
+            s.flush().expect("flush needs no writer lock");
             assert!(matches!(s.close_shared(), Err(Error::Reentrant)));
             // Reads work and see the state before the update.
             assert_eq!(s.get("k").unwrap().as_deref(), Some(&b"old"[..]));

@@ -326,7 +326,7 @@ impl Inner {
         self.sync_file(&plan.file)?;
         let frozen = {
             let mut st = self.state.write();
-            st.index = geom;
+            st.set_index(geom);
             st.frozen.take()
         };
         // Freeing a large table unmaps memory: not under the lock.

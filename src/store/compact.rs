@@ -285,7 +285,7 @@ impl Inner {
             let gen = FileGen::new(Arc::clone(&c.map), c.log_end, self.seed);
             st.gen.replaced_by(&gen);
             st.gen = gen;
-            st.index = c.index;
+            st.set_index(c.index);
             st.log_start = c.log_start;
             st.delta.clear();
             st.frozen = None;

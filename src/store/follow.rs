@@ -200,11 +200,12 @@ impl Inner {
         if !self.index_unchanged_since(st, seq) {
             return Ok(());
         }
-        st.index = crate::state::IndexGeom {
+        // Adopting a slot means buckets may have been rewritten: check them anew.
+        st.set_index(crate::state::IndexGeom {
             off: c.index_off,
             buckets: c.index_buckets,
             style: c.index_style,
-        };
+        });
         st.delta_only = false;
         st.seen.index_seq = seq;
         st.seen.ckpt_end = c.log_end;

@@ -240,9 +240,9 @@ impl Store {
     /// store). **`f` must not call this store.** Reads from inside it work but see the
     /// value before the update; calls that need the writer lock ([`Store::put`],
     /// [`Store::delete`], [`Store::write`], [`Store::compare_and_swap`], a nested
-    /// `update`, [`Store::compact`], [`Store::close_shared`]) return [`Error::Reentrant`]
-    /// instead of deadlocking. If `f` panics, nothing is written and the lock is released
-    /// (the panic propagates).
+    /// `update`, [`Store::compact`], [`Store::verify`], [`Store::close_shared`]) return
+    /// [`Error::Reentrant`] instead of deadlocking. If `f` panics, nothing is written and
+    /// the lock is released (the panic propagates).
     ///
     /// Durability as for [`Store::compare_and_swap`]: the write is as durable as
     /// [`Store::put`]; under [`Durability::Always`] the call returns only once the state
@@ -524,6 +524,8 @@ impl Store {
 
     fn verify_inner(&self) -> Result<VerifyReport> {
         self.inner.check_open()?;
+        // It may collect a failed checkpoint, which takes the writer mutex.
+        self.inner.check_not_in_update()?;
         loop {
             let seq = self.inner.view()?.seen.index_seq;
             let r = verify::verify(&self.inner);

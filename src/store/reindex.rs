@@ -121,6 +121,7 @@ impl Inner {
                 shared: st.shared,
                 seen: st.seen,
                 gen: Arc::clone(&st.gen),
+                checked: crate::state::BucketChecks::default(),
             }
         };
         let map = Arc::clone(&scratch.map);
@@ -189,7 +190,7 @@ impl Inner {
         self.sync_file(&w.file)?;
         {
             let mut st = self.state.write();
-            st.index = new;
+            st.set_index(new);
             st.delta.clear();
             st.delta_only = false;
         }

@@ -89,7 +89,14 @@ fn bucket_of_key(store: &Store, geom: IndexGeom, k: &str) -> u64 {
 
 /// Flips a reserved byte of bucket `b` in the file (lookups do not notice; the
 /// bucket's checksum does).
+/// Damages bucket `b` after lookups verified it (bitrot after the check: lookups trust
+/// the bucket until the next checkpoint rewrites or re-checks it; the checkpoint that
+/// wants to rewrite it finds the damage).
 fn damage_bucket(store: &Store, geom: IndexGeom, b: u64) {
+    {
+        let st = store.inner.state.read();
+        st.checked_mark_for_tests(b);
+    }
     let off = geom.bucket_off(b) + 12; // a reserved header byte: the CRC fails, the magic holds
     let file = Arc::clone(&store.inner.writer.lock().file);
     let mut byte = [0u8; 1];
