@@ -115,13 +115,6 @@ impl BucketChecks {
             w.fetch_or(m, std::sync::atomic::Ordering::Relaxed);
         }
     }
-
-    /// Forgets every check (buckets were rewritten).
-    pub(crate) fn clear(&self) {
-        for w in &self.bits {
-            w.store(0, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
 }
 
 /// One file of the store's life, for followers of its changes: compaction starts a new
