@@ -582,3 +582,66 @@ fn a_compaction_killed_around_its_rename_strands_no_reader() {
     w.put(b"k", b"newer").expect("put");
     assert_eq!(r.get(b"k").expect("get").as_deref(), Some(&b"newer"[..]));
 }
+
+/// Regression: a reader's counters drifted upward as it adopted checkpoints (records the
+/// checkpoint already counted were counted again): `len()` said 260,000 where the store
+/// held 200,000 keys.
+#[test]
+fn a_reader_counts_exactly_across_checkpoints() {
+    let (_dir, path) = tmp();
+    let w = Store::open(&path, Options::default().checkpoint_keys(700)).expect("writer");
+    let r = Store::open(&path, Options::default().read_only(true)).expect("reader");
+    for round in 0..6u64 {
+        for i in 0..2_000u64 {
+            w.put(key(i + round * 997), value(i)).expect("put");
+            if i % 3 == 0 {
+                w.delete(key(i + 1)).expect("delete");
+            }
+        }
+        // Let the background checkpoints finish, so the reader adopts them.
+        w.flush().expect("flush");
+        let n = r.iter().count();
+        assert_eq!(r.len(), n, "round {round}: reader len vs its own iteration");
+        assert_eq!(n, w.len(), "round {round}: reader vs writer");
+        let (rs, ws) = (r.stats(), w.stats());
+        assert_eq!(rs.live_keys, ws.live_keys, "round {round}");
+        assert_eq!(rs.live_bytes, ws.live_bytes, "round {round}");
+    }
+}
+
+/// Regression: a reader's call caught up again and again while the writer kept
+/// committing, and returned only once the writer paused. One pass up to the committed
+/// end read at the start is all the guarantee needs.
+#[test]
+fn a_reader_call_returns_while_the_writer_keeps_writing() {
+    let (_dir, path) = tmp();
+    let w = Store::open(&path, Options::default()).expect("writer");
+    w.put(b"start", b"1").expect("put");
+    let r = Store::open(&path, Options::default().read_only(true)).expect("reader");
+    let reader_done = std::sync::atomic::AtomicBool::new(false);
+    let writer_ran_out = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            // Far more writes than a reader needs to catch up once.
+            for i in 0..3_000_000u64 {
+                if reader_done.load(std::sync::atomic::Ordering::Relaxed) {
+                    return false;
+                }
+                w.put(key(i), value(i)).expect("put");
+            }
+            true
+        });
+        // Let the writer get ahead, then read 50 times while it writes.
+        while w.stats().writes < 20_000 {
+            std::thread::yield_now();
+        }
+        for _ in 0..50 {
+            assert!(r.get(b"start").expect("get").is_some());
+        }
+        reader_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().expect("writer thread")
+    });
+    assert!(
+        !writer_ran_out,
+        "the reader's calls returned only after the writer stopped writing"
+    );
+}

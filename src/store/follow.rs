@@ -38,9 +38,6 @@ use crate::state::State;
 /// How long a reader waits for an odd index sequence (a bucket write in progress, which
 /// takes microseconds) before it asks whether the writer is still alive.
 const ODD_PATIENCE: Duration = Duration::from_millis(2);
-/// A reader rebuilds its delta from the current checkpoint once it holds this many
-/// entries, so its memory stays bounded by what the writer's own delta holds.
-const REBASE_ENTRIES: usize = 1 << 16;
 
 /// The index sequence once it is even (no bucket write in progress). If it stays odd and
 /// no writer holds the lock, the writer died in the middle of a write: its buckets are
@@ -103,15 +100,18 @@ fn behind(st: &State) -> Behind {
 impl Inner {
     /// The view to read from: for a writer's own store, its state; for a reader, its
     /// state brought up to what the writer committed before this call.
+    ///
+    /// One catch-up pass: it replays up to the committed end it reads, which covers
+    /// every write committed before the call started. (Looping until nothing is new
+    /// would never end beside a writer that commits as fast as a reader replays.)
     pub(super) fn view(&self) -> Result<RwLockReadGuard<'_, State>> {
-        loop {
-            let st = self.state.read();
-            if !st.shared || behind(&st) == Behind::Nothing {
-                return Ok(st);
-            }
-            drop(st);
-            self.catch_up()?;
+        let st = self.state.read();
+        if !st.shared || behind(&st) == Behind::Nothing {
+            return Ok(st);
         }
+        drop(st);
+        self.catch_up()?;
+        Ok(self.state.read())
     }
 
     /// The newest live record for `key` in a fresh view, with the view (whose guard
@@ -168,7 +168,10 @@ impl Inner {
         let committed = st.live.load(LIVE_COMMITTED_OFF);
         let pos = st.map.published();
         if committed > pos {
-            replay(&mut st, pos, committed)?;
+            // A checkpoint adopted past the view's end covers what lies before it: the
+            // replay starts there, and the view still becomes readable up to the end.
+            let from = pos.max(st.seen.base).min(committed);
+            replay(&mut st, from, committed)?;
         } else if committed < pos && st.file.writer_alive() {
             // A live writer whose recovery ended before what this reader saw (the file
             // was damaged, or replaced by another program): start over.
@@ -208,9 +211,19 @@ impl Inner {
         });
         st.delta_only = false;
         st.seen.index_seq = seq;
-        st.seen.ckpt_end = c.log_end;
-        if st.delta.len() >= REBASE_ENTRIES && c.log_end > st.seen.base {
-            rebase(st, c.log_end);
+        if c.log_end != st.seen.ckpt_end {
+            // A new checkpoint: its buckets and counters are exact up to its `log_end`,
+            // so the view's delta starts over there (which also keeps the delta, and the
+            // counters, from counting the checkpointed writes twice). Costs a replay of
+            // what was written after the checkpoint's end, the same as recovery.
+            st.seen.ckpt_end = c.log_end;
+            let exact = crate::state::Counters {
+                live_keys: c.live_keys,
+                live_bytes: c.live_bytes,
+                log_bytes: c.log_bytes,
+                dead_index_bytes: c.dead_index_bytes,
+            };
+            rebase(st, c.log_end, exact);
         }
         Ok(())
     }
@@ -283,6 +296,7 @@ fn replay(st: &mut State, from: u64, to: u64) -> Result<()> {
     // Readable up to `to` for the scan; on failure, back to `from`.
     map.follow_to(to);
     let seed = st.seed;
+    let log_bytes = st.counters.log_bytes;
     let end = scan(map.published_bytes(), seed, from, to, |recs| {
         for r in recs {
             let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
@@ -297,20 +311,24 @@ fn replay(st: &mut State, from: u64, to: u64) -> Result<()> {
             "damaged record below the writer's committed end",
         ));
     }
-    st.counters.log_bytes += end.bytes;
+    // `apply` counted the records; the scan's total also has the JUMP records.
+    st.counters.log_bytes = log_bytes + end.bytes;
     Ok(())
 }
 
 /// Rebuilds a reader's delta from `ckpt_end` (a checkpoint it adopted) to its end, so the
 /// entries the checkpoint's buckets now hold are dropped.
-fn rebase(st: &mut State, ckpt_end: u64) {
+fn rebase(st: &mut State, ckpt_end: u64, exact: crate::state::Counters) {
     let map = Arc::clone(&st.map);
     let to = map.published();
-    if ckpt_end > to {
+    let old = (std::mem::take(&mut st.delta), st.counters, st.seen.base);
+    st.counters = exact;
+    st.seen.base = ckpt_end;
+    if ckpt_end >= to {
+        // Everything the view holds is in the checkpoint; the next replay starts there.
         return;
     }
     let seed = st.seed;
-    let old = std::mem::take(&mut st.delta);
     let end = scan(map.published_bytes(), seed, ckpt_end, to, |recs| {
         for r in recs {
             let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
@@ -318,9 +336,9 @@ fn rebase(st: &mut State, ckpt_end: u64) {
         }
     });
     if end.valid_end == to {
-        st.seen.base = ckpt_end;
-        drop(old);
+        st.counters.log_bytes = exact.log_bytes + end.bytes;
     } else {
-        st.delta = old;
+        // Keep the old delta (it is still right, only larger).
+        (st.delta, st.counters, st.seen.base) = old;
     }
 }
