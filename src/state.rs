@@ -164,6 +164,10 @@ pub(crate) struct Seen {
     pub(crate) index_seq: u64,
     /// The `log_end` of that checkpoint: the buckets cover the log up to at least here.
     pub(crate) ckpt_end: u64,
+    /// That checkpoint's state (a reader counts keys only outside CHECKPOINTING).
+    pub(crate) ckpt_state: u32,
+    /// That checkpoint's counters, exact at `ckpt_end`.
+    pub(crate) ckpt_counters: Counters,
     /// Where the delta's replay started: the view holds every write from here to the
     /// published end.
     pub(crate) base: u64,

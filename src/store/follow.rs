@@ -211,6 +211,13 @@ impl Inner {
         });
         st.delta_only = false;
         st.seen.index_seq = seq;
+        st.seen.ckpt_state = c.state;
+        st.seen.ckpt_counters = crate::state::Counters {
+            live_keys: c.live_keys,
+            live_bytes: c.live_bytes,
+            log_bytes: c.log_bytes,
+            dead_index_bytes: c.dead_index_bytes,
+        };
         if c.log_end != st.seen.ckpt_end {
             // A new checkpoint: its buckets and counters are exact up to its `log_end`,
             // so the view's delta starts over there (which also keeps the delta, and the
@@ -226,6 +233,45 @@ impl Inner {
             rebase(st, c.log_end, exact);
         }
         Ok(())
+    }
+
+    /// A reader's exact counters: the adopted checkpoint's (exact at its end), plus the
+    /// writes after it, each looked up in the checkpoint's buckets. Done afresh on a
+    /// stable index: while the writer rewrites buckets (CHECKPOINTING), a lookup could
+    /// find a newer record than the one a write replaced, so it waits for the checkpoint
+    /// to finish (a few milliseconds to seconds), then counts; the writer never waits.
+    /// Costs a replay of the log written since the checkpoint.
+    pub(super) fn reader_counters(&self) -> crate::state::Counters {
+        for _ in 0..10_000 {
+            let Ok(st) = self.view() else { break };
+            let (seq, busy) = (
+                st.seen.index_seq,
+                st.seen.ckpt_state == crate::format::STATE_CHECKPOINTING && st.file.writer_alive(),
+            );
+            drop(st);
+            if busy {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            let mut st = self.state.write();
+            if st.seen.index_seq != seq {
+                continue;
+            }
+            let (end, exact) = (st.seen.ckpt_end, st.seen.ckpt_counters);
+            if end == 0 {
+                // A view rebuilt from the whole log (no usable checkpoint): its delta
+                // holds every key; settle it.
+                st.resolve(usize::MAX);
+                return st.counters;
+            }
+            rebase(&mut st, end, exact);
+            st.resolve(usize::MAX);
+            let c = st.counters;
+            if self.index_unchanged(&st) {
+                return c;
+            }
+        }
+        self.state.read().counters
     }
 
     fn index_unchanged_since(&self, st: &State, seq: u64) -> bool {

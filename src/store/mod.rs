@@ -351,6 +351,9 @@ impl Store {
     /// Exact counters (see [`Store::len`]), also from inside an [`Store::update`] closure,
     /// which holds the writer mutex that collecting a failed checkpoint needs.
     fn counters(&self) -> Counters {
+        if self.inner.opts.read_only {
+            return self.inner.reader_counters();
+        }
         if self.inner.check_not_in_update().is_ok() {
             return self.inner.resolve_counters();
         }

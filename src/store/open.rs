@@ -402,6 +402,13 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
             seen: Seen {
                 index_seq: seen_seq,
                 ckpt_end: if full { 0 } else { ckpt.log_end },
+                ckpt_state: ckpt.state,
+                ckpt_counters: Counters {
+                    live_keys: ckpt.live_keys,
+                    live_bytes: ckpt.live_bytes,
+                    log_bytes: ckpt.log_bytes,
+                    dead_index_bytes: ckpt.dead_index_bytes,
+                },
                 base: if full { info.log_start } else { ckpt.log_end },
                 session: live.load(LIVE_SESSION_OFF),
                 committed,
