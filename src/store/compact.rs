@@ -121,6 +121,10 @@ fn switch(inner: &Inner, w: &mut Writer, built: Compacted, tmp: &std::path::Path
         let _ = std::fs::remove_file(tmp);
         return Err(Error::io("rename compacted file", e));
     }
+    // Under `Always`, writes acknowledged because compaction made them durable (in the
+    // new file) may lie past the old file's committed end: raise it over everything the
+    // old file holds, so readers finish the old file with them before they switch.
+    old_live.raise(LIVE_COMMITTED_OFF, inner.state.read().map.published());
     old_live.store(LIVE_SWITCH_OFF, SWITCH_DONE);
     inner.notify_pub(SyncEvent::Renamed);
     // From here the new file is the store; failing to sync the directory leaves the

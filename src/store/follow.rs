@@ -172,14 +172,10 @@ impl Inner {
             // replay starts there, and the view still becomes readable up to the end.
             let from = pos.max(st.seen.base).min(committed);
             replay(&mut st, from, committed)?;
-        } else if committed < pos && st.file.writer_alive() {
-            // A live writer whose recovery ended before what this reader saw (the file
-            // was damaged, or replaced by another program): start over.
-            *st = self.reopen_state()?;
-            return Ok(());
         }
-        // (`committed < pos` with no writer: a dead writer's uncommitted tail, which
-        // this view keeps, as the next writer's recovery will.)
+        // `committed < pos`: a dead writer's uncommitted tail, which this view keeps, as
+        // the next writer's recovery does; a new writer publishes its end when its
+        // recovery is done (until then it commits nothing). The view never goes back.
         st.seen.committed = committed;
         st.seen.session = st.live.load(LIVE_SESSION_OFF);
         Ok(())

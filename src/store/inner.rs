@@ -115,13 +115,17 @@ impl Inner {
     /// readers in this process) and with the live area's index sequence odd (for readers
     /// in other processes, which see it move and read again).
     ///
-    /// Ordering: the first increment is a read-modify-write with acquire semantics, so
-    /// the change (stores made by the kernel on this thread's behalf) cannot become
-    /// visible before it; the second has release semantics, so the change is visible to
-    /// whoever acquires the new, even value.
+    /// Ordering: the first increment is followed by a release fence, so the change
+    /// (stores made by the kernel on this thread's behalf) cannot become visible before
+    /// the odd value; the second increment has release semantics, so the change is
+    /// visible to whoever acquires the new, even value.
     pub(super) fn change_index<R>(&self, change: impl FnOnce() -> R) -> R {
         let st = self.state.write();
         st.live.add(crate::format::LIVE_INDEX_SEQ_OFF, 1);
+        // The change's stores must not become visible before the odd value: an acquire
+        // read-modify-write does not order later stores after its own store on every
+        // architecture, a release fence after it does (the seqlock writer's fence).
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         let r = change();
         st.live.add(crate::format::LIVE_INDEX_SEQ_OFF, 1);
         r

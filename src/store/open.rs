@@ -524,12 +524,18 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
                 major: crate::format::VERSION_MAJOR,
                 ..info
             };
-            fh.write_at(&encode_static(&upgraded), 0)?;
+            // Readers re-read the superblock when the index sequence moves: keep them
+            // from reading a half-written header.
+            inner.change_index(|| fh.write_at(&encode_static(&upgraded), 0))?;
             inner.sync_file(&fh)?;
         }
-        // Publish for readers: the log as recovered, a new session, no file switch.
-        live.store(LIVE_COMMITTED_OFF, valid_end);
-        live.store(LIVE_DURABLE_OFF, valid_end);
+        // Publish for readers: the log as recovered (a rebuilt index may have moved the
+        // end past the scan's end, behind a JUMP), a new session, no file switch.
+        // (A store, not a raise: after a power loss the area may hold a dead session's
+        // end past what survived.)
+        let end = inner.writer.lock().end;
+        live.store(LIVE_COMMITTED_OFF, end);
+        live.store(LIVE_DURABLE_OFF, end);
         live.store(LIVE_SWITCH_OFF, SWITCH_NONE);
         live.add(LIVE_SESSION_OFF, 1);
     }
