@@ -766,15 +766,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn headers_roundtrip() {
-        let s = StaticInfo {
+    fn sample_static() -> StaticInfo {
+        StaticInfo {
             seed: 42,
             log_start: 3 * PAGE,
             first_index: PAGE,
             origin_end: 3 * PAGE,
             major: VERSION_MAJOR,
-        };
+        }
+    }
+
+    #[test]
+    fn headers_roundtrip() {
+        let s = sample_static();
         let b = encode_static(&s);
         assert_eq!(decode_static(&b), Ok(s));
         let mut bad = b;
@@ -835,13 +839,7 @@ mod tests {
 
     #[test]
     fn version_1_headers_are_read_and_marked_as_such() {
-        let s = StaticInfo {
-            seed: 42,
-            log_start: 3 * PAGE,
-            first_index: PAGE,
-            origin_end: 3 * PAGE,
-            major: VERSION_MAJOR,
-        };
+        let s = sample_static();
         let mut b = encode_static(&s);
         b[8..10].copy_from_slice(&VERSION_MAJOR_V1.to_le_bytes());
         let crc = crc32fast::hash(&b[..SECTOR_CRC_SPAN]);

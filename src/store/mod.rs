@@ -341,10 +341,7 @@ impl Store {
     /// counter read. Otherwise O(1). A call during a checkpoint waits for it.
     #[must_use]
     pub fn len(&self) -> usize {
-        // A reader first catches up with its writer (an error leaves the view as it was).
-        if let Ok(view) = self.inner.view() {
-            drop(view);
-        }
+        // (A reader's counters catch up with its writer first.)
         usize::try_from(self.counters().live_keys).unwrap_or(usize::MAX)
     }
 
@@ -546,6 +543,9 @@ impl Store {
     #[must_use]
     pub fn stats(&self) -> Stats {
         let inner = &*self.inner;
+        // First: a reader's counters catch up with its writer, so the ends below are
+        // the caught-up view's.
+        let c = self.counters();
         // Inside an `update` closure this thread holds the writer mutex, and the writer
         // is idle: its file and published end are the writer's.
         let (alloc, end) = if inner.opts.read_only || inner.check_not_in_update().is_err() {
@@ -555,10 +555,6 @@ impl Store {
             let w = inner.writer.lock();
             (w.alloc, w.end)
         };
-        if let Ok(view) = inner.view() {
-            drop(view);
-        }
-        let c = self.counters();
         let (durable_end, durable_writes) = {
             let s = inner.sync.lock();
             (s.durable_end, s.durable_writes)
