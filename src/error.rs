@@ -103,8 +103,9 @@ pub enum Error {
     /// (through this or another clone of its `Arc`); open it again to use it.
     Closed,
     /// A write (or another call that needs the writer lock) was made from inside a
-    /// [`Store::update`](crate::Store::update) closure on the same store. The closure runs
-    /// under the writer lock, so the call would deadlock; it is refused instead.
+    /// [`Store::update`](crate::Store::update) closure or a
+    /// [`SyncObserver`](crate::SyncObserver) callback of the same store. Both run under the
+    /// store's locks, so the call would deadlock; it is refused instead.
     Reentrant,
     /// The options are inconsistent (for example an initial size below the minimum).
     InvalidOption(&'static str),
@@ -325,9 +326,9 @@ impl fmt::Display for Error {
             ),
             Error::Reentrant => write!(
                 f,
-                "a Store::update closure called a method of its own store that needs the \
-                 writer lock, which the closure holds (it would deadlock): return the new \
-                 value from the closure instead of writing from inside it"
+                "a Store::update closure or a sync observer called a method of its own \
+                 store that needs a lock it holds (it would deadlock): return the new \
+                 value from the closure, or hand the work to another thread"
             ),
             Error::InvalidOption(what) => write!(f, "invalid option: {what}"),
             Error::Unsupported(what) => write!(f, "unsupported: {what}"),

@@ -96,10 +96,27 @@ pub const LIVE_SESSION_OFF: u64 = LIVE_OFF + 16;
 /// Live area: the file switch of compaction: [`SWITCH_NONE`], [`SWITCH_PENDING`] or
 /// [`SWITCH_DONE`].
 pub const LIVE_SWITCH_OFF: u64 = LIVE_OFF + 24;
-/// Live area: the end of the log the writer last made durable (informational).
+/// Live area: the end of the log the writer last made durable (raised after each sync).
 pub const LIVE_DURABLE_OFF: u64 = LIVE_OFF + 32;
+/// Live area: [`durable_check`] of the durable end, rewritten after it; recovery trusts
+/// the durable end only when the two agree.
+pub const LIVE_DURABLE_CHECK_OFF: u64 = LIVE_OFF + 40;
 /// Size of the live area (the rest of it is reserved, zero).
 pub const LIVE_LEN: u64 = 64;
+
+/// The check word of a durable end `d` in the live area: a keyed mix of `d` and the
+/// file's seed, never 0 for `d > 0`, so that garbage (a torn sector) or a stale pair is
+/// not taken for a durable end.
+#[must_use]
+pub fn durable_check(seed: u64, d: u64) -> u64 {
+    if d == 0 {
+        return 0;
+    }
+    let mut x = d ^ seed.rotate_left(17) ^ 0x6d61_706b_7664_7572;
+    x = (x ^ (x >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x = (x ^ (x >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    (x ^ (x >> 33)) | 1
+}
 /// No compaction is replacing this file.
 pub const SWITCH_NONE: u64 = 0;
 /// A compaction is about to rename a new file over this one; the writer holds its lock
@@ -457,6 +474,10 @@ pub const KIND_DELETE: u8 = 2;
 /// Record kind: the log continues at the offset in the 8-byte value (after a new index
 /// region). Key empty.
 pub const KIND_JUMP: u8 = 3;
+/// Record kind: padding over damaged bytes, written by a salvage so that later scans pass
+/// them. Key empty; the value is whatever bytes were there, and the checksum covers the
+/// header only. A scan skips it (and drops a batch it interrupts); its bytes are dead.
+pub const KIND_PAD: u8 = 4;
 /// Record flag: more records of the same atomic batch follow.
 pub const FLAG_BATCH_MORE: u8 = 1;
 
@@ -467,7 +488,7 @@ pub const FLAG_BATCH_MORE: u8 = 1;
 pub struct RecordHeader {
     /// CRC-32 of (seed, record offset, bytes 4.. of the record incl. key and value).
     pub crc: [u8; 4],
-    /// [`KIND_PUT`], [`KIND_DELETE`] or [`KIND_JUMP`].
+    /// [`KIND_PUT`], [`KIND_DELETE`], [`KIND_JUMP`] or [`KIND_PAD`].
     pub kind: u8,
     /// [`FLAG_BATCH_MORE`] or 0.
     pub flags: u8,
@@ -490,17 +511,33 @@ pub fn record_len(key_len: usize, val_len: usize) -> u64 {
     (RECORD_HEADER + key_len + val_len) as u64
 }
 
+/// Fine durable marks count 16-byte units back from the record's offset; coarse ones
+/// (this bit set) count pages back from the page the record starts in.
+const MARK_PAGES: u16 = 0x8000;
+/// Unit of a fine durable mark: no record is shorter, so a fine watermark always lies
+/// above the start of the record that ends at the durable end.
+const MARK_FINE_UNIT: u64 = 16;
+
 /// The durable watermark stored in a record at `offset` when everything in the file below
 /// `durable_end` was durable: `m` such that every byte below
-/// [`watermark(offset, m)`](watermark) was durable. 0 (unknown) if that end is more than
-/// 65,534 pages behind the record.
+/// [`watermark(offset, m)`](watermark) was durable, and that point is as close to
+/// `durable_end` as the encoding allows: within 15 bytes when the durable end is less than
+/// 512 KiB behind the record, within a page up to 128 MiB behind; 0 (unknown) if further.
 #[must_use]
 pub fn durable_mark(offset: u64, durable_end: u64) -> u16 {
-    let here = page_down(offset);
-    if durable_end >= here {
+    if durable_end >= offset {
         return 1;
     }
-    u16::try_from((here - durable_end).div_ceil(PAGE) + 1).unwrap_or(0)
+    let fine = (offset - durable_end).div_ceil(MARK_FINE_UNIT) + 1;
+    if fine < u64::from(MARK_PAGES) {
+        return fine as u16;
+    }
+    let here = page_down(offset);
+    let pages = here.saturating_sub(durable_end).div_ceil(PAGE) + 1;
+    match u16::try_from(pages) {
+        Ok(n) if n < MARK_PAGES => MARK_PAGES | n,
+        _ => 0,
+    }
 }
 
 /// The offset below which the log was durable when the record at `offset` with durable
@@ -509,7 +546,11 @@ pub fn durable_mark(offset: u64, durable_end: u64) -> u16 {
 pub fn watermark(offset: u64, mark: u16) -> u64 {
     match mark {
         0 => 0,
-        m => page_down(offset).saturating_sub(u64::from(m - 1) * PAGE),
+        m if m & MARK_PAGES == 0 => offset.saturating_sub(u64::from(m - 1) * MARK_FINE_UNIT),
+        m => match m & !MARK_PAGES {
+            0 => 0,
+            n => page_down(offset).saturating_sub(u64::from(n - 1) * PAGE),
+        },
     }
 }
 
@@ -645,6 +686,7 @@ pub fn decode_header_in(bytes: &[u8], offset: u64) -> Result<RecordRef, RecordEr
         KIND_PUT => true,
         KIND_DELETE => rec.val_len == 0,
         KIND_JUMP => rec.key_len == 0 && rec.val_len == 8 && rec.flags == 0,
+        KIND_PAD => rec.key_len == 0 && rec.flags == 0,
         _ => false,
     };
     if !kind_ok || rec.flags & !FLAG_BATCH_MORE != 0 {
@@ -659,11 +701,32 @@ pub fn decode_header_in(bytes: &[u8], offset: u64) -> Result<RecordRef, RecordEr
 /// True if the checksum of `rec` matches, for `bytes` that start at the record.
 #[must_use]
 pub fn record_crc_ok_in(bytes: &[u8], seed: u64, rec: &RecordRef) -> bool {
-    let (Some(stored), Some(body)) = (bytes.get(..4), bytes.get(4..rec.len() as usize)) else {
+    // A padding record's checksum covers its header only: its value is damaged bytes.
+    let end = if rec.kind == KIND_PAD {
+        RECORD_HEADER
+    } else {
+        rec.len() as usize
+    };
+    let (Some(stored), Some(body)) = (bytes.get(..4), bytes.get(4..end)) else {
         return false;
     };
     let stored = u32::from_le_bytes([stored[0], stored[1], stored[2], stored[3]]);
     record_crc(seed, rec.offset, body) == stored
+}
+
+/// The header of a padding record ([`KIND_PAD`]) at `offset` that covers `len` bytes
+/// (`RECORD_HEADER..=u32::MAX + RECORD_HEADER`); its checksum covers the header only.
+#[must_use]
+pub fn encode_padding(seed: u64, offset: u64, len: u64) -> [u8; RECORD_HEADER] {
+    let mut h = RecordHeader::zeroed();
+    h.kind = KIND_PAD;
+    let val = len.saturating_sub(RECORD_HEADER as u64);
+    h.val_len = u32::try_from(val).unwrap_or(u32::MAX).to_le_bytes();
+    let mut out = [0u8; RECORD_HEADER];
+    out.copy_from_slice(bytemuck::bytes_of(&h));
+    let crc = record_crc(seed, offset, &out[4..]);
+    out[..4].copy_from_slice(&crc.to_le_bytes());
+    out
 }
 
 /// True if the checksum of `rec` (from [`decode_record_header`] on the same `file`) matches.
@@ -811,27 +874,27 @@ mod tests {
             (0u64, 0u64),
             (5000, 0),
             (5000, 4096),
+            (5000, 4999),
+            (5000, 4984),
             (5000, 9000),
             (1 << 20, 4095),
             (1 << 20, (1 << 20) - 4096),
+            (1 << 20, (1 << 20) - 524_000),
+            (1 << 20, (1 << 20) - 524_300),
             (1 << 40, 0),
-            (1 << 30, (1 << 30) - 65_000 * PAGE),
+            (1 << 30, (1 << 30) - 32_000 * PAGE),
         ] {
             let m = durable_mark(off, durable);
             let w = watermark(off, m);
-            assert!(
-                w <= durable.max(page_down(off)),
-                "{off} {durable}: {m} -> {w}"
-            );
-            assert!(
-                w <= durable || (m == 1 && durable >= page_down(off)),
-                "{off} {durable}"
-            );
-            if m != 0 {
-                assert!(
-                    durable.min(page_down(off)) - w < PAGE,
-                    "{off} {durable}: too low"
-                );
+            assert!(w <= durable.max(off), "{off} {durable}: {m} -> {w}");
+            assert!(w <= durable || m == 1, "{off} {durable}: {m} -> {w}");
+            if m != 0 && durable < off {
+                let slack = if off - durable < 32_000 * 16 {
+                    16
+                } else {
+                    PAGE
+                };
+                assert!(durable - w < slack, "{off} {durable}: {m} -> {w}, too low");
             }
         }
         assert_eq!(durable_mark(1 << 40, 0), 0, "too far behind: unknown");
@@ -885,6 +948,7 @@ mod tests {
             format!("PUT = {KIND_PUT}"),
             format!("DELETE = {KIND_DELETE}"),
             format!("JUMP = {KIND_JUMP}"),
+            format!("PAD = {KIND_PAD}"),
             format!("BATCH_MORE = {FLAG_BATCH_MORE}"),
             format!("CLEAN = {STATE_CLEAN}"),
             format!("DIRTY = {STATE_DIRTY}"),

@@ -4,9 +4,14 @@
 //! when the index grows, a JUMP record moves the tail past the new index region. A scan
 //! follows jumps and stops at the first position that holds no valid record: unwritten
 //! (zero) space after a clean close, or a torn or damaged record after a crash.
+//!
+//! Past such a stop, [`durable_evidence`] and [`next_record`] look further: the durable
+//! watermarks of the valid records found there tell recovery whether the stop lies below
+//! what was durable (damage) or above it (a torn tail).
 
 use crate::format::{
-    decode_record, jump_target, page_up, RecordError, RecordRef, FLAG_BATCH_MORE, KIND_JUMP,
+    decode_record, jump_target, page_up, watermark, RecordError, RecordRef, FLAG_BATCH_MORE,
+    KIND_JUMP, KIND_PAD, RECORD_HEADER,
 };
 
 /// Why a scan stopped.
@@ -74,6 +79,16 @@ pub(crate) fn scan(
                 _ => break StopReason::BadJump(pos),
             }
         }
+        if rec.kind == KIND_PAD {
+            // Damaged bytes a salvage covered: dead, and a batch they interrupt is dropped
+            // (its start was covered by the same padding when the salvage ran).
+            bytes += pending_bytes + rec.len();
+            pending_bytes = 0;
+            batch.clear();
+            pos = rec.end();
+            valid_end = pos;
+            continue;
+        }
         pending_bytes += rec.len();
         pos = rec.end();
         batch.push(rec);
@@ -92,6 +107,78 @@ pub(crate) fn scan(
         writes,
         stop,
     }
+}
+
+/// How many zero bytes in a row end a search for records past a stop: a run this long is
+/// unwritten space, not a page lost by a power loss in the middle of the tail.
+pub(crate) const ZERO_RUN_END: u64 = 1 << 20;
+
+/// The first valid record at an offset in `from..limit`, searching byte by byte (records
+/// are not aligned) and skipping zeros a word at a time. `None` if there is none before
+/// `limit` or before a run of [`ZERO_RUN_END`] zero bytes.
+pub(crate) fn next_record(file: &[u8], seed: u64, from: u64, limit: u64) -> Option<RecordRef> {
+    let limit = limit.min(file.len() as u64);
+    let mut pos = from;
+    let mut zeros_from = None::<u64>;
+    while pos + RECORD_HEADER as u64 <= limit {
+        let at = pos as usize;
+        if file[at] == 0 {
+            let run_start = *zeros_from.get_or_insert(pos);
+            // Skip to the next non-zero byte, eight bytes at a time where aligned.
+            let mut p = at + 1;
+            while p < limit as usize && !p.is_multiple_of(8) && file[p] == 0 {
+                p += 1;
+            }
+            while p + 8 <= limit as usize && file[p..p + 8] == [0u8; 8] {
+                p += 8;
+            }
+            while p < limit as usize && file[p] == 0 {
+                p += 1;
+            }
+            if (p as u64) - run_start >= ZERO_RUN_END {
+                return None;
+            }
+            // A record header starts with its checksum, which may hold zero bytes, then
+            // its kind, which never is zero: try the four offsets before the non-zero byte.
+            let back = (p as u64).saturating_sub(4).max(pos);
+            for q in back..p as u64 {
+                if let Ok(rec) = decode_record(file, seed, q, limit) {
+                    return Some(rec);
+                }
+            }
+            pos = p as u64;
+            continue;
+        }
+        zeros_from = None;
+        if let Ok(rec) = decode_record(file, seed, pos, limit) {
+            return Some(rec);
+        }
+        pos += 1;
+    }
+    None
+}
+
+/// The highest durable watermark (see [`watermark`]) carried by a valid record in
+/// `from..limit`, found by walking record to record and searching past anything invalid;
+/// 0 if none says anything. Stops at a run of [`ZERO_RUN_END`] zero bytes.
+pub(crate) fn durable_evidence(file: &[u8], seed: u64, from: u64, limit: u64) -> u64 {
+    let mut best = 0;
+    let mut pos = from;
+    while let Some(first) = next_record(file, seed, pos, limit) {
+        let mut rec = first;
+        loop {
+            best = best.max(watermark(rec.offset, rec.durable));
+            pos = match jump_target(file, &rec) {
+                Some(t) if rec.kind == KIND_JUMP && t > rec.end() && t <= limit => t,
+                _ => rec.end(),
+            };
+            match decode_record(file, seed, pos, limit) {
+                Ok(r) => rec = r,
+                Err(_) => break,
+            }
+        }
+    }
+    best
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ use std::sync::Arc;
 use memmap2::{Advice, MmapOptions, MmapRaw};
 
 use crate::error::{Error, Result};
+use crate::format::{durable_check, LIVE_DURABLE_CHECK_OFF, LIVE_DURABLE_OFF};
 use crate::options::AccessPattern;
 
 /// How long [`FileHandle::lock`] waits out a transiently held lock.
@@ -301,6 +302,33 @@ impl LiveArea {
     pub(crate) fn raise(&self, field: u64, v: u64) {
         if self.writable {
             self.word(field).fetch_max(v, Ordering::AcqRel);
+        }
+    }
+
+    /// Raises the durable end to at least `end` and rewrites its check word (see
+    /// [`durable_check`](crate::format::durable_check)) for the value now there.
+    pub(crate) fn raise_durable(&self, seed: u64, end: u64) {
+        self.raise(LIVE_DURABLE_OFF, end);
+        let d = self.load(LIVE_DURABLE_OFF);
+        self.store(LIVE_DURABLE_CHECK_OFF, durable_check(seed, d));
+    }
+
+    /// Sets the durable end to `end` (recovery, compaction), with its check word.
+    pub(crate) fn store_durable(&self, seed: u64, end: u64) {
+        self.store(LIVE_DURABLE_CHECK_OFF, 0);
+        self.store(LIVE_DURABLE_OFF, end);
+        self.store(LIVE_DURABLE_CHECK_OFF, durable_check(seed, end));
+    }
+
+    /// The durable end if its check word matches, else 0 (unknown). The area is never
+    /// synced on purpose and has no checksum: after a power loss its sector may be torn,
+    /// and recovery must not take garbage for a claim that bytes were durable.
+    pub(crate) fn checked_durable(&self, seed: u64) -> u64 {
+        let d = self.load(LIVE_DURABLE_OFF);
+        if self.load(LIVE_DURABLE_CHECK_OFF) == durable_check(seed, d) {
+            d
+        } else {
+            0
         }
     }
 

@@ -23,6 +23,13 @@ pub enum SyncEvent {
 
 /// Told about every sync the store completes, after it returned successfully. Used by the
 /// power-loss simulator to know what was durable when. Must be cheap or the store slows.
+///
+/// The callback runs on whichever thread did the sync (a writer, the background thread,
+/// `flush`, `compact`, `close`), **with the store's locks held**. From inside it, reads of
+/// the same store work (`get`, `iter`, `stats`, `backup`), but calls that would wait for
+/// those locks (writes, `flush`, `compact`, `close`) return
+/// [`Error::Reentrant`](crate::Error::Reentrant) instead of deadlocking. Hand such work to
+/// another thread.
 pub trait SyncObserver: Send + Sync {
     /// Called after a sync of `event` completed on the file at `path`.
     fn synced(&self, path: &std::path::Path, event: SyncEvent);

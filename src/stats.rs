@@ -108,8 +108,16 @@ pub struct RecoveryReport {
     pub rebuilt_index: bool,
     /// Offset where an invalid (torn) tail was cut off, if one was.
     pub truncated_at: Option<u64>,
-    /// With `salvage(true)`: bytes of damaged log dropped after the valid prefix.
+    /// With `salvage(true)`: bytes of damaged log passed or dropped.
     pub salvaged_bytes: u64,
+    /// The end below which recovery knew the log was durable (from the live area, the
+    /// checkpoint and the records' durable watermarks; 0 if unknown). An invalid record
+    /// below it is damage, not a torn tail.
+    pub durable_end: u64,
+    /// With `salvage(true)`: the damaged byte ranges of the log that were passed, in log
+    /// order. The valid records after each were kept; each range is now covered by
+    /// padding records.
+    pub damaged: Vec<std::ops::Range<u64>>,
 }
 
 /// What counts as "small": live data below this (or below the file size, if smaller) is
@@ -264,6 +272,14 @@ impl fmt::Display for Stats {
         }
         if r.salvaged_bytes > 0 {
             write!(f, ", {} of damaged log dropped", Bytes(r.salvaged_bytes))?;
+        }
+        if !r.damaged.is_empty() {
+            write!(
+                f,
+                ", {} damaged record(s) skipped (first at byte offset {})",
+                r.damaged.len(),
+                r.damaged[0].start
+            )?;
         }
         if f.alternate() {
             writeln!(f)?;

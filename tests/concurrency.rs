@@ -647,3 +647,65 @@ fn len_during_checkpoints_keeps_counters_exact() {
     assert_eq!(s.len() as u64, KEYS + 1);
     assert_eq!(s.stats().live_bytes, live);
 }
+
+/// Regression (outside review): sync observer callbacks run with the store's locks held,
+/// so a callback that wrote or flushed its own store hung. Such calls now return
+/// `Error::Reentrant`; reads from the callback work.
+#[test]
+fn a_sync_observer_calling_back_into_its_store_gets_reentrant_not_a_hang() {
+    use std::sync::{Mutex, OnceLock};
+
+    #[derive(Default)]
+    struct CallsBack {
+        store: OnceLock<std::sync::Weak<Store>>,
+        seen: Mutex<Vec<String>>,
+    }
+    impl mapkv::SyncObserver for CallsBack {
+        fn synced(&self, _path: &std::path::Path, _event: mapkv::SyncEvent) {
+            let Some(store) = self.store.get().and_then(std::sync::Weak::upgrade) else {
+                return;
+            };
+            let mut seen = self.seen.lock().unwrap();
+            seen.push(format!(
+                "put: {:?}",
+                store.put(b"from-callback", b"x").err()
+            ));
+            seen.push(format!("flush: {:?}", store.flush().err()));
+            seen.push(format!("get: {:?}", store.get(b"k").map(|v| v.is_some())));
+            seen.push(format!("stats keys: {}", store.stats().live_keys));
+        }
+    }
+
+    let (_dir, path) = tmp();
+    let obs = Arc::new(CallsBack::default());
+    let store = Arc::new(
+        Store::open(
+            &path,
+            Options::default()
+                .durability(Durability::Always)
+                .sync_observer(Arc::clone(&obs) as Arc<dyn mapkv::SyncObserver>),
+        )
+        .expect("open"),
+    );
+    obs.store.set(Arc::downgrade(&store)).expect("set once");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = Arc::clone(&store);
+    std::thread::spawn(move || {
+        let r = s.put(b"k", b"v").and_then(|()| s.flush());
+        let _ = tx.send(r);
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("a callback calling back into the store deadlocked")
+        .expect("put and flush");
+    let seen = obs.seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "the observer saw the syncs");
+    for line in &seen {
+        assert!(
+            !line.starts_with("put") && !line.starts_with("flush")
+                || line.ends_with("Some(Reentrant)"),
+            "{line}"
+        );
+    }
+    assert!(seen.iter().any(|l| l == "get: Ok(true)"), "{seen:?}");
+    assert_eq!(store.get(b"from-callback").expect("get"), None);
+}

@@ -12,8 +12,9 @@ use std::mem::{offset_of, size_of};
 
 use mapkv::format::{
     Checkpoint, RecordHeader, StaticHeader, BUCKET_COUNT_OFF, BUCKET_HEADER, BUCKET_MAGIC_OFF,
-    BUCKET_SIZE, LIVE_COMMITTED_OFF, LIVE_DURABLE_OFF, LIVE_INDEX_SEQ_OFF, LIVE_LEN, LIVE_OFF,
-    LIVE_SESSION_OFF, LIVE_SWITCH_OFF, RECORD_HEADER, SLOTS_PER_BUCKET, SLOT_SIZE,
+    BUCKET_SIZE, LIVE_COMMITTED_OFF, LIVE_DURABLE_CHECK_OFF, LIVE_DURABLE_OFF, LIVE_INDEX_SEQ_OFF,
+    LIVE_LEN, LIVE_OFF, LIVE_SESSION_OFF, LIVE_SWITCH_OFF, RECORD_HEADER, SLOTS_PER_BUCKET,
+    SLOT_SIZE,
 };
 
 const DOC: &str = include_str!("../docs/FORMAT.md");
@@ -169,10 +170,11 @@ fn tables() -> Vec<Table> {
                 live("writer sessions", LIVE_SESSION_OFF),
                 live("switch", LIVE_SWITCH_OFF),
                 live("durable end", LIVE_DURABLE_OFF),
+                live("durable check", LIVE_DURABLE_CHECK_OFF),
                 field(
                     "reserved",
-                    Offset::At((LIVE_DURABLE_OFF - LIVE_OFF) as usize + 8),
-                    (LIVE_LEN - (LIVE_DURABLE_OFF - LIVE_OFF) - 8) as usize,
+                    Offset::At((LIVE_DURABLE_CHECK_OFF - LIVE_OFF) as usize + 8),
+                    (LIVE_LEN - (LIVE_DURABLE_CHECK_OFF - LIVE_OFF) - 8) as usize,
                 ),
             ],
         },

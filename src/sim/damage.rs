@@ -21,6 +21,11 @@ pub struct DamageReport {
     pub salvaged: u64,
     /// Damage found by `verify()` or reads after an open succeeded.
     pub detected_later: u64,
+    /// Targeted flips ([`targeted_round`]) in an index bucket, found by reads or verify.
+    pub bucket_flips: u64,
+    /// Targeted flips in a log record below the durable end: refused by open, or (in the
+    /// checkpointed log, which the O(1) open does not read) found by reads and verify.
+    pub record_flips: u64,
     /// Violations (a panic, an untyped error, a salvage that failed).
     pub violations: Vec<String>,
 }
@@ -202,9 +207,136 @@ pub fn damage_round(bytes: &[u8], what: &str, path: &Path, rep: &mut DamageRepor
     }
 }
 
+/// Where a flip goes in [`targeted_round`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A byte of an index bucket in use by the current checkpoint.
+    Bucket,
+    /// A byte of a log record (the whole log of a sample store is durable).
+    Record,
+}
+
+/// One flipped byte in a bucket or a record of `good` (a [`sample_store`], whose whole
+/// log is durable), with the outcome checked against the pairs `good` holds: the open
+/// is refused with `Error::Corrupt` and leaves the file as it was, or it opens and every
+/// `get` returns the right value or a corruption error (never `Ok(None)` or another
+/// value), and a `verify()` finds the damage. Violations go to `rep`.
+pub fn targeted_round(
+    good: &[u8],
+    target: Target,
+    path: &Path,
+    rng: &mut Rng,
+    rep: &mut DamageReport,
+) {
+    use crate::format::{
+        checkpoint_off, decode_checkpoint, decode_record, decode_static, jump_target, KIND_JUMP,
+    };
+    let Ok(info) = decode_static(good) else {
+        rep.violations
+            .push("targeted: sample store has no valid header".into());
+        return;
+    };
+    let truth = {
+        let _ = std::fs::remove_file(path);
+        let r = std::fs::write(path, good)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                Store::open(path, Options::default().read_only(true)).map_err(|e| e.to_string())
+            })
+            .and_then(|s| super::read_all(&s));
+        match r {
+            Ok(t) => t,
+            Err(e) => {
+                rep.violations
+                    .push(format!("targeted: sample store unreadable: {e}"));
+                return;
+            }
+        }
+    };
+    let pos = match target {
+        Target::Bucket => {
+            let ckpt = (0..2)
+                .filter_map(|i| {
+                    good.get(checkpoint_off(i) as usize..)
+                        .and_then(|b| decode_checkpoint(info.seed, b))
+                })
+                .max_by_key(|c| c.seq);
+            let Some(c) = ckpt else { return };
+            c.index_off as usize + rng.index((c.index_buckets * PAGE) as usize)
+        }
+        Target::Record => {
+            let mut recs = Vec::new();
+            let mut at = info.log_start;
+            while let Ok(r) = decode_record(good, info.seed, at, good.len() as u64) {
+                at = match jump_target(good, &r) {
+                    Some(t) if r.kind == KIND_JUMP => t,
+                    _ => r.end(),
+                };
+                if r.kind != KIND_JUMP {
+                    recs.push(r);
+                }
+            }
+            if recs.is_empty() {
+                return;
+            }
+            let r = recs[rng.index(recs.len())];
+            (r.offset + rng.below(r.len())) as usize
+        }
+    };
+    let mut bytes = good.to_vec();
+    bytes[pos] ^= 1 << rng.below(8);
+    let what = format!("{target:?} flip at byte {pos}");
+    let _ = std::fs::remove_file(path);
+    if let Err(e) = std::fs::write(path, &bytes) {
+        rep.violations.push(format!("writing damaged file: {e}"));
+        return;
+    }
+    let r = std::panic::catch_unwind(|| -> Result<(), String> {
+        let store = match Store::open(path, Options::default().read_only(true)) {
+            Err(Error::Corrupt { .. }) => {
+                let now = std::fs::read(path).map_err(|e| e.to_string())?;
+                return if now == bytes {
+                    Ok(())
+                } else {
+                    Err("a refused open changed the file".into())
+                };
+            }
+            Err(e) => return Err(format!("open failed with {e}")),
+            Ok(s) => s,
+        };
+        for (k, v) in &truth {
+            match store.get(k) {
+                Ok(Some(g)) if g == *v => {}
+                Err(e) if e.is_corruption() => {}
+                Ok(other) => {
+                    return Err(format!(
+                        "get of a key with {} bytes returned {:?} bytes: damage hidden",
+                        v.len(),
+                        other.map(|g| g.len())
+                    ))
+                }
+                Err(e) => return Err(format!("get failed with {e}")),
+            }
+        }
+        match store.verify() {
+            Err(e) if e.is_corruption() => Ok(()),
+            other => Err(format!("verify missed the damage: {other:?}")),
+        }
+    });
+    match r {
+        Ok(Ok(())) => match target {
+            Target::Bucket => rep.bucket_flips += 1,
+            Target::Record => rep.record_flips += 1,
+        },
+        Ok(Err(e)) => rep.violations.push(format!("{what}: {e}")),
+        Err(_) => rep.violations.push(format!("{what}: PANIC")),
+    }
+}
+
 /// Damaged-file rounds: while `more(i)` (`i` counts files from 0), damages a small valid
 /// store ([`sample_store`] in `dir`, of 30 to 330 keys, a new one every 40 files) at
-/// random ([`damage`]) and checks it ([`damage_round`], on `dir/damaged.mkv`).
+/// random ([`damage`]) and checks it ([`damage_round`], on `dir/damaged.mkv`); every
+/// fourth round also flips a byte of a bucket or a record ([`targeted_round`]).
 ///
 /// # Errors
 /// A sample store could not be built (violations are in the report).
@@ -224,6 +356,14 @@ pub fn damage_rounds(
         }
         let (bytes, what) = damage(&good, rng);
         damage_round(&bytes, &what, &path, &mut rep);
+        if i.is_multiple_of(4) {
+            let target = if i.is_multiple_of(8) {
+                Target::Bucket
+            } else {
+                Target::Record
+            };
+            targeted_round(&good, target, &path, rng, &mut rep);
+        }
         i += 1;
     }
     let _ = std::fs::remove_file(&path);

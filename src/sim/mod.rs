@@ -64,7 +64,9 @@ mod recorder;
 mod rng;
 mod workload;
 
-pub use damage::{damage, damage_round, damage_rounds, sample_store, DamageReport};
+pub use damage::{
+    damage, damage_round, damage_rounds, sample_store, targeted_round, DamageReport, Target,
+};
 pub use image::{Capture, PageFate, SectorFate};
 pub use kill::{
     child_writer, child_writer_from_env, kill_workload, parse_policy, policy_name, KillHarness,

@@ -42,7 +42,7 @@ impl Write {
     /// Calls `f` for each operation in order: `(key, Some(value))` for a put,
     /// `(key, None)` for a delete. (A delete of a missing key changes nothing and the
     /// store appends nothing for it; the model still counts it as a write, an identity.)
-    fn for_each(&self, mut f: impl FnMut(&[u8], Option<&[u8]>)) {
+    pub fn for_each(&self, mut f: impl FnMut(&[u8], Option<&[u8]>)) {
         match self {
             Write::Put(k, v) => f(k, Some(v)),
             Write::Delete(k) => f(k, None),
@@ -253,6 +253,44 @@ impl Model {
                 diffs.join("; ")
             ),
         })
+    }
+
+    /// Checks a store salvaged past damage in its log (`Options::salvage(true)`), whose
+    /// log held every write: each key not in `hit` (the keys of the records the damage
+    /// covered) has its value after every write; a key in `hit` is absent or holds a value
+    /// it had at some point (the damaged record is lost, so an older version shows).
+    ///
+    /// # Errors
+    /// The first key that breaks the rule.
+    pub fn match_salvaged(&self, got: &State, hit: &BTreeSet<Vec<u8>>) -> Result<(), String> {
+        let want = &self.cur;
+        for k in got.keys().chain(want.keys()) {
+            let (g, w) = (got.get(k), want.get(k));
+            if g == w {
+                continue;
+            }
+            if !hit.contains(k) {
+                return Err(format!(
+                    "{}: store has {}, every write gives {}, and no damage hit it",
+                    show(k),
+                    g.map_or("nothing".into(), |v| show(v)),
+                    w.map_or("nothing".into(), |v| show(v)),
+                ));
+            }
+            let Some(g) = g else { continue };
+            let mut had = self.base.get(k) == Some(g);
+            for wr in &self.writes {
+                wr.for_each(|wk, wv| had |= wk == k.as_slice() && wv == Some(g.as_slice()));
+            }
+            if !had {
+                return Err(format!(
+                    "{}: store has {}, a value this key never had",
+                    show(k),
+                    show(g)
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Point lookups: every key of prefix `p` has its value, every other key ever touched

@@ -395,12 +395,12 @@ thread_local! {
     static IN_UPDATE: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Marks this thread as running an `update` closure of a store until dropped (also when
-/// the closure panics).
-struct InUpdate;
+/// Marks this thread as running an `update` closure or a sync observer callback of a
+/// store until dropped (also when the closure panics).
+pub(super) struct InUpdate;
 
 impl InUpdate {
-    fn enter(inner: &Inner) -> InUpdate {
+    pub(super) fn enter(inner: &Inner) -> InUpdate {
         let me = std::ptr::from_ref(inner) as usize;
         IN_UPDATE.with(|s| s.borrow_mut().push(me));
         InUpdate

@@ -31,8 +31,8 @@ use crate::format::{
     page_up, CheckpointInfo, StaticInfo, PAGE, SLOTS_PER_BUCKET, STATE_CLEAN,
 };
 use crate::format::{
-    INDEX_SEALED, LIVE_COMMITTED_OFF, LIVE_DURABLE_OFF, LIVE_SESSION_OFF, LIVE_SWITCH_OFF,
-    SWITCH_DONE, SWITCH_NONE, SWITCH_PENDING, VERSION_MAJOR,
+    INDEX_SEALED, LIVE_COMMITTED_OFF, LIVE_SESSION_OFF, LIVE_SWITCH_OFF, SWITCH_DONE, SWITCH_NONE,
+    SWITCH_PENDING, VERSION_MAJOR,
 };
 use crate::index::bucket::fill_empty;
 use crate::index::{BucketBuf, BucketFull};
@@ -254,7 +254,7 @@ fn build(
         // Readers that follow the switch open this file: publish its whole log for them.
         let live = Arc::new(LiveArea::new(&fh, true)?);
         live.store(LIVE_COMMITTED_OFF, log_end);
-        live.store(LIVE_DURABLE_OFF, log_end);
+        live.store_durable(seed, log_end);
         let sessions = inner.state.read().live.load(LIVE_SESSION_OFF);
         live.store(LIVE_SESSION_OFF, sessions);
         fh.sync_data()?;

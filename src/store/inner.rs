@@ -148,6 +148,8 @@ impl Inner {
 
     pub(crate) fn notify_path(&self, path: &Path, ev: SyncEvent) {
         if let Some(obs) = &self.opts.sync_observer {
+            // Calls back into this store that need its locks fail with `Reentrant`.
+            let _callback = super::commit::InUpdate::enter(self);
             obs.0.synced(path, ev);
         }
     }
@@ -169,6 +171,8 @@ impl Inner {
 
     pub(super) fn notify(&self, ev: SyncEvent) {
         if let Some(obs) = &self.opts.sync_observer {
+            // Calls back into this store that need its locks fail with `Reentrant`.
+            let _callback = super::commit::InUpdate::enter(self);
             obs.0.synced(&self.path, ev);
         }
     }

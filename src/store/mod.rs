@@ -323,9 +323,12 @@ impl Store {
     /// since the last sync (a sync of a clean file still costs a device flush).
     ///
     /// # Errors
-    /// The sync's I/O error; after one the store is poisoned.
+    /// The sync's I/O error; after one the store is poisoned. [`Error::Reentrant`] from
+    /// inside an [`Store::update`] closure or a [`SyncObserver`](crate::SyncObserver)
+    /// callback of this store.
     pub fn flush(&self) -> Result<()> {
         self.named(self.inner.check_open())?;
+        self.inner.check_not_in_update()?;
         if self.inner.opts.read_only {
             return Ok(());
         }
@@ -548,14 +551,20 @@ impl Store {
         let c = self.counters();
         // Inside an `update` closure this thread holds the writer mutex, and the writer
         // is idle: its file and published end are the writer's.
-        let (alloc, end) = if inner.opts.read_only || inner.check_not_in_update().is_err() {
+        let nested = inner.check_not_in_update().is_err();
+        let (alloc, end) = if inner.opts.read_only || nested {
             let st = inner.state.read();
             (st.file.len().unwrap_or(0), st.map.published())
         } else {
             let w = inner.writer.lock();
             (w.alloc, w.end)
         };
-        let (durable_end, durable_writes) = {
+        let (durable_end, durable_writes) = if nested {
+            // A sync observer callback may run under the sync mutex: read the atomics.
+            let d = inner.durable_hint.load(Ordering::Acquire);
+            let writes = inner.state.read().writes;
+            (d, if d >= end { writes } else { 0 })
+        } else {
             let s = inner.sync.lock();
             (s.durable_end, s.durable_writes)
         };

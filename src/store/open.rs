@@ -35,11 +35,10 @@ use crate::format::{
     CheckpointInfo, HeaderError, StaticInfo, MAGIC, PAGE, SECTOR, STATE_CHECKPOINTING, STATE_CLEAN,
 };
 use crate::format::{
-    LIVE_COMMITTED_OFF, LIVE_DURABLE_OFF, LIVE_INDEX_SEQ_OFF, LIVE_SESSION_OFF, LIVE_SWITCH_OFF,
-    SWITCH_NONE,
+    LIVE_COMMITTED_OFF, LIVE_INDEX_SEQ_OFF, LIVE_SESSION_OFF, LIVE_SWITCH_OFF, SWITCH_NONE,
 };
 use crate::index::{key_hash, Delta};
-use crate::log::{scan, StopReason};
+use crate::log::{durable_evidence, scan, ScanEnd, StopReason};
 use crate::map::{sync_dir, FileHandle, LiveArea, Mapping, TailWriter};
 use crate::options::{Options, MIN_FILE_SIZE};
 use crate::state::{Counters, FileGen, IndexGeom, Seen, State};
@@ -229,6 +228,122 @@ fn open_writer(path: &Path, opts: &Options) -> Result<FileHandle> {
         fh
     };
     Ok(fh)
+}
+
+/// Where the replay ended, once [`past_stop`] has told damage from a torn tail.
+struct Tail {
+    /// The last segment's scan, with `bytes` and `writes` summed over every segment and
+    /// the damaged ranges between them.
+    end: ScanEnd,
+    /// The durable end recovery established (0 if unknown).
+    durable: u64,
+    /// Damaged ranges passed by a salvage: each holds no valid record.
+    damaged: Vec<std::ops::Range<u64>>,
+    /// Bytes of durable log lost to damage (salvage only).
+    lost: u64,
+    /// Where a salvage cut the log because the damage reaches the end of what survives.
+    cut: Option<u64>,
+}
+
+/// Decides what the replay's stop is. A stop at or above the durable end is a torn tail
+/// (or the end of the log); below it nothing can be torn, so it is damage: an
+/// [`Error::Corrupt`], or with `salvage` the damaged bytes are passed and the replay goes
+/// on at the next valid record. The durable end is `known` (the live area's durable end,
+/// the checkpoint's log end) or, when the stop lies above it, the highest watermark of
+/// the valid records past the stop (after a power loss the live area can be older than
+/// the log). `trusted` (a clean close, or a view beside a live writer) skips that search.
+fn past_stop(
+    st: &mut State,
+    map: &Mapping,
+    first: ScanEnd,
+    limit: u64,
+    known: u64,
+    salvage: bool,
+    trusted: bool,
+) -> Result<Tail> {
+    let seed = st.seed;
+    let bytes = map.published_bytes();
+    let mut tail = Tail {
+        end: first,
+        durable: known,
+        damaged: Vec::new(),
+        lost: 0,
+        cut: None,
+    };
+    loop {
+        let seg = tail.end;
+        let stop_at = match seg.stop {
+            StopReason::End | StopReason::IncompleteBatch(_) => seg.valid_end,
+            StopReason::Invalid(p, _) | StopReason::BadJump(p) => p,
+        };
+        if !trusted && tail.durable <= stop_at && stop_at < limit {
+            tail.durable = tail
+                .durable
+                .max(durable_evidence(bytes, seed, stop_at, limit));
+        }
+        if stop_at >= tail.durable {
+            return Ok(tail);
+        }
+        if !salvage {
+            return Err(Error::corrupt(
+                stop_at,
+                if seg.stop == StopReason::End && stop_at >= limit {
+                    "the file ends below the log's durable end (it was cut)"
+                } else {
+                    "damaged log below its durable end; the records after it are kept in \
+                     the file, and open with salvage skips the damaged ones"
+                },
+            ));
+        }
+        let from = if seg.stop == StopReason::End {
+            stop_at
+        } else {
+            stop_at + 1
+        };
+        let Some(next) = crate::log::next_record(bytes, seed, from, limit) else {
+            // The damage reaches the end of what survives: keep the valid prefix.
+            tail.lost += tail.durable.min(limit).saturating_sub(stop_at);
+            tail.cut = Some(seg.valid_end);
+            return Ok(tail);
+        };
+        tail.damaged.push(stop_at..next.offset);
+        let more = scan(bytes, seed, next.offset, limit, |recs| {
+            for r in recs {
+                let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
+                st.apply(key_hash(seed, key), key, r);
+            }
+        });
+        tail.lost += next.offset - stop_at;
+        tail.end = ScanEnd {
+            valid_end: more.valid_end,
+            bytes: seg.bytes + (next.offset - stop_at) + more.bytes,
+            writes: seg.writes + more.writes,
+            stop: more.stop,
+        };
+    }
+}
+
+/// Covers `at..to` (damaged bytes a salvage passed) with padding records (kind PAD, whose
+/// checksum covers only their header).
+fn write_padding(fh: &FileHandle, seed: u64, at: u64, to: u64) -> Result<()> {
+    let header = crate::format::RECORD_HEADER as u64;
+    let max = u64::from(u32::MAX) + header;
+    let mut pos = at;
+    while pos < to {
+        let mut len = (to - pos).min(max);
+        if to - pos > len && to - pos - len < header {
+            len -= header; // leave room for the last padding record's header
+        }
+        if len < header {
+            return Err(Error::corrupt(
+                at,
+                "damaged range too short to pad (not a record boundary)",
+            ));
+        }
+        fh.write_at(&crate::format::encode_padding(seed, pos, len), pos)?;
+        pos += len;
+    }
+    Ok(())
 }
 
 /// True if the log holds no record at `off` (end of file, or a zero record header there).
@@ -438,42 +553,51 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
             (st, end)
         }
     };
-    report.rebuilt_index = full;
-    report.replayed_writes = scan_end.writes;
-    // Replay counted record bytes; the scan also saw the JUMP records, which the live
-    // write path counts too. Use the scan's total so the two agree.
-    let mut state = state;
-    state.counters.log_bytes = if full { 0 } else { ckpt.log_bytes } + scan_end.bytes;
-    let valid_end = scan_end.valid_end;
-    if reader && limit < len && valid_end < limit {
+    let beside_writer = reader && limit < len;
+    if beside_writer && scan_end.valid_end < limit {
         // Below what a live writer committed nothing is torn: it is damage.
         return Err(Error::corrupt(
-            valid_end,
+            scan_end.valid_end,
             "damaged record below the writer's committed end",
         ));
     }
-    match scan_end.stop {
-        StopReason::End => {}
-        StopReason::Invalid(pos, _)
-        | StopReason::IncompleteBatch(pos)
-        | StopReason::BadJump(pos) => {
-            if pos < ckpt.log_end && best.is_some() {
-                // Synced before the checkpoint was written: not a torn tail.
-                if !salvage {
-                    return Err(Error::corrupt(
-                        pos,
-                        "damaged record in the checkpointed part of the log",
-                    ));
-                }
-                report.salvaged_bytes = ckpt.log_end - valid_end;
-            }
-            report.truncated_at = Some(valid_end);
-        }
+    // Tell a torn tail from damage: a stop below the durable end is damage.
+    let known_durable =
+        live.checked_durable(seed)
+            .max(if best.is_some() { ckpt.log_end } else { 0 });
+    let mut state = state;
+    let tail = past_stop(
+        &mut state,
+        &map,
+        scan_end,
+        limit,
+        known_durable,
+        salvage,
+        report.was_clean || beside_writer,
+    )?;
+    let scan_end = tail.end;
+    report.rebuilt_index = full;
+    report.replayed_writes = scan_end.writes;
+    report.durable_end = tail.durable;
+    report.damaged.clone_from(&tail.damaged);
+    // Replay counted record bytes; the scan also saw the JUMP records, which the live
+    // write path counts too. Use the scan's total so the two agree.
+    state.counters.log_bytes = if full { 0 } else { ckpt.log_bytes } + scan_end.bytes;
+    let valid_end = scan_end.valid_end;
+    report.salvaged_bytes = tail.lost;
+    if scan_end.stop != StopReason::End || tail.cut.is_some() {
+        report.truncated_at = Some(valid_end);
     }
     if full && scan_end.stop != StopReason::End && best.is_none() {
-        report.salvaged_bytes = len - valid_end;
+        report.salvaged_bytes += len - valid_end;
     }
-    let mut state = state;
+    if !tail.damaged.is_empty() && !opts.read_only {
+        // Cover the damaged bytes with padding records, so that later scans (a rebuild,
+        // a reader, `verify`) pass them too.
+        for r in &tail.damaged {
+            write_padding(&fh, seed, r.start, r.end)?;
+        }
+    }
     state.counters.dead_index_bytes = if full {
         0
     } else {
@@ -486,8 +610,11 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     if opts.populate {
         map.populate_read(valid_end);
     }
-    let unclean =
-        !report.was_clean || scan_end.writes > 0 || scan_end.stop != StopReason::End || full;
+    let unclean = !report.was_clean
+        || scan_end.writes > 0
+        || scan_end.stop != StopReason::End
+        || full
+        || !report.damaged.is_empty();
     if unclean && !opts.read_only {
         fh.zero_range(valid_end, len - valid_end)?;
     }
@@ -535,7 +662,7 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
         // end past what survived.)
         let end = inner.writer.lock().end;
         live.store(LIVE_COMMITTED_OFF, end);
-        live.store(LIVE_DURABLE_OFF, end);
+        live.store_durable(seed, end);
         live.store(LIVE_SWITCH_OFF, SWITCH_NONE);
         live.add(LIVE_SESSION_OFF, 1);
     }

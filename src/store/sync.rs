@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::inner::Inner;
 use crate::error::{Error, Result};
-use crate::format::{LIVE_COMMITTED_OFF, LIVE_DURABLE_OFF};
+use crate::format::LIVE_COMMITTED_OFF;
 use crate::map::FileHandle;
 use crate::observe::SyncEvent;
 
@@ -72,7 +72,7 @@ impl Inner {
         // Durable, hence committed under every policy: readers in other processes may
         // see it (under `Always` this is what publishes writes to them).
         live.raise(LIVE_COMMITTED_OFF, end);
-        live.raise(LIVE_DURABLE_OFF, end);
+        live.raise_durable(self.seed, end);
         Ok(())
     }
 
@@ -187,7 +187,7 @@ impl Inner {
                         s.durable_end = target;
                         self.durable_hint.store(target, Ordering::Release);
                         live.raise(LIVE_COMMITTED_OFF, target);
-                        live.raise(LIVE_DURABLE_OFF, target);
+                        live.raise_durable(self.seed, target);
                     }
                     s.durable_writes = s.durable_writes.max(writes);
                     if matches!(ev, SyncEvent::File) {

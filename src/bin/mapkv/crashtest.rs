@@ -141,12 +141,16 @@ pub fn run(args: &CrashtestArgs) -> Result<bool, String> {
     let drep = sim::damage_rounds(sim_dir.path(), &mut rng, |_| Instant::now() < until)?;
     println!(
         "  {} damaged files, each opened normally and with salvage: {} refused with a typed \
-         error, {} opened, {} salvaged, {} opened but damage found by reads/verify: {}",
+         error, {} opened, {} salvaged, {} opened but damage found by reads/verify; \
+         targeted flips reported, never read as missing or wrong: {} in buckets, {} in \
+         records: {}",
         drep.files,
         drep.refused,
         drep.opened,
         drep.salvaged,
         drep.detected_later,
+        drep.bucket_flips,
+        drep.record_flips,
         if drep.violations.is_empty() {
             "ok"
         } else {
