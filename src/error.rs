@@ -263,7 +263,8 @@ impl fmt::Display for Error {
                 write!(
                     f,
                     "{} is damaged at byte offset {offset}: {what} (run {verify} to check it, \
-                     or open it with Options::salvage(true) to keep the valid prefix)",
+                     and `mapkv verify --repair` or Options::salvage(true) to skip the damage \
+                     and keep the valid records)",
                     Name(path.as_deref(), "the store"),
                 )
             }

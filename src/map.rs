@@ -57,6 +57,14 @@ fn writer_lock_range(kind: libc::c_int) -> libc::flock {
     fl
 }
 
+/// Filesystem magic numbers (`statfs.f_type`) of copy-on-write filesystems.
+pub(crate) fn is_copy_on_write(f_type: u64) -> bool {
+    const BTRFS: u64 = 0x9123_683e;
+    const BCACHEFS: u64 = 0xca45_1a4e;
+    const ZFS: u64 = 0x2fc1_2fc1;
+    matches!(f_type, BTRFS | BCACHEFS | ZFS)
+}
+
 fn errno_result(op: &'static str, rc: libc::c_int) -> Result<()> {
     if rc == 0 {
         Ok(())
@@ -103,6 +111,21 @@ impl FileHandle {
     /// Wraps a file opened for reading, taking no lock (a reader).
     pub(crate) fn unlocked(file: File) -> Self {
         FileHandle { file }
+    }
+
+    /// True if the file lives on a copy-on-write filesystem (btrfs, bcachefs, ZFS), where
+    /// a store into an already-written page of a `MAP_SHARED` mapping may need new space:
+    /// on a full disk the fault that needs it raises `SIGBUS` instead of returning an
+    /// error. The store then appends with `pwrite`, which returns the error. (XFS with
+    /// reflink shares blocks only between reflinked copies; mapkv never makes one.)
+    /// False if `fstatfs` fails.
+    pub(crate) fn copy_on_write_fs(&self) -> bool {
+        // SAFETY: `statfs` is plain old data, so all zeroes is a valid value; `fstatfs`
+        // writes only into it, and the descriptor is open for as long as `self` lives.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above: a valid descriptor and a pointer to a live `statfs`.
+        let rc = unsafe { libc::fstatfs(self.file.as_raw_fd(), &raw mut st) };
+        rc == 0 && is_copy_on_write(st.f_type as u64)
     }
 
     /// True if some open file description (a writer, in any process) holds the writer
@@ -603,4 +626,14 @@ pub(crate) fn prefetch_write_addr(addr: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn copy_on_write_filesystems_are_recognized() {
+        assert!(super::is_copy_on_write(0x9123_683e), "btrfs");
+        assert!(!super::is_copy_on_write(0xef53), "ext4");
+        assert!(!super::is_copy_on_write(0x0102_1994), "tmpfs");
+    }
 }

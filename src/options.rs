@@ -224,10 +224,13 @@ impl Options {
         self
     }
 
-    /// Salvage a damaged store instead of refusing to open it: keep the longest valid
-    /// prefix of the log, rebuild the index from it, and report what was dropped in
-    /// [`Stats::salvaged_bytes`](crate::Stats). Without it, damage outside the torn tail
-    /// that a crash can leave is an [`Error::Corrupt`]. Defaults to `false`.
+    /// Salvage a damaged store instead of refusing to open it: skip damaged records in the
+    /// log (a read-write open covers them with padding records), keep every valid record
+    /// after them, rebuild the index, and report what was passed or dropped in the
+    /// recovery report ([`RecoveryReport::damaged`](crate::RecoveryReport),
+    /// `salvaged_bytes`). Without it, damage below the log's durable end (which a crash
+    /// cannot leave) is an [`Error::Corrupt`] and the file is left as it was. Defaults to
+    /// `false`.
     #[must_use]
     pub fn salvage(mut self, on: bool) -> Self {
         self.salvage = on;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    bucket_marked, bucket_of, decode_record_header, record_crc_ok, RecordRef, BUCKET_SIZE,
+    bucket_marked, bucket_of, decode_header_in, record_crc_ok_in, RecordRef, BUCKET_SIZE,
     KIND_DELETE, KIND_PUT,
 };
 use crate::index::bucket::probe_with;
@@ -182,10 +182,25 @@ pub(crate) struct Seen {
     pub(crate) committed: u64,
 }
 
+/// The bytes of the record at `off` in `map`, as its header's lengths say: a slice of
+/// exactly what a lookup reads (never one that covers slots or buckets a writer may be
+/// rewriting). `None` if the header or the record is not inside the published range.
+pub(crate) fn record_bytes(map: &Mapping, off: u64) -> Option<&[u8]> {
+    let h = map.read(off, crate::format::RECORD_HEADER as u64)?;
+    let len = |at: usize| u64::from(u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]));
+    map.read(off, crate::format::RECORD_HEADER as u64 + len(8) + len(12))
+}
+
 /// Header of the record at `off` in `map` (see [`State::header`]).
 pub(crate) fn header_in(map: &Mapping, off: u64) -> Result<RecordRef> {
-    decode_record_header(map.published_bytes(), off, map.published())
-        .map_err(|_| Error::corrupt(off, "index points at an invalid record"))
+    record_bytes(map, off)
+        .and_then(|b| decode_header_in(b, off).ok())
+        .ok_or_else(|| Error::corrupt(off, "index points at an invalid record"))
+}
+
+/// True if the checksum of `rec` (a header read from `map`) holds.
+fn crc_ok_in(map: &Mapping, seed: u64, rec: &RecordRef) -> bool {
+    record_bytes(map, rec.offset).is_some_and(|b| record_crc_ok_in(b, seed, rec))
 }
 
 /// Key bytes of a record in `map` (see [`State::key_of`]).
@@ -250,7 +265,7 @@ impl State {
 
     /// Value bytes of a put record, after verifying the record's checksum.
     pub(crate) fn value_of(&self, rec: &RecordRef) -> Result<&[u8]> {
-        if !record_crc_ok(self.map.published_bytes(), self.seed, rec) {
+        if !crc_ok_in(&self.map, self.seed, rec) {
             return Err(Error::corrupt(rec.offset, "record checksum mismatch"));
         }
         self.map
@@ -268,7 +283,7 @@ impl State {
         // Another key under the same hash is a collision only if that record is intact:
         // a damaged key must not make the looked-up key read as missing. (Only checked
         // on a mismatch, which is rare: the common path costs nothing more.)
-        if !hit && !record_crc_ok(self.map.published_bytes(), self.seed, &rec) {
+        if !hit && !crc_ok_in(&self.map, self.seed, &rec) {
             return Err(Error::corrupt(off, "record checksum mismatch"));
         }
         Ok(hit.then_some(rec))
@@ -379,8 +394,8 @@ impl State {
             rec.kind == KIND_DELETE,
             self.delta_only,
             |prev| {
-                decode_record_header(map.published_bytes(), prev, map.published())
-                    .ok()
+                record_bytes(map, prev)
+                    .and_then(|b| decode_header_in(b, prev).ok())
                     .filter(|p| {
                         map.read(p.key_off(), u64::from(p.key_len))
                             .is_some_and(|k| k == key)

@@ -51,6 +51,9 @@ pub(crate) struct Inner {
     /// `SyncState::durable_end`, readable without the sync mutex: the durable watermark
     /// that new records carry (see `format::durable_mark`).
     pub(super) durable_hint: AtomicU64,
+    /// The file is on a copy-on-write filesystem: appends use `pwrite`, never stores
+    /// into the mapping (which could raise `SIGBUS` on a full disk there).
+    pub(super) copy_on_write: bool,
     /// Bumped by every growth of the file (before data in the new space is published).
     /// A sync that samples epoch E with its target and then runs `fdatasync` makes every
     /// size change up to E durable; `SyncState::size_epoch` remembers the last such E.
@@ -78,6 +81,7 @@ impl Inner {
         ckpt: CheckpointInfo,
     ) -> Self {
         let end = writer.end;
+        let copy_on_write = writer.file.copy_on_write_fs();
         Inner {
             path,
             opts,
@@ -99,6 +103,7 @@ impl Inner {
             poisoned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             durable_hint: AtomicU64::new(end),
+            copy_on_write,
             size_epoch: AtomicU64::new(0),
             file_gen: AtomicU64::new(0),
             syncs: AtomicU64::new(0),

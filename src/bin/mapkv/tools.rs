@@ -194,9 +194,10 @@ pub struct StatsArgs {
 pub struct VerifyArgs {
     /// The store file.
     pub path: PathBuf,
-    /// Repair a damaged store: open it with `Options::salvage(true)`, which keeps the
-    /// longest valid prefix of the log and rebuilds the index from it (CHANGES THE FILE:
-    /// damaged records and everything after them are dropped), then verify the result.
+    /// Repair a damaged store: open it with `Options::salvage(true)`, which skips damaged
+    /// records (covering them with padding), keeps every valid record after them and
+    /// rebuilds the index (CHANGES THE FILE: the damaged records are dropped, and so is
+    /// everything after damage that reaches the end), then verify the result.
     #[arg(long)]
     pub repair: bool,
 }
@@ -539,10 +540,17 @@ pub fn verify(a: &VerifyArgs) -> Result<(), Failure> {
             Some(o) => format!("  log cut at byte offset {o} (incomplete or invalid tail dropped)"),
             None => "  log cut: no".into(),
         });
+        lines.push(format!("  damaged bytes dropped: {}", r.salvaged_bytes));
         lines.push(format!(
-            "  damaged bytes dropped after the valid prefix: {}",
-            r.salvaged_bytes
+            "  log durable up to byte offset: {} (below it an invalid record is damage)",
+            r.durable_end
         ));
+        for g in &r.damaged {
+            lines.push(format!(
+                "  damaged range {}..{} skipped (covered with padding); the records after it kept",
+                g.start, g.end
+            ));
+        }
         writeln!(out, "{}", lines.join("\n")).map_err(Failure::stdout)?;
         store
     } else {
