@@ -186,7 +186,17 @@ impl Inner {
     /// store, i.e. holds its writer mutex.
     pub(super) fn check_not_in_update(&self) -> Result<()> {
         let me = std::ptr::from_ref(self) as usize;
-        if IN_UPDATE.with(|s| s.borrow().contains(&me)) {
+        if IN_UPDATE.with(|s| s.borrow().iter().any(|&(p, _)| p == me)) {
+            return Err(Error::Reentrant);
+        }
+        Ok(())
+    }
+
+    /// `Error::Reentrant` if this thread is running a sync observer callback of this
+    /// store, which may hold its sync mutex (a sync would wait for itself).
+    pub(super) fn check_not_in_observer(&self) -> Result<()> {
+        let me = std::ptr::from_ref(self) as usize;
+        if IN_UPDATE.with(|s| s.borrow().iter().any(|&(p, obs)| obs && p == me)) {
             return Err(Error::Reentrant);
         }
         Ok(())
@@ -391,9 +401,10 @@ impl Inner {
 }
 
 thread_local! {
-    /// The stores (addresses of their `Inner`) whose `Store::update` closure is running on
-    /// this thread, innermost last: a thread holds their writer mutexes.
-    static IN_UPDATE: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    /// The stores (addresses of their `Inner`) whose `Store::update` closure (`false`) or
+    /// sync observer callback (`true`) is running on this thread, innermost last: the
+    /// thread holds their writer mutex (an update) or some of their locks (a callback).
+    static IN_UPDATE: RefCell<Vec<(usize, bool)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Marks this thread as running an `update` closure or a sync observer callback of a
@@ -403,7 +414,14 @@ pub(super) struct InUpdate;
 impl InUpdate {
     pub(super) fn enter(inner: &Inner) -> InUpdate {
         let me = std::ptr::from_ref(inner) as usize;
-        IN_UPDATE.with(|s| s.borrow_mut().push(me));
+        IN_UPDATE.with(|s| s.borrow_mut().push((me, false)));
+        InUpdate
+    }
+
+    /// Marks a sync observer callback of `inner`.
+    pub(super) fn enter_observer(inner: &Inner) -> InUpdate {
+        let me = std::ptr::from_ref(inner) as usize;
+        IN_UPDATE.with(|s| s.borrow_mut().push((me, true)));
         InUpdate
     }
 }

@@ -154,7 +154,7 @@ impl Inner {
     pub(crate) fn notify_path(&self, path: &Path, ev: SyncEvent) {
         if let Some(obs) = &self.opts.sync_observer {
             // Calls back into this store that need its locks fail with `Reentrant`.
-            let _callback = super::commit::InUpdate::enter(self);
+            let _callback = super::commit::InUpdate::enter_observer(self);
             obs.0.synced(path, ev);
         }
     }
@@ -177,7 +177,7 @@ impl Inner {
     pub(super) fn notify(&self, ev: SyncEvent) {
         if let Some(obs) = &self.opts.sync_observer {
             // Calls back into this store that need its locks fail with `Reentrant`.
-            let _callback = super::commit::InUpdate::enter(self);
+            let _callback = super::commit::InUpdate::enter_observer(self);
             obs.0.synced(&self.path, ev);
         }
     }

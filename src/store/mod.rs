@@ -324,11 +324,10 @@ impl Store {
     ///
     /// # Errors
     /// The sync's I/O error; after one the store is poisoned. [`Error::Reentrant`] from
-    /// inside an [`Store::update`] closure or a [`SyncObserver`](crate::SyncObserver)
-    /// callback of this store.
+    /// inside a [`SyncObserver`](crate::SyncObserver) callback of this store.
     pub fn flush(&self) -> Result<()> {
         self.named(self.inner.check_open())?;
-        self.inner.check_not_in_update()?;
+        self.inner.check_not_in_observer()?;
         if self.inner.opts.read_only {
             return Ok(());
         }
