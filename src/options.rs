@@ -237,9 +237,10 @@ impl Options {
         self
     }
 
-    /// Compact automatically (after a write) when dead bytes exceed `dead_ratio` of the
-    /// log and the log is at least `min_log_bytes` long. Compaction blocks writers while it
-    /// runs; readers keep going. Defaults to off.
+    /// Compact automatically when dead bytes exceed `dead_ratio` of the log and the log
+    /// is at least `min_log_bytes` long. The write that crosses the threshold starts the
+    /// compaction on a thread of its own and returns; writers and readers go on while it
+    /// copies (writers pause only for its last catch-up and the switch). Defaults to off.
     #[must_use]
     pub fn auto_compact(mut self, dead_ratio: f64, min_log_bytes: u64) -> Self {
         self.auto_compact = Some(AutoCompact {

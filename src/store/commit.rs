@@ -174,6 +174,45 @@ impl Inner {
         Ok(new)
     }
 
+    /// True if [`Options::auto_compact`](crate::Options::auto_compact) is on and its
+    /// threshold is crossed.
+    fn compaction_due(&self) -> bool {
+        let Some(ac) = self.opts.auto_compact else {
+            return false;
+        };
+        let c = self.state.read().counters;
+        let dead = c.log_bytes.saturating_sub(c.live_bytes) + c.dead_index_bytes;
+        c.log_bytes >= ac.min_log_bytes && dead as f64 > ac.dead_ratio * c.log_bytes as f64
+    }
+
+    /// Starts a compaction on a thread of its own unless one is running: the write that
+    /// crossed the threshold returns at once, and writers go on during the copy. The
+    /// write is applied (and durable as its policy promised) whatever the compaction
+    /// does; a failure that matters poisons the store, and the next write reports it.
+    fn start_auto_compaction(self: &Arc<Self>) {
+        let mut slot = self.auto_compactor.lock();
+        if slot.as_ref().is_some_and(|h| !h.is_finished()) || self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(done) = slot.take() {
+            let _ = done.join();
+        }
+        let inner = Arc::clone(self);
+        *slot = std::thread::Builder::new()
+            .name("mapkv-compact".into())
+            .spawn(move || {
+                // Writes made during a compaction are copied with it, dead ones too:
+                // compact again while the threshold is still crossed (a few times at
+                // most, so a writer that outpaces the copy cannot keep it busy forever).
+                for _ in 0..3 {
+                    if super::compact::compact(&inner).is_err() || !inner.compaction_due() {
+                        break;
+                    }
+                }
+            })
+            .ok();
+    }
+
     /// `Error::Closed` once the store was closed.
     pub(crate) fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
@@ -386,15 +425,8 @@ impl Inner {
             }
             Durability::None | Durability::Periodic(_) => {}
         }
-        if let Some(ac) = self.opts.auto_compact {
-            let c = self.state.read().counters;
-            let dead = c.log_bytes.saturating_sub(c.live_bytes) + c.dead_index_bytes;
-            if c.log_bytes >= ac.min_log_bytes && dead as f64 > ac.dead_ratio * c.log_bytes as f64 {
-                // The write is applied (and durable as its policy promised): a failed
-                // compaction must not make it look failed. A failure that matters
-                // poisoned the store, and the next write reports it.
-                let _ = super::compact::compact(self);
-            }
+        if self.compaction_due() {
+            self.start_auto_compaction();
         }
         Ok(end)
     }

@@ -2,16 +2,22 @@
 //!
 //! # Protocol
 //!
-//! 1. Take the writer mutex: writes that arrive during compaction **wait** (they are
-//!    not lost, and no catch-up pass is needed; the stall equals the copy time, which the
-//!    `compact` benchmark reports). Readers keep reading the old mapping throughout.
-//! 2. Snapshot the live records (offsets, in log order) under the shared state lock.
-//! 3. Create `<name>.compact-<pid>` next to the store, lock it, and write: superblock
-//!    (same seed), a right-sized index, then every live record re-encoded at its new
-//!    offset (checksums cover the offset). `fdatasync` it.
-//! 4. `rename` it over the store path, then `fsync` the directory.
-//! 5. Switch the store to the new file under the exclusive state lock (a pointer swap).
-//!    Iterators that started earlier keep the old mapping alive and finish on it.
+//! 1. Under the writer mutex, briefly: finish any background checkpoint, snapshot the
+//!    live records (offsets, in log order) and the log end `E0` they cover.
+//! 2. Without any lock: create `<name>.compact-<pid>` next to the store, lock it, and
+//!    write a superblock (same seed), a right-sized sealed index, then every snapshot
+//!    record re-encoded at its new offset (checksums cover the offset); `fdatasync` it.
+//!    Writers go on meanwhile; the old log below `E0` never changes.
+//! 3. Catch up, still without the lock: append the complete writes the old log gained
+//!    since the last round (re-encoded, batches whole), up to a few rounds, until a round
+//!    has less than 1 MiB to copy.
+//! 4. Under the writer mutex: the last catch-up (what came in during the last round),
+//!    then `origin_end` and the live area say where the new log ends; `fdatasync`.
+//!    `rename` it over the store path, then `fsync` the directory.
+//! 5. Switch the store to the new file under the exclusive state lock (a pointer swap);
+//!    the caught-up writes, which lie past the new file's checkpoint, are replayed into
+//!    the index delta as recovery would. Iterators that started earlier keep the old
+//!    mapping alive and finish on it. Writers waited only for step 4 and this.
 //!
 //! A crash before step 4 leaves the old store intact plus a temporary file, which the
 //! next open deletes. A crash after step 4 leaves the new store, complete (synced before
@@ -57,24 +63,33 @@ pub(crate) struct Compacted {
     pub(crate) ckpt: CheckpointInfo,
 }
 
+/// Catch-up rounds before the final one (under the writer mutex) at most; each copies the
+/// writes made during the previous one.
+const CATCH_UP_ROUNDS: usize = 4;
+/// A catch-up round this short is followed by the final one: the writers' pause is then
+/// bounded by copying this much, not by the store's size.
+const FINAL_CATCH_UP: u64 = 1 << 20;
+
 pub(crate) fn compact(inner: &Inner) -> Result<()> {
     if inner.opts.read_only {
         return Err(Error::ReadOnly);
     }
     inner.check_not_poisoned()?;
-    let mut w = inner.writer.lock();
-    inner.check_open()?;
-    // A background checkpoint would go on writing the old file. One that failed leaves
-    // its frozen delta, which the snapshot below reads like any delta: compaction is a
-    // repair too.
-    if let Err(e) = inner.finish_job(&mut w) {
-        inner.check_not_poisoned()?;
-        let _ = e;
-    }
-    // Snapshot the live records; the writer mutex keeps them current.
-    let (old_map, mut offsets) = {
+    // One compaction at a time (its temporary file has one name).
+    let _one = inner.compacting.lock();
+    // 1. A snapshot of the live records and the log end it covers, under the writer
+    // mutex (held only for this): a background checkpoint would go on writing the old
+    // file, and one that failed leaves its frozen delta, which the snapshot reads like
+    // any delta (compaction is a repair too).
+    let (old_map, mut offsets, mut copied) = {
+        let mut w = inner.writer.lock();
+        inner.check_open()?;
+        if let Err(e) = inner.finish_job(&mut w) {
+            inner.check_not_poisoned()?;
+            let _ = e;
+        }
         let st = inner.state.read();
-        (Arc::clone(&st.map), super::iter::live_offsets(&st)?)
+        (Arc::clone(&st.map), super::iter::live_offsets(&st)?, w.end)
     };
     offsets.sort_unstable();
     let name = inner
@@ -93,20 +108,127 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
         .create_new(true)
         .open(&tmp)
         .map_err(|e| Error::io("create compaction file", e))?;
-    let built = build(inner, &old_map, &offsets, f, &tmp);
-    let built = match built {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+    let fail = |e: Error| {
+        let _ = std::fs::remove_file(&tmp);
+        e
     };
+    // 2. Copy the snapshot while writers go on (the old log below `copied` never changes).
+    let mut built = build(inner, &old_map, &offsets, f, &tmp).map_err(fail)?;
+    drop(old_map);
+    drop(offsets);
+    // 3. Catch up with the writes made meanwhile, round after round, without the lock.
+    for _ in 0..CATCH_UP_ROUNDS {
+        let (map, end) = {
+            let st = inner.state.read();
+            (Arc::clone(&st.map), st.map.published())
+        };
+        let n = end.saturating_sub(copied);
+        catch_up(&mut built, inner.seed, &map, copied, end).map_err(fail)?;
+        copied = end;
+        if n <= FINAL_CATCH_UP {
+            break;
+        }
+    }
+    // 4. The last writes and the switch, under the writer mutex: a pause bounded by the
+    // last round's writes, not by the store's size.
+    let mut w = inner.writer.lock();
+    if let Err(e) = inner.check_open() {
+        return Err(fail(e));
+    }
+    if let Err(e) = inner.finish_job(&mut w) {
+        if let Err(e) = inner.check_not_poisoned() {
+            return Err(fail(e));
+        }
+        let _ = e;
+    }
+    let (map, end) = {
+        let st = inner.state.read();
+        (Arc::clone(&st.map), w.end)
+    };
+    let built = catch_up(&mut built, inner.seed, &map, copied, end)
+        .and_then(|()| seal(inner, built, &tmp))
+        .map_err(fail)?;
     // No sync may be in flight across the switch: a sync of the old file finishing after
     // the rename would be taken (and reported) as a sync of the new one.
     inner.pause_syncs();
     let r = switch(inner, &mut w, built, &tmp);
     inner.resume_syncs();
     r
+}
+
+/// Appends to the compaction file the complete writes that the old log holds in
+/// `from..to` (written while the copy ran), re-encoded at their new offsets, batches kept
+/// whole. They lie past the new file's checkpoint: the switch replays them into the
+/// index delta, as recovery would.
+fn catch_up(b: &mut Built, seed: u64, old: &Mapping, from: u64, to: u64) -> Result<()> {
+    if to <= from {
+        return Ok(());
+    }
+    let mut buf = Vec::new();
+    let mut pos = b.log_end;
+    let mut missing = None;
+    let end = crate::log::scan(old.published_bytes(), seed, from, to, |recs| {
+        for r in recs {
+            match (
+                old.read(r.key_off(), u64::from(r.key_len)),
+                old.read(r.val_off(), u64::from(r.val_len)),
+            ) {
+                (Some(k), Some(v)) => {
+                    encode_record(&mut buf, seed, pos, r.kind, r.flags, k, v, 0);
+                    pos += r.len();
+                }
+                _ => missing = Some(r.offset),
+            }
+        }
+    });
+    if let Some(at) = missing.or((end.valid_end != to).then_some(end.valid_end)) {
+        return Err(Error::corrupt(
+            at,
+            "log changed under compaction's catch-up",
+        ));
+    }
+    let need = page_up(pos) + PAGE;
+    if need > b.alloc {
+        b.file.allocate(b.alloc, need - b.alloc)?;
+        b.alloc = need;
+    }
+    b.file.write_at(&buf, b.log_end)?;
+    b.log_end = pos;
+    Ok(())
+}
+
+/// Finishes a compaction file after its last catch-up: `origin_end` and the live area
+/// say where its log ends now; synced; mapped.
+fn seal(inner: &Inner, mut b: Built, tmp: &std::path::Path) -> Result<Compacted> {
+    if b.log_end != b.info.origin_end {
+        b.info.origin_end = b.log_end;
+        b.file.write_at(&encode_static(&b.info), 0)?;
+        b.live.store(LIVE_COMMITTED_OFF, b.log_end);
+        b.live.store_durable(inner.seed, b.log_end);
+        b.file.sync_data()?;
+        inner.notify_path(tmp, SyncEvent::File);
+    }
+    let map = Arc::new(Mapping::new(
+        &b.file,
+        reservation(b.alloc),
+        b.log_end,
+        true,
+    )?);
+    map.advise(inner.opts.access)?;
+    if inner.opts.populate {
+        map.populate_read(b.log_end);
+    }
+    Ok(Compacted {
+        file: b.file,
+        map,
+        live: b.live,
+        index: b.index,
+        log_start: b.log_start,
+        log_end: b.log_end,
+        alloc: b.alloc,
+        counters: b.counters,
+        ckpt: b.ckpt,
+    })
 }
 
 fn switch(inner: &Inner, w: &mut Writer, built: Compacted, tmp: &std::path::Path) -> Result<()> {
@@ -138,13 +260,26 @@ fn switch(inner: &Inner, w: &mut Writer, built: Compacted, tmp: &std::path::Path
     Ok(())
 }
 
+/// A compaction file as [`build`] wrote it (synced, not yet mapped).
+struct Built {
+    file: Arc<FileHandle>,
+    live: Arc<LiveArea>,
+    info: StaticInfo,
+    index: IndexGeom,
+    log_start: u64,
+    log_end: u64,
+    alloc: u64,
+    counters: Counters,
+    ckpt: CheckpointInfo,
+}
+
 fn build(
     inner: &Inner,
     old: &Mapping,
     offsets: &[u64],
     f: std::fs::File,
     tmp: &std::path::Path,
-) -> Result<Compacted> {
+) -> Result<Built> {
     let fh = FileHandle::lock_writer(f)?;
     let seed = inner.seed;
     let old_bytes = old.published_bytes();
@@ -259,16 +394,10 @@ fn build(
         live.store(LIVE_SESSION_OFF, sessions);
         fh.sync_data()?;
         inner.notify_path(tmp, SyncEvent::File);
-        let fh = Arc::new(fh);
-        let map = Arc::new(Mapping::new(&fh, reservation(alloc), log_end, true)?);
-        map.advise(inner.opts.access)?;
-        if inner.opts.populate {
-            map.populate_read(log_end);
-        }
-        return Ok(Compacted {
-            file: fh,
-            map,
+        return Ok(Built {
+            file: Arc::new(fh),
             live,
+            info,
             index,
             log_start,
             log_end,
@@ -295,6 +424,21 @@ impl Inner {
             st.frozen = None;
             st.delta_only = false;
             st.counters = c.counters;
+            // The writes the catch-up copied past the new file's checkpoint go into the
+            // delta, as recovery would replay them.
+            let (map, seed) = (Arc::clone(&c.map), self.seed);
+            crate::log::scan(
+                map.published_bytes(),
+                seed,
+                c.ckpt.log_end,
+                c.log_end,
+                |recs| {
+                    for r in recs {
+                        let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
+                        st.apply(crate::index::key_hash(seed, key), key, r);
+                    }
+                },
+            );
             self.file_gen.fetch_add(1, Ordering::AcqRel);
             (old_map, old_file)
         };

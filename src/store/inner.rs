@@ -32,6 +32,11 @@ pub(crate) struct Inner {
     /// `resolve_counters`. Without it, both could count the same old record. Taken
     /// before the state lock, after the writer mutex.
     pub(crate) resolving: Mutex<()>,
+    /// Held for a whole compaction (one at a time); taken before anything else.
+    pub(super) compacting: Mutex<()>,
+    /// The thread running an automatic compaction, if one was started
+    /// ([`Options::auto_compact`](crate::Options::auto_compact)); joined at close.
+    pub(super) auto_compactor: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The checkpoint slots. Held by a background checkpoint for its whole run, and by
     /// anyone else only to write a slot (never while a background checkpoint runs: the
     /// writer waits for it first). Taken after `resolving`, before the state lock.
@@ -89,6 +94,8 @@ impl Inner {
             state: RwLock::new(state),
             writer: Mutex::new(writer),
             resolving: Mutex::new(()),
+            compacting: Mutex::new(()),
+            auto_compactor: Mutex::new(None),
             slots: Mutex::new(Slots {
                 last: ckpt,
                 pending_punch: Vec::new(),

@@ -696,6 +696,11 @@ impl Store {
         if let Some(t) = thread {
             let _ = t.join();
         }
+        // An automatic compaction finishes first (it holds the store open).
+        let compactor = inner.auto_compactor.lock().take();
+        if let Some(t) = compactor {
+            let _ = t.join();
+        }
         if inner.opts.read_only {
             if inner.closed.swap(true, Ordering::AcqRel) {
                 return Err(Error::Closed);
