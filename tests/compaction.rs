@@ -347,7 +347,12 @@ fn writers_go_on_during_compaction_and_nothing_they_write_is_lost() {
         for (k, v) in &model {
             assert_eq!(s.get(k).unwrap().as_ref(), Some(v), "{what}: {k:?}");
         }
-        let n = s.iter().map(|r| r.unwrap()).count();
+        let mut n = 0;
+        for item in s.iter() {
+            let (k, v) = item.unwrap();
+            assert_eq!(model.get(&k), Some(&v), "{what}: iterated {k:?}");
+            n += 1;
+        }
         assert_eq!(n, model.len(), "{what}: iteration");
         s.verify().unwrap();
     };
