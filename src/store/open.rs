@@ -478,11 +478,8 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     // `Always`, records past it are not durable yet). With no writer, the log's valid
     // end: what the next writer's recovery will keep.
     let committed = live.load(LIVE_COMMITTED_OFF);
-    let limit = if reader && committed != 0 && fh.writer_alive() {
-        committed.min(len)
-    } else {
-        len
-    };
+    let live_writer = reader && committed != 0 && fh.writer_alive();
+    let limit = if live_writer { committed.min(len) } else { len };
     map.advise(opts.access)?;
 
     // Replay the records after the checkpoint (all of them for a full rebuild). A damaged
@@ -562,9 +559,15 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
         ));
     }
     // Tell a torn tail from damage: a stop below the durable end is damage.
-    let known_durable =
+    let mut known_durable =
         live.checked_durable(seed)
             .max(if best.is_some() { ckpt.log_end } else { 0 });
+    if live_writer {
+        // The live writer may have grown the file and raised its durable end since this
+        // view read the length and the committed end it stops at: the view claims
+        // nothing past its limit.
+        known_durable = known_durable.min(limit);
+    }
     let mut state = state;
     let tail = past_stop(
         &mut state,
