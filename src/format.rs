@@ -137,8 +137,11 @@ pub const STATE_CLEAN: u32 = 1;
 pub const STATE_DIRTY: u32 = 2;
 
 /// Checkpoint state: a checkpoint was rewriting index buckets in place when this slot was
-/// written. If it is still the current slot at open, buckets may be a mix of old, new and
-/// torn pages, and the index is rebuilt from the log.
+/// written. If it is still the current slot at open, buckets may be a mix of old and new
+/// pages (torn ones too, after a power loss). With a redo part (`redo_end` != 0),
+/// recovery replays from `log_end`, takes the announced counters at `redo_end` and checks
+/// the buckets the checkpoint touched; if one is torn, or without a redo part, the index
+/// is rebuilt from the log.
 pub const STATE_CHECKPOINTING: u32 = 3;
 
 /// Index style of a region written by format version 1: only non-empty buckets were
@@ -173,8 +176,19 @@ pub struct Checkpoint {
     pub log_bytes: [u8; 8],
     /// Bytes of the file taken by index regions no longer in use.
     pub dead_index_bytes: [u8; 8],
+    /// CHECKPOINTING only (0 otherwise): the log end the running checkpoint applies to
+    /// the buckets. Recovery redoes it from the log instead of rebuilding the index.
+    pub redo_end: [u8; 8],
+    /// CHECKPOINTING only: `live_keys` at `redo_end`.
+    pub redo_live_keys: [u8; 8],
+    /// CHECKPOINTING only: `live_bytes` at `redo_end`.
+    pub redo_live_bytes: [u8; 8],
+    /// CHECKPOINTING only: `log_bytes` at `redo_end`.
+    pub redo_log_bytes: [u8; 8],
+    /// CHECKPOINTING only: `dead_index_bytes` at `redo_end`.
+    pub redo_dead_index_bytes: [u8; 8],
     /// Reserved, zero.
-    pub reserved: [u8; 436],
+    pub reserved: [u8; 396],
     /// CRC-32 (seeded with the store seed) of bytes `0..508`.
     pub crc: [u8; 4],
 }
@@ -202,6 +216,26 @@ pub struct CheckpointInfo {
     /// See [`Checkpoint::log_bytes`].
     pub log_bytes: u64,
     /// See [`Checkpoint::dead_index_bytes`].
+    pub dead_index_bytes: u64,
+    /// The checkpoint a CHECKPOINTING slot announces (see [`Checkpoint::redo_end`]).
+    pub redo: Option<RedoInfo>,
+}
+
+/// What a CHECKPOINTING slot says its checkpoint will produce: the log end it covers and
+/// the exact counters there. With it, recovery after a crash in the middle of the bucket
+/// rewrite replays the log from `log_end` as usual, takes these counters at `end`, and
+/// checks the buckets the rewrite touched, instead of rebuilding the whole index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RedoInfo {
+    /// Log end the checkpoint covers (> the slot's `log_end`).
+    pub end: u64,
+    /// `live_keys` at `end`.
+    pub live_keys: u64,
+    /// `live_bytes` at `end`.
+    pub live_bytes: u64,
+    /// `log_bytes` at `end`.
+    pub log_bytes: u64,
+    /// `dead_index_bytes` at `end`.
     pub dead_index_bytes: u64,
 }
 
@@ -350,6 +384,13 @@ pub fn encode_checkpoint(seed: u64, c: &CheckpointInfo) -> [u8; SECTOR as usize]
     h.live_bytes = c.live_bytes.to_le_bytes();
     h.log_bytes = c.log_bytes.to_le_bytes();
     h.dead_index_bytes = c.dead_index_bytes.to_le_bytes();
+    if let Some(r) = c.redo.filter(|_| c.state == STATE_CHECKPOINTING) {
+        h.redo_end = r.end.to_le_bytes();
+        h.redo_live_keys = r.live_keys.to_le_bytes();
+        h.redo_live_bytes = r.live_bytes.to_le_bytes();
+        h.redo_log_bytes = r.log_bytes.to_le_bytes();
+        h.redo_dead_index_bytes = r.dead_index_bytes.to_le_bytes();
+    }
     let mut out = [0u8; SECTOR as usize];
     out.copy_from_slice(bytemuck::bytes_of(&h));
     let crc = crc_seeded(seed, &[&out[..SECTOR_CRC_SPAN]]);
@@ -378,6 +419,15 @@ pub fn decode_checkpoint(seed: u64, bytes: &[u8]) -> Option<CheckpointInfo> {
         live_bytes: u64_at(h.live_bytes),
         log_bytes: u64_at(h.log_bytes),
         dead_index_bytes: u64_at(h.dead_index_bytes),
+        redo: (u32::from_le_bytes(h.state) == STATE_CHECKPOINTING && u64_at(h.redo_end) != 0).then(
+            || RedoInfo {
+                end: u64_at(h.redo_end),
+                live_keys: u64_at(h.redo_live_keys),
+                live_bytes: u64_at(h.redo_live_bytes),
+                log_bytes: u64_at(h.redo_log_bytes),
+                dead_index_bytes: u64_at(h.redo_dead_index_bytes),
+            },
+        ),
     };
     let sane = (STATE_CLEAN..=STATE_CHECKPOINTING).contains(&c.state)
         && matches!(c.index_style, INDEX_SPARSE | INDEX_SEALED)
@@ -861,9 +911,32 @@ mod tests {
             live_bytes: 20,
             log_bytes: 40,
             dead_index_bytes: 0,
+            redo: None,
         };
         let b = encode_checkpoint(42, &c);
         assert_eq!(decode_checkpoint(42, &b), Some(c));
+        // A CHECKPOINTING slot carries its redo part; other states never do.
+        let redo = Some(RedoInfo {
+            end: 9 * PAGE,
+            live_keys: 2,
+            live_bytes: 40,
+            log_bytes: 80,
+            dead_index_bytes: 7,
+        });
+        let busy = CheckpointInfo {
+            state: STATE_CHECKPOINTING,
+            redo,
+            ..c
+        };
+        assert_eq!(
+            decode_checkpoint(42, &encode_checkpoint(42, &busy)),
+            Some(busy)
+        );
+        let dirty = CheckpointInfo { redo, ..c };
+        assert_eq!(
+            decode_checkpoint(42, &encode_checkpoint(42, &dirty)),
+            Some(c)
+        );
         assert_eq!(decode_checkpoint(43, &b), None);
         assert_eq!(decode_checkpoint(42, &[0u8; 512]), None);
     }

@@ -56,7 +56,7 @@ pub use batch::Batch;
 pub use error::{Error, Result};
 pub use observe::{SyncEvent, SyncObserver};
 pub use options::{AccessPattern, Durability, Options};
-pub use stats::{LiveStats, RecoveryReport, Stats};
+pub use stats::{LiveStats, MaintenanceStats, RecoveryReport, Stats};
 pub use store::{Change, Follower, Iter, PrefixIter, Store, VerifyReport};
 
 /// The README's example, compiled and run as a doctest.

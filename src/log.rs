@@ -36,6 +36,9 @@ pub(crate) struct ScanEnd {
     pub(crate) bytes: u64,
     /// Complete writes (a batch counts once) scanned.
     pub(crate) writes: u64,
+    /// Bytes that jumps passed over (index regions claimed behind them, and the padding
+    /// up to each region's page).
+    pub(crate) skipped: u64,
     /// Why the scan stopped.
     pub(crate) stop: StopReason,
 }
@@ -56,6 +59,7 @@ pub(crate) fn scan(
     let mut bytes = 0u64;
     let mut pending_bytes = 0u64;
     let mut writes = 0u64;
+    let mut skipped = 0u64;
     let mut batch: Vec<RecordRef> = Vec::new();
     let stop = loop {
         if pos >= limit && batch.is_empty() {
@@ -72,6 +76,7 @@ pub(crate) fn scan(
             match target {
                 Some(t) if batch.is_empty() && t <= limit && t > rec.end() && t == page_up(t) => {
                     bytes += rec.len();
+                    skipped += t - rec.end();
                     pos = t;
                     valid_end = t;
                     continue;
@@ -105,6 +110,7 @@ pub(crate) fn scan(
         valid_end,
         bytes,
         writes,
+        skipped,
         stop,
     }
 }

@@ -149,6 +149,17 @@ impl FileHandle {
         &self.file
     }
 
+    /// Bytes the filesystem allocated to the file (`st_blocks * 512`).
+    pub(crate) fn allocated(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("fstat", e))?
+            .blocks()
+            .saturating_mul(512))
+    }
+
     pub(crate) fn len(&self) -> Result<u64> {
         Ok(self
             .file

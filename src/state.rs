@@ -168,6 +168,9 @@ pub(crate) struct Seen {
     pub(crate) ckpt_state: u32,
     /// That checkpoint's counters, exact at `ckpt_end`.
     pub(crate) ckpt_counters: Counters,
+    /// A CHECKPOINTING slot's announced end and counters (see `RedoInfo`): counting
+    /// from `ckpt_end` takes these at their end, since the buckets may be half-rewritten.
+    pub(crate) redo: Option<crate::format::RedoInfo>,
     /// Where the delta's replay started: the view holds every write from here to the
     /// published end.
     pub(crate) base: u64,
@@ -411,6 +414,19 @@ impl State {
         }
     }
 
+    /// At the end of an interrupted checkpoint's range during recovery (see
+    /// `RedoInfo`): the counters become the ones it announced, exact there, and the
+    /// delta's entries so far count as resolved (their old records are in them).
+    pub(crate) fn take_redo(&mut self, r: crate::format::RedoInfo) {
+        self.delta.settle_all();
+        self.counters = Counters {
+            live_keys: r.live_keys,
+            live_bytes: r.live_bytes,
+            log_bytes: r.log_bytes,
+            dead_index_bytes: r.dead_index_bytes,
+        };
+    }
+
     /// True if [`State::resolve`] can make no more progress: the counters are exact, or
     /// the only entries left belong to a frozen delta whose checkpoint failed.
     pub(crate) fn settled(&self) -> bool {
@@ -446,6 +462,15 @@ impl State {
                 gone.take_from(&mut f.counters);
             }
         }
+        self.resolve_current(max);
+    }
+
+    /// [`State::resolve`] for the current delta only, which needs no `resolving` lock: a
+    /// running checkpoint rewrites only the buckets of frozen keys, and a key in the
+    /// frozen delta is resolved against its frozen record, never against a bucket.
+    pub(crate) fn resolve_current(&mut self, max: usize) {
+        let buckets = self.index.buckets.max(1);
+        let order = |h| bucket_of(h, buckets);
         let claimed = claim(&mut self.delta, max, order);
         let mut gone = Resolved::default();
         for (hash, off) in claimed {

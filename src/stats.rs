@@ -27,8 +27,15 @@ pub struct Stats {
     /// Bytes of old index regions left behind by index growth (holes punched where the
     /// filesystem allows); reclaimed by compaction.
     pub dead_index_bytes: u64,
-    /// Allocated size of the file.
+    /// Length of the file (allocated: space is reserved with `fallocate` as the file
+    /// grows, so a full disk is an error at growth, never at a write into the mapping).
     pub file_size: u64,
+    /// Bytes the filesystem has allocated to the file (`st_blocks * 512`): below
+    /// `file_size` where old index regions were punched out.
+    pub allocated_bytes: u64,
+    /// File bytes past the log end, allocated ahead for the next appends (the growth step
+    /// is at most an eighth of the live data once a store is large, 32 MiB at least).
+    pub spare_bytes: u64,
     /// Where the next record will be appended.
     pub log_end: u64,
     /// Length of the mapping (address space reserved; costs no memory).
@@ -71,6 +78,32 @@ pub struct Stats {
     /// What the file's live area says, for readers in other processes (and what this
     /// handle, if it is one, has caught up with).
     pub live: LiveStats,
+    /// Background maintenance: checkpoints, compaction, and the last error either met.
+    pub maintenance: MaintenanceStats,
+}
+
+/// What the store's background maintenance is doing; see [`Stats::maintenance`].
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct MaintenanceStats {
+    /// An index checkpoint is running on its own thread.
+    pub checkpoint_running: bool,
+    /// The log end the index in the file covers (the last finished checkpoint's).
+    pub checkpoint_end: u64,
+    /// Log bytes a crash now would make the next open replay: `log_end - checkpoint_end`.
+    pub replay_bytes: u64,
+    /// A compaction is running (started by [`Store::compact`](crate::Store::compact) or
+    /// automatically).
+    pub compaction_running: bool,
+    /// Compactions finished since open.
+    pub compactions: u64,
+    /// The dead share of the log at which compaction starts on its own (`None`: off).
+    pub auto_compact_at: Option<f64>,
+    /// The last error a background checkpoint, compaction or sync met since open (a
+    /// checkpoint that failed is repaired by rebuilding the index; a failed sync poisons
+    /// the store, whose next write reports it).
+    pub last_error: Option<String>,
 }
 
 /// The live area of the store file: what its writer publishes for readers in other
@@ -104,8 +137,12 @@ pub struct RecoveryReport {
     pub was_clean: bool,
     /// Writes replayed from the log after the last checkpoint.
     pub replayed_writes: u64,
-    /// The index was rebuilt from the whole log (an interrupted checkpoint or salvage).
+    /// The index was rebuilt from the whole log (a checkpoint interrupted with torn
+    /// buckets, an index that cannot be trusted, or salvage).
     pub rebuilt_index: bool,
+    /// A checkpoint interrupted while it rewrote buckets was redone from the log (replayed
+    /// from its start, with the counters it had announced) instead of a rebuild.
+    pub redid_checkpoint: bool,
     /// Offset where an invalid (torn) tail was cut off, if one was.
     pub truncated_at: Option<u64>,
     /// With `salvage(true)`: bytes of damaged log passed or dropped.
@@ -208,6 +245,7 @@ impl fmt::Display for Stats {
     /// memory:     1.0 MiB mapped, 136 KiB resident, 6 changes not yet checkpointed
     /// durability: Periodic(1s), 174 B (6 writes) not yet durable
     /// recovery:   clean
+    /// background: checkpoint idle (index covers the log to 4096, 174 B to replay after a crash), compaction idle (0 done, automatic at 30% dead)
     /// ```
     ///
     /// The alternate form (`{:#}`) adds the counters since open and the live area.
@@ -267,6 +305,9 @@ impl fmt::Display for Stats {
         if r.rebuilt_index {
             f.write_str(", index rebuilt from the log")?;
         }
+        if r.redid_checkpoint {
+            f.write_str(", interrupted checkpoint redone")?;
+        }
         if let Some(at) = r.truncated_at {
             write!(f, ", torn tail cut at byte offset {at}")?;
         }
@@ -280,6 +321,33 @@ impl fmt::Display for Stats {
                 r.damaged.len(),
                 r.damaged[0].start
             )?;
+        }
+        let m = &self.maintenance;
+        writeln!(f)?;
+        write!(
+            f,
+            "background: checkpoint {} (index covers the log to {}, {} to replay after a \
+             crash), compaction {} ({} done, automatic {})",
+            if m.checkpoint_running {
+                "running"
+            } else {
+                "idle"
+            },
+            m.checkpoint_end,
+            Bytes(m.replay_bytes),
+            if m.compaction_running {
+                "running"
+            } else {
+                "idle"
+            },
+            m.compactions,
+            match m.auto_compact_at {
+                Some(r) => format!("at {} dead", Percent(r)),
+                None => "off".to_string(),
+            },
+        )?;
+        if let Some(e) = &m.last_error {
+            write!(f, ", last error: {e}")?;
         }
         if f.alternate() {
             writeln!(f)?;

@@ -1248,3 +1248,61 @@ fn not_a_store_is_rejected() {
         b"this is a text file, not a mapkv store\n".repeat(200)
     );
 }
+
+/// `Stats` shows the background maintenance: what the index covers and what a crash
+/// would replay, compaction state and count, the automatic compaction threshold (on by
+/// default), the last background error, and the file's allocation.
+#[test]
+fn stats_show_checkpoint_and_compaction_state_and_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.mkv");
+    let s = Store::open(
+        &path,
+        Options::default()
+            .durability(Durability::None)
+            .checkpoint_keys(500),
+    )
+    .unwrap();
+    let fresh = s.stats();
+    assert_eq!(
+        fresh.maintenance.auto_compact_at,
+        Some(0.3),
+        "on by default"
+    );
+    assert_eq!(fresh.maintenance.compactions, 0);
+    assert!(!fresh.maintenance.compaction_running);
+    assert_eq!(fresh.maintenance.last_error, None);
+    for i in 0..5_000u32 {
+        s.put(format!("k{i}"), [7u8; 100]).unwrap();
+    }
+    s.flush().unwrap();
+    let st = s.stats();
+    let m = &st.maintenance;
+    assert!(
+        m.checkpoint_end > 0,
+        "checkpoints ran every 500 keys: {m:?}"
+    );
+    assert!(m.checkpoint_end <= st.log_end);
+    assert_eq!(m.replay_bytes, st.log_end - m.checkpoint_end);
+    assert!(st.allocated_bytes > 0 && st.file_size >= st.log_end);
+    assert_eq!(st.spare_bytes, st.file_size - st.log_end);
+    for i in 0..5_000u32 {
+        s.put(format!("k{i}"), [8u8; 100]).unwrap();
+    }
+    s.compact().unwrap();
+    let st = s.stats();
+    assert_eq!(st.maintenance.compactions, 1);
+    assert!(!st.maintenance.compaction_running);
+    assert!(st.dead_bytes < st.live_bytes / 10, "{st:?}");
+    let text = format!("{st}");
+    assert!(
+        text.contains("compaction idle (1 done, automatic at 30"),
+        "{text}"
+    );
+    let off = Store::open(
+        dir.path().join("off.mkv"),
+        Options::default().auto_compact_off(),
+    )
+    .unwrap();
+    assert_eq!(off.stats().maintenance.auto_compact_at, None);
+}

@@ -211,6 +211,8 @@ fn readers_see_every_acknowledged_write_during_background_checkpoints() {
         assert!(checks > 0, "a reader never ran");
     }
     assert_eq!(store.len() as u64, N);
-    assert!(store.stats().checkpoints >= 2 * N / 64 / 2);
+    // A checkpoint is due every 64 keys; while one runs the delta may grow to 4x that
+    // before the writer waits (the store's checkpoint lag).
+    assert!(store.stats().checkpoints >= 2 * N / (64 * 4));
     store.verify().expect("verify");
 }

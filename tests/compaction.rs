@@ -362,3 +362,65 @@ fn writers_go_on_during_compaction_and_nothing_they_write_is_lost() {
     let s = Store::open(&p, Options::default()).unwrap();
     check(&s, "after reopen");
 }
+
+/// Compaction replaces the store's file: the new one keeps the old one's mode (and its
+/// owner, checked when the test can give the file another owner, as root), and a store
+/// opened through a symlink is compacted into the symlink's target, so the link still
+/// leads to the store (before, the rename replaced the link itself with a plain file and
+/// left the target stale).
+#[test]
+fn compaction_keeps_mode_and_owner_and_works_through_a_symlink() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.mkv");
+    let link = dir.path().join("link.mkv");
+    drop(Store::open(&real, Options::default()).unwrap());
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let root = std::fs::metadata(&real).unwrap().uid() == 0
+        && std::os::unix::fs::chown(&real, Some(4242), Some(4343)).is_ok();
+    let before = std::fs::metadata(&real).unwrap();
+    let s = Store::open(&link, Options::default().durability(Durability::None)).unwrap();
+    for round in 0..3 {
+        for i in 0..2_000u32 {
+            s.put(key(i), val(i, round)).unwrap();
+        }
+    }
+    s.compact().unwrap();
+    assert_eq!(s.stats().maintenance.compactions, 1);
+    s.put(key(7), val(7, 9)).unwrap();
+    s.close().unwrap();
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link was replaced by a file"
+    );
+    let after = std::fs::metadata(&real).unwrap();
+    assert_ne!(
+        after.ino(),
+        before.ino(),
+        "the target file was not compacted"
+    );
+    assert_eq!(after.mode() & 0o7777, 0o640, "mode not kept");
+    assert_eq!(
+        (after.uid(), after.gid()),
+        (before.uid(), before.gid()),
+        "owner"
+    );
+    if root {
+        assert_eq!((after.uid(), after.gid()), (4242, 4343));
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "real.mkv" && n != "link.mkv")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let s = Store::open(&link, Options::default()).unwrap();
+    assert_eq!(s.len(), 2_000);
+    assert_eq!(s.get(key(7)).unwrap().unwrap(), val(7, 9));
+    assert_eq!(s.get(key(8)).unwrap().unwrap(), val(8, 2));
+    s.verify().unwrap();
+}

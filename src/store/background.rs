@@ -1,5 +1,5 @@
-//! The background thread: prefaulting ahead of the tail, write-back behind it,
-//! and the periodic syncs of `Periodic` and `Async`.
+//! The background thread: allocation and prefaulting ahead of the tail, write-back
+//! behind it, and the periodic syncs of `Periodic` and `Async`.
 
 use std::sync::Arc;
 
@@ -19,13 +19,13 @@ pub(super) const TAIL_FOLIO: u64 = 2 << 20;
 pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
     let mut next = every.map(|e| std::time::Instant::now() + e);
     loop {
-        let (prefault, writeback) = {
+        let (prefault, writeback, allocate) = {
             let mut bg = inner.background.lock();
             loop {
                 if bg.stop {
                     return;
                 }
-                if bg.prefault.is_some() || bg.writeback.is_some() {
+                if bg.prefault.is_some() || bg.writeback.is_some() || bg.allocate.is_some() {
                     break;
                 }
                 match next {
@@ -36,8 +36,11 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                     None => inner.background_cv.wait(&mut bg),
                 }
             }
-            (bg.prefault.take(), bg.writeback.take())
+            (bg.prefault.take(), bg.writeback.take(), bg.allocate.take())
         };
+        if let Some((file, from, to)) = allocate {
+            inner.allocate_ahead(&file, from, to);
+        }
         if let Some((map, from, to)) = prefault {
             map.prefault_write(from, to - from);
         }

@@ -4,11 +4,15 @@
 use super::inner::Inner;
 use crate::anon::AnonVec;
 use crate::error::{Error, Result};
-use crate::format::bucket_of;
+use crate::format::{bucket_of, RecordRef};
+use crate::index::bucket::bucket_count;
 use crate::index::DeltaEntry;
 use crate::index::{probe, BucketBuf, BucketFull};
 use crate::map::{FileHandle, Mapping};
 use crate::state::{header_in, key_in, IndexGeom, Resolved};
+
+/// A bucket slot: its index and the offset it holds.
+type Slot = (usize, u64);
 
 /// Consecutive buckets of an index region, rewritten in memory, to write with one `pwrite`.
 #[derive(Default)]
@@ -19,8 +23,9 @@ pub(super) struct BucketRun {
 }
 
 impl BucketRun {
-    /// Buckets per run (128 KiB): bounds how long one write holds the state lock.
-    const MAX: usize = 32;
+    /// Buckets per run (128 KiB): bounds how long one write holds the state lock. Unit
+    /// tests write one bucket per run, so that they can stop a rewrite between buckets.
+    const MAX: usize = if cfg!(test) { 1 } else { 32 };
 
     fn len(&self) -> u64 {
         (self.bytes.len() / crate::format::BUCKET_SIZE) as u64
@@ -63,18 +68,7 @@ impl Inner {
         e: DeltaEntry,
         gone: &mut Resolved,
     ) -> Result<(), ApplyError> {
-        let mut key: Option<&[u8]> = None;
-        let mut old = None;
-        let found = probe(&buf.bytes[..], e.hash, |o| -> Result<bool> {
-            let k = match key {
-                Some(k) => k,
-                None => *key.insert(key_in(map, &header_in(map, e.off())?)?),
-            };
-            let r = header_in(map, o)?;
-            let hit = r.key_len as usize == k.len() && key_in(map, &r)? == k;
-            old = hit.then_some(r);
-            Ok(hit)
-        })?;
+        let (found, old) = Self::old_slot(map, &buf.bytes[..], e)?;
         if let (true, Some(old)) = (e.unresolved(), old) {
             gone.add(&old);
         }
@@ -85,6 +79,71 @@ impl Inner {
             buf.remove(i);
         }
         Ok(())
+    }
+
+    /// The slot (index, offset) and record that `bucket` holds for the key of entry `e`,
+    /// if any. The entry's record is read only if the bucket holds a slot with the same
+    /// hash (to compare keys).
+    fn old_slot(
+        map: &Mapping,
+        bucket: &[u8],
+        e: DeltaEntry,
+    ) -> Result<(Option<Slot>, Option<RecordRef>)> {
+        let mut key: Option<&[u8]> = None;
+        let mut old = None;
+        let found = probe(bucket, e.hash, |o| -> Result<bool> {
+            let k = match key {
+                Some(k) => k,
+                None => *key.insert(key_in(map, &header_in(map, e.off())?)?),
+            };
+            let r = header_in(map, o)?;
+            let hit = r.key_len as usize == k.len() && key_in(map, &r)? == k;
+            old = hit.then_some(r);
+            Ok(hit)
+        })?;
+        Ok((found, old))
+    }
+
+    /// Before an in-place checkpoint writes anything: looks up the record each entry
+    /// (sorted by bucket) replaces in the buckets of `geom`, counts the unresolved ones'
+    /// into `gone` and marks them settled, and checks that every bucket keeps room for
+    /// its new keys. Returns false if one would overflow (the index must grow instead).
+    /// Reads only, so the counters it yields can be announced in the CHECKPOINTING slot
+    /// before the first bucket changes (see the checkpoint protocol).
+    pub(super) fn resolve_in_place(
+        map: &Mapping,
+        geom: IndexGeom,
+        entries: &mut [DeltaEntry],
+        gone: &mut Resolved,
+    ) -> Result<bool> {
+        let bucket = |e: &DeltaEntry| bucket_of(e.hash, geom.buckets);
+        let mut fits = true;
+        for group in entries.chunk_by_mut(|a, b| bucket(a) == bucket(b)) {
+            let off = geom.bucket_off(bucket(&group[0]));
+            let bytes = map
+                .read(off, crate::format::BUCKET_SIZE as u64)
+                .ok_or(Error::corrupt(off, "index bucket outside the file"))?;
+            if !crate::format::bucket_crc_ok(bytes)
+                || !crate::format::bucket_marked(bytes, geom.style)
+            {
+                return Err(Error::corrupt(off, "index bucket checksum mismatch"));
+            }
+            let mut count = bucket_count(bytes);
+            for e in group.iter_mut() {
+                let (found, old) = Self::old_slot(map, bytes, *e)?;
+                if let (true, Some(old)) = (e.unresolved(), old) {
+                    gone.add(&old);
+                }
+                e.settle();
+                match (e.delete(), found.is_some()) {
+                    (false, false) => count += 1,
+                    (true, true) => count -= 1,
+                    _ => {}
+                }
+            }
+            fits &= count <= crate::format::SLOTS_PER_BUCKET;
+        }
+        Ok(fits)
     }
 
     /// The delta's entries sorted by their bucket in an index of `buckets` buckets.
@@ -169,6 +228,8 @@ impl Inner {
         // A hint: the sync that follows reports any write-back error.
         let _ = file.start_writeback(off, run.bytes.len() as u64);
         run.bytes.clear();
+        #[cfg(test)]
+        super::tests::bucket_run_written();
         Ok(())
     }
 

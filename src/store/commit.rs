@@ -49,6 +49,12 @@ use crate::options::Durability;
 /// Checkpoint when the delta holds `Options::checkpoint_keys` keys, or when this many log bytes were appended since the last checkpoint (bounds the
 /// replay after a crash).
 pub(super) const REPLAY_MAX: u64 = 256 << 20;
+/// Deferred index lookups a write settles when automatic compaction wants exact
+/// counters (one for itself, the rest from a backlog).
+const RESOLVE_PER_WRITE: usize = 16;
+/// How far past its limits (`checkpoint_keys`, [`REPLAY_MAX`]) the delta may grow while
+/// a checkpoint runs before the writer waits for it.
+pub(super) const CHECKPOINT_LAG: usize = 4;
 
 /// Values at least this large are appended with `pwrite` even under `None`/`Periodic`,
 /// so the copy does not happen while holding the mapping's tail.
@@ -205,7 +211,13 @@ impl Inner {
                 // compact again while the threshold is still crossed (a few times at
                 // most, so a writer that outpaces the copy cannot keep it busy forever).
                 for _ in 0..3 {
-                    if super::compact::compact(&inner).is_err() || !inner.compaction_due() {
+                    if let Err(e) = super::compact::compact(&inner) {
+                        if !matches!(e, Error::Closed) {
+                            inner.note_error(&e);
+                        }
+                        break;
+                    }
+                    if !inner.compaction_due() {
                         break;
                     }
                 }
@@ -350,12 +362,9 @@ impl Inner {
         }
         let end = base + buf.len() as u64;
         w.buf = buf;
-        // Auto-compaction reads the counters after every write: keep them exact, unless
-        // a checkpoint is settling them right now (it holds `resolving` for its run).
-        let resolving = self
-            .opts
-            .auto_compact
-            .and_then(|_| self.resolving.try_lock());
+        // Auto-compaction reads the counters after every write: keep them nearly exact
+        // (dead bytes are then underestimated by the backlog at most).
+        let resolve = self.opts.auto_compact.is_some();
         let delta_len = {
             let mut st = self.state.write();
             w.tail.publish(end);
@@ -383,20 +392,29 @@ impl Inner {
                 st.apply(hash, k, &rec);
             }
             w.delta_hint = st.delta.slot_hint();
-            if resolving.is_some() {
-                st.resolve(usize::MAX);
+            if resolve {
+                // A few per write: a backlog (keys a rebuilt index made resolved in bulk,
+                // say) drains over the next writes instead of stalling one of them.
+                st.resolve_current(RESOLVE_PER_WRITE);
             }
             st.writes += 1;
             self.published_writes.store(st.writes, Ordering::Release);
             st.delta.len()
         };
-        drop(resolving);
         w.end = end;
         w.writes += 1;
         let since = end - w.ckpt_end;
         let gen = self.file_gen.load(Ordering::Acquire);
         let due = delta_len >= self.opts.checkpoint_keys || since >= REPLAY_MAX;
-        if due && w.writes >= w.retry_at {
+        // While the previous checkpoint still runs, the delta keeps growing rather than
+        // the writer waiting for it (a checkpoint's syncs can take longer than the next
+        // `checkpoint_keys` writes); only past `CHECKPOINT_LAG` times the limit does the
+        // writer wait, which bounds the delta's memory.
+        let overdue = delta_len >= self.opts.checkpoint_keys.saturating_mul(CHECKPOINT_LAG)
+            || since >= REPLAY_MAX * CHECKPOINT_LAG as u64;
+        let busy = w.job.as_ref().is_some_and(|j| !j.thread.is_finished())
+            || self.checkpoint_holds.load(Ordering::Acquire) > 0;
+        if due && (!busy || overdue) && w.writes >= w.retry_at {
             // The write itself is applied. A checkpoint that fails without poisoning the
             // store (a full disk while growing the index) is retried by a later write; one
             // that poisoned it (a failed sync) must not let this write be acknowledged.

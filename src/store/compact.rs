@@ -25,6 +25,7 @@
 //! directory sync, and either outcome is a complete store.
 
 use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -42,6 +43,7 @@ use crate::format::{
 };
 use crate::index::bucket::fill_empty;
 use crate::index::{BucketBuf, BucketFull};
+
 use crate::map::{sync_dir, FileHandle, LiveArea, Mapping, TailWriter};
 use crate::observe::SyncEvent;
 use crate::state::{Counters, FileGen, IndexGeom};
@@ -81,26 +83,17 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
     // mutex (held only for this): a background checkpoint would go on writing the old
     // file, and one that failed leaves its frozen delta, which the snapshot reads like
     // any delta (compaction is a repair too).
-    let (old_map, mut offsets, mut copied) = {
-        let mut w = inner.writer.lock();
-        inner.check_open()?;
-        if let Err(e) = inner.finish_job(&mut w) {
-            inner.check_not_poisoned()?;
-            let _ = e;
-        }
-        let st = inner.state.read();
-        (Arc::clone(&st.map), super::iter::live_offsets(&st)?, w.end)
-    };
+    let (old_map, mut offsets, mut copied) = snapshot(inner)?;
     offsets.sort_unstable();
-    let name = inner
-        .path
+    // The file the path names, through symlinks: that file is replaced, so a symlinked
+    // path still leads to the store afterwards.
+    let real = real_path(&inner.path);
+    let name = real
         .file_name()
         .ok_or(Error::InvalidOption("store path has no file name"))?
         .to_string_lossy()
         .into_owned();
-    let tmp = inner
-        .path
-        .with_file_name(format!("{name}.compact-{}", std::process::id()));
+    let tmp = real.with_file_name(format!("{name}.compact-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let f = OpenOptions::new()
         .read(true)
@@ -112,6 +105,7 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         e
     };
+    keep_mode_and_owner(&f, &real).map_err(fail)?;
     // 2. Copy the snapshot while writers go on (the old log below `copied` never changes).
     let mut built = build(inner, &old_map, &offsets, f, &tmp).map_err(fail)?;
     drop(old_map);
@@ -130,8 +124,18 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
         }
     }
     // 4. The last writes and the switch, under the writer mutex: a pause bounded by the
-    // last round's writes, not by the store's size.
-    let mut w = inner.writer.lock();
+    // last round's writes, not by the store's size. A running checkpoint must end
+    // first (it writes the old file's index): wait for it without the mutex, and keep
+    // writers from starting another meanwhile.
+    let _no_checkpoints = inner.hold_checkpoints();
+    let mut w = loop {
+        let w = inner.writer.lock();
+        if w.job.as_ref().is_none_or(|j| j.thread.is_finished()) {
+            break w;
+        }
+        drop(w);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
     if let Err(e) = inner.check_open() {
         return Err(fail(e));
     }
@@ -151,12 +155,76 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
     // No sync may be in flight across the switch: a sync of the old file finishing after
     // the rename would be taken (and reported) as a sync of the new one.
     inner.pause_syncs();
-    let r = switch(inner, &mut w, built, &tmp);
+    let r = switch(inner, &mut w, built, &tmp, &real);
     inner.resume_syncs();
     drop(w);
+    if r.is_ok() {
+        inner.compactions.fetch_add(1, Ordering::Relaxed);
+    }
     // The old file is unlinked: closing it frees its blocks, which takes time in
     // proportion to its size (150 ms for 134 MB here). Writers must not wait for that.
     r.map(drop)
+}
+
+/// The file `path` names, through symlinks (`path` itself if it cannot be resolved).
+pub(crate) fn real_path(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Gives the compaction file `f` the mode and owner of the store file `real`. The owner
+/// can be kept only by its owner or root: another user who may write the store (through
+/// its group, say) makes a file of their own, as any rewrite would.
+fn keep_mode_and_owner(f: &std::fs::File, real: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::metadata(real).map_err(|e| Error::io("stat the store file", e))?;
+    if let Err(e) = std::os::unix::fs::fchown(f, Some(m.uid()), Some(m.gid())) {
+        if e.kind() != std::io::ErrorKind::PermissionDenied {
+            return Err(Error::io("give the compaction file the store's owner", e));
+        }
+    }
+    f.set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o7777))
+        .map_err(|e| Error::io("give the compaction file the store's mode", e))
+}
+
+/// Step 1: the live records' offsets as of the log end `E0` it returns, with the
+/// mapping they are in. Writers wait only while the deltas are copied (bounded by
+/// `checkpoint_keys`, not by the store's size); the index buckets are then read one at a
+/// time, each under the state lock for the moment of its copy, while writers and
+/// checkpoints go on. A checkpoint may rewrite buckets meanwhile: a bucket then holds,
+/// for some keys, records newer than `E0`. That is harmless: every key with a record in
+/// the copied deltas is taken from them, and any other key's newer record is also in
+/// the log past `E0`, which the catch-up copies after it. Old index regions are not
+/// punched while the buckets are read.
+fn snapshot(inner: &Inner) -> Result<(Arc<Mapping>, Vec<u64>, u64)> {
+    let _keep_regions = inner.hold_regions();
+    let (map, end, deltas, index, trusted, hint) = {
+        let w = inner.writer.lock();
+        inner.check_open()?;
+        let st = inner.state.read();
+        let mut deltas = vec![st.delta.clone()];
+        if let Some(f) = &st.frozen {
+            deltas.push(f.delta.clone());
+        }
+        let hint = usize::try_from(st.counters.live_keys.min(1 << 20)).unwrap_or(0);
+        (
+            Arc::clone(&st.map),
+            w.end,
+            deltas,
+            st.index,
+            !st.delta_only,
+            hint,
+        )
+    };
+    let refs: Vec<&crate::index::Delta> = deltas.iter().collect();
+    let offsets =
+        super::iter::collect_live(&map, &refs, trusted.then_some(index.buckets), hint, |b| {
+            let off = index.bucket_off(b);
+            let _st = inner.state.read();
+            map.read(off, crate::format::BUCKET_SIZE as u64)
+                .map(BucketBuf::from_bytes)
+                .ok_or(Error::corrupt(off, "index bucket outside the file"))
+        })?;
+    Ok((map, offsets, end))
 }
 
 /// Appends to the compaction file the complete writes that the old log holds in
@@ -241,7 +309,8 @@ fn switch(
     inner: &Inner,
     w: &mut Writer,
     built: Compacted,
-    tmp: &std::path::Path,
+    tmp: &Path,
+    real: &Path,
 ) -> Result<Replaced> {
     // Readers in other processes follow the switch through the old file's live area:
     // marked pending before the rename (so a writer killed right after the rename still
@@ -249,7 +318,7 @@ fn switch(
     // This writer holds the lock and commits nothing meanwhile.
     let old_live = Arc::clone(&inner.state.read().live);
     old_live.store(LIVE_SWITCH_OFF, SWITCH_PENDING);
-    if let Err(e) = std::fs::rename(tmp, &inner.path) {
+    if let Err(e) = std::fs::rename(tmp, real) {
         old_live.store(LIVE_SWITCH_OFF, SWITCH_NONE);
         let _ = std::fs::remove_file(tmp);
         return Err(Error::io("rename compacted file", e));
@@ -262,7 +331,7 @@ fn switch(
     inner.notify_pub(SyncEvent::Renamed);
     // From here the new file is the store; failing to sync the directory leaves the
     // rename's durability unknown, so the handle is poisoned (reopen recovers).
-    if let Err(e) = sync_dir(&inner.path) {
+    if let Err(e) = sync_dir(real) {
         drop(inner.install_compacted(w, built));
         return inner.poison_pub(e);
     }
@@ -394,6 +463,7 @@ fn build(
             live_bytes,
             log_bytes: live_bytes,
             dead_index_bytes: 0,
+            redo: None,
         };
         fh.write_at(&encode_checkpoint(seed, &ckpt), checkpoint_off(1))?;
         // Readers that follow the switch open this file: publish its whole log for them.
@@ -460,6 +530,7 @@ impl Inner {
         w.file = c.file;
         w.end = c.log_end;
         w.alloc = c.alloc;
+        w.ahead_asked = c.alloc;
         w.ckpt_end = c.ckpt.log_end;
         (w.retry_at, w.retry_gap) = (0, 0);
         *self.slots.lock() = Slots {
@@ -494,9 +565,6 @@ impl Inner {
 /// complete one.
 pub(crate) fn backup(inner: &Inner, dst: &std::path::Path) -> Result<()> {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let (map, mut offsets) =
-        inner.with_stable_index(|st| Ok((Arc::clone(&st.map), super::iter::live_offsets(st)?)))?;
-    offsets.sort_unstable();
     let name = dst
         .file_name()
         .ok_or(Error::InvalidOption("backup path has no file name"))?
@@ -522,11 +590,36 @@ pub(crate) fn backup(inner: &Inner, dst: &std::path::Path) -> Result<()> {
         .create_new(true)
         .open(&tmp)
         .map_err(|e| Error::io("create backup file", e))?;
-    let r = build(inner, &map, &offsets, f, &tmp).and_then(|built| {
-        drop(built);
+    let r = copy_for_backup(inner, f, &tmp).and_then(|()| {
         std::fs::hard_link(&tmp, dst).map_err(|e| Error::io("link backup into place", e))?;
         sync_dir(dst)
     });
     let _ = std::fs::remove_file(&tmp);
     r
+}
+
+/// Writes the backup into `f`: compaction's steps 1-3 without the switch. The copy holds
+/// the log up to the end of its catch-up, so everything committed before the call, and
+/// a consistent state: a prefix of the writes. A writer pauses only while the deltas are
+/// copied (see `snapshot`); a reader in another process copies a stable view of its
+/// index (it holds no lock a writer waits for).
+fn copy_for_backup(inner: &Inner, f: std::fs::File, tmp: &Path) -> Result<()> {
+    if inner.state.read().shared {
+        let (map, mut offsets) = inner
+            .with_stable_index(|st| Ok((Arc::clone(&st.map), super::iter::live_offsets(st)?)))?;
+        offsets.sort_unstable();
+        return build(inner, &map, &offsets, f, tmp).map(drop);
+    }
+    // Not beside a compaction: its switch would move the log under the catch-up.
+    let _one = inner.compacting.lock();
+    let (map, mut offsets, copied) = snapshot(inner)?;
+    offsets.sort_unstable();
+    let mut built = build(inner, &map, &offsets, f, tmp)?;
+    drop(offsets);
+    let (map, end) = {
+        let st = inner.state.read();
+        (Arc::clone(&st.map), st.map.published())
+    };
+    catch_up(&mut built, inner.seed, &map, copied, end)?;
+    seal(inner, built, tmp).map(drop)
 }

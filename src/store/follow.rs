@@ -214,6 +214,7 @@ impl Inner {
             log_bytes: c.log_bytes,
             dead_index_bytes: c.dead_index_bytes,
         };
+        st.seen.redo = c.redo;
         if c.log_end != st.seen.ckpt_end {
             // A new checkpoint: its buckets and counters are exact up to its `log_end`,
             // so the view's delta starts over there (which also keeps the delta, and the
@@ -226,7 +227,7 @@ impl Inner {
                 log_bytes: c.log_bytes,
                 dead_index_bytes: c.dead_index_bytes,
             };
-            rebase(st, c.log_end, exact);
+            rebase(st, c.log_end, exact, c.redo);
         }
         Ok(())
     }
@@ -260,7 +261,8 @@ impl Inner {
                 st.resolve(usize::MAX);
                 return st.counters;
             }
-            rebase(&mut st, end, exact);
+            let redo = st.seen.redo;
+            rebase(&mut st, end, exact, redo);
             st.resolve(usize::MAX);
             let c = st.counters;
             if self.index_unchanged(&st) {
@@ -360,7 +362,12 @@ fn replay(st: &mut State, from: u64, to: u64) -> Result<()> {
 
 /// Rebuilds a reader's delta from `ckpt_end` (a checkpoint it adopted) to its end, so the
 /// entries the checkpoint's buckets now hold are dropped.
-fn rebase(st: &mut State, ckpt_end: u64, exact: crate::state::Counters) {
+fn rebase(
+    st: &mut State,
+    ckpt_end: u64,
+    exact: crate::state::Counters,
+    mut redo: Option<crate::format::RedoInfo>,
+) {
     let map = Arc::clone(&st.map);
     let to = map.published();
     let old = (std::mem::take(&mut st.delta), st.counters, st.seen.base);
@@ -372,11 +379,19 @@ fn rebase(st: &mut State, ckpt_end: u64, exact: crate::state::Counters) {
     }
     let seed = st.seed;
     let end = scan(map.published_bytes(), seed, ckpt_end, to, |recs| {
+        // An interrupted (or running) in-place checkpoint: its counters at its end.
+        if let Some(r) = redo.filter(|r| recs.first().is_some_and(|f| f.offset >= r.end)) {
+            st.take_redo(r);
+            redo = None;
+        }
         for r in recs {
             let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
             st.apply(key_hash(seed, key), key, r);
         }
     });
+    if let Some(r) = redo.filter(|r| r.end == end.valid_end) {
+        st.take_redo(r);
+    }
     if end.valid_end == to {
         st.counters.log_bytes = exact.log_bytes + end.bytes;
     } else {

@@ -6,38 +6,77 @@ use std::sync::Arc;
 use super::inner::{Inner, Writer};
 use crate::error::Result;
 use crate::format::page_up;
-use crate::map::Mapping;
+use crate::map::{FileHandle, Mapping};
 
 /// Window of real zeros kept ahead of the tail under `Always`/`Async`.
 pub(super) const ZERO_AHEAD: u64 = 1 << 20;
 
-/// Bytes of address space to reserve for a file of `len` bytes.
+/// Bytes of address space to reserve for a file of `len` bytes: at least 64 GiB on
+/// 64-bit targets, so that a store seldom outgrows its mapping. Reserving costs nothing
+/// for a shared file mapping, while a remap unmaps the old mapping's page tables
+/// (15-88 ms for 1-4 GiB here) and every page faults again.
 pub(crate) fn reservation(len: u64) -> u64 {
-    let want = len.saturating_mul(2).max(1 << 30);
-    let cap = if usize::BITS >= 64 {
-        1u64 << 46
+    let (floor, cap) = if usize::BITS >= 64 {
+        (64u64 << 30, 1u64 << 46)
     } else {
-        1 << 30
+        (1 << 30, 1 << 30)
     };
+    let want = len.saturating_mul(2).max(floor);
     page_up(want.min(cap.max(len)))
 }
 
+/// Smallest growth step.
+const MIN_STEP: u64 = 1 << 20;
+/// The step never exceeds this share of the live data (keys, values and their
+/// headers)...
+const STEP_LIVE_DIVISOR: u64 = 8;
+/// ... unless the step is below this.
+const STEP_LIVE_FLOOR: u64 = 32 << 20;
+/// Largest growth step.
+const MAX_STEP: u64 = 1 << 30;
+/// The writer asks for the next step when it is this close to the allocated end (or a
+/// quarter of the file, if less: a small store stays small).
+const ASK_AHEAD: u64 = 16 << 20;
+/// The background thread allocates in pieces this large, publishing each.
+const ALLOCATE_PIECE: u64 = 64 << 20;
+
+/// How much the file grows by when it is `alloc` bytes long and holds `live` bytes of
+/// live data: geometric (half the file) while the file is small, at most an eighth of
+/// the live data (but 32 MiB) once it is large, within 1 MiB..1 GiB. Doubling, as
+/// before, left a store of 1M keys written twice at 4.6x its live data.
+pub(crate) fn growth_step(alloc: u64, live: u64) -> u64 {
+    let cap = (live / STEP_LIVE_DIVISOR).max(STEP_LIVE_FLOOR);
+    (alloc / 2).min(cap).clamp(MIN_STEP, MAX_STEP)
+}
+
 impl Inner {
-    /// Makes sure `[0, need)` is allocated (and mapped), growing the file geometrically.
+    /// Makes sure `[0, need)` is allocated (and mapped), growing the file by
+    /// [`growth_step`]. The background thread allocates the next step ahead of need (half
+    /// a step before the writer gets there), so the writer normally only takes what it
+    /// allocated; it allocates itself only when the background thread fell behind or
+    /// failed (a full disk: then the exact need is tried, and its error returned).
     pub(super) fn ensure_space(&self, w: &mut Writer, need: u64) -> Result<()> {
         if need <= w.alloc {
+            if w.ahead_asked <= w.alloc && need + ASK_AHEAD.min(w.alloc / 4) > w.alloc {
+                self.ask_ahead(w);
+            }
             return Ok(());
         }
-        let step = w.alloc.clamp(1 << 20, 1 << 30);
-        let mut new_len = page_up(need.max(w.alloc + step));
-        if let Err(e) = w.file.allocate(w.alloc, new_len - w.alloc) {
-            // The geometric step may not fit on a nearly full disk; the exact need may.
-            let exact = page_up(need);
-            if exact >= new_len {
-                return Err(e);
+        let mut new_len = self.take_ahead(&w.file).max(w.alloc);
+        if new_len < need {
+            let step = growth_step(w.alloc, self.state.read().counters.live_bytes);
+            let want = page_up(need.max(w.alloc + step));
+            if let Err(e) = w.file.allocate(new_len, want - new_len) {
+                // The step may not fit on a nearly full disk; the exact need may.
+                let exact = page_up(need);
+                if exact >= want {
+                    return Err(e);
+                }
+                w.file.allocate(new_len, exact - new_len)?;
+                new_len = exact;
+            } else {
+                new_len = want;
             }
-            w.file.allocate(w.alloc, exact - w.alloc)?;
-            new_len = exact;
         }
         if new_len > w.tail.mapping().reserved() {
             let map = Arc::new(Mapping::new(
@@ -53,14 +92,54 @@ impl Inner {
                 st.gen.remapped(&map);
                 std::mem::replace(&mut st.map, map)
             };
-            // Unmapping takes time (page tables); do it after releasing the state lock.
-            drop(old);
+            // Unmapping takes time (page tables): not under the state lock, and not on
+            // the writer's thread either if a thread can be had.
+            if let Err(e) = std::thread::Builder::new()
+                .name("mapkv-unmap".into())
+                .spawn(move || drop(old))
+            {
+                let _ = e;
+            }
             w.prefaulted = 0;
         }
         // Only now, with the space mapped, may anything be published in it.
         w.alloc = new_len;
+        w.ahead_asked = w.ahead_asked.max(new_len);
         self.size_epoch.fetch_add(1, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Asks the background thread to allocate the next growth step.
+    fn ask_ahead(&self, w: &mut Writer) {
+        let step = growth_step(w.alloc, self.state.read().counters.live_bytes);
+        let to = page_up(w.alloc + step);
+        w.ahead_asked = to;
+        let mut bg = self.background.lock();
+        bg.allocate = Some((Arc::clone(&w.file), w.alloc, to));
+        self.background_cv.notify_all();
+    }
+
+    /// What the background thread allocated of this file (0 if nothing).
+    fn take_ahead(&self, file: &Arc<FileHandle>) -> u64 {
+        match &*self.ahead.lock() {
+            Some((f, to)) if Arc::ptr_eq(f, file) => *to,
+            _ => 0,
+        }
+    }
+
+    /// On the background thread: allocates `[from, to)` of `file` in pieces, publishing
+    /// each in `ahead`. Stops at the first failure (the writer then allocates itself and
+    /// reports the error).
+    pub(super) fn allocate_ahead(&self, file: &Arc<FileHandle>, from: u64, to: u64) {
+        let mut at = from;
+        while at < to {
+            let piece = (to - at).min(ALLOCATE_PIECE);
+            if file.allocate(at, piece).is_err() {
+                return;
+            }
+            at += piece;
+            *self.ahead.lock() = Some((Arc::clone(file), at));
+        }
     }
 
     /// Keeps a window of real zeros ahead of the tail (`pwrite` of zeros, write-back

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::format::{decode_header_in, record_crc_ok_in, KIND_PUT, RECORD_HEADER};
 use crate::index::{BucketBuf, Delta};
 use crate::map::Mapping;
-use crate::state::State;
+use crate::state::{header_in, key_in, State};
 
 /// Iterator over the live pairs of a store as of the call to
 /// [`Store::iter`](crate::Store::iter). Yields owned `(key, value)` pairs, each key once,
@@ -40,41 +40,51 @@ impl Iter {
 /// Offsets of the live put records (unsorted): delta puts, frozen delta puts whose key
 /// the delta does not supersede, and bucket entries whose key neither supersedes.
 pub(crate) fn live_offsets(st: &State) -> Result<Vec<u64>> {
+    let mut deltas = vec![&st.delta];
+    if let Some(f) = &st.frozen {
+        deltas.push(&f.delta);
+    }
+    let index = (!st.delta_only).then_some(st.index.buckets);
     // The counter comes from the file: a capacity hint only, bounded.
     let hint = usize::try_from(st.counters.live_keys.min(1 << 20)).unwrap_or(0);
+    collect_live(&st.map, &deltas, index, hint, |b| {
+        st.bucket(b).map(BucketBuf::from_bytes)
+    })
+}
+
+/// [`live_offsets`] from its parts: `deltas` newest first, then the `buckets` buckets
+/// of the index (none if the index is not trusted), each read by `bucket` (which may take
+/// a lock per bucket).
+pub(crate) fn collect_live(
+    map: &Mapping,
+    deltas: &[&Delta],
+    buckets: Option<u64>,
+    hint: usize,
+    mut bucket: impl FnMut(u64) -> Result<BucketBuf>,
+) -> Result<Vec<u64>> {
     let mut offsets = Vec::with_capacity(hint);
     let newer = |deltas: &[&Delta], h: u64, off: u64| -> Result<bool> {
         for d in deltas {
             for (n, _) in d.candidates(h) {
-                let (a, b) = (st.header(off)?, st.header(n)?);
-                if st.key_of(&a)? == st.key_of(&b)? {
+                let (a, b) = (header_in(map, off)?, header_in(map, n)?);
+                if key_in(map, &a)? == key_in(map, &b)? {
                     return Ok(true);
                 }
             }
         }
         Ok(false)
     };
-    for e in st.delta.iter() {
-        if !e.delete() {
-            offsets.push(e.off());
-        }
-    }
-    let mut deltas = vec![&st.delta];
-    if let Some(f) = &st.frozen {
-        for e in f.delta.iter() {
-            if !e.delete() && !newer(&deltas, e.hash, e.off())? {
+    for (i, d) in deltas.iter().enumerate() {
+        for e in d.iter() {
+            if !e.delete() && !newer(&deltas[..i], e.hash, e.off())? {
                 offsets.push(e.off());
             }
         }
-        deltas.push(&f.delta);
     }
-    if st.delta_only {
-        return Ok(offsets);
-    }
-    for b in 0..st.index.buckets {
-        let bucket = BucketBuf::from_bytes(st.bucket(b)?);
+    for b in 0..buckets.unwrap_or(0) {
+        let bucket = bucket(b)?;
         for (h, off) in bucket.entries() {
-            if !newer(&deltas, h, off)? {
+            if !newer(deltas, h, off)? {
                 offsets.push(off);
             }
         }

@@ -119,9 +119,9 @@ impl Store {
         })
     }
 
-    /// Starts the background thread if this store needs one and it is not running:
-    /// periodic syncs (`Periodic`, `Async`) and the tail work of the memcpy write path
-    /// (`None`, `Periodic`).
+    /// Starts the background thread if it is not running: allocation ahead of the
+    /// writer, periodic syncs (`Periodic`, `Async`) and the tail work of the memcpy write
+    /// path (`None`, `Periodic`).
     fn start_background(&self) -> Result<()> {
         if self.background_started.load(Ordering::Acquire) {
             return Ok(());
@@ -132,8 +132,8 @@ impl Store {
             Durability::Async => Some(ASYNC_BOUND),
             Durability::None | Durability::Always => None,
         };
-        let needed = !matches!(self.inner.opts.durability, Durability::Always);
-        if slot.is_none() && needed && !self.inner.opts.read_only {
+        // Every policy needs it: it allocates the file ahead of the writer.
+        if slot.is_none() && !self.inner.opts.read_only {
             let inner = Arc::clone(&self.inner);
             *slot = Some(
                 std::thread::Builder::new()
@@ -551,12 +551,13 @@ impl Store {
         // Inside an `update` closure this thread holds the writer mutex, and the writer
         // is idle: its file and published end are the writer's.
         let nested = inner.check_not_in_update().is_err();
-        let (alloc, end) = if inner.opts.read_only || nested {
+        let (alloc, end, checkpoint_running) = if inner.opts.read_only || nested {
             let st = inner.state.read();
-            (st.file.len().unwrap_or(0), st.map.published())
+            (st.file.len().unwrap_or(0), st.map.published(), false)
         } else {
             let w = inner.writer.lock();
-            (w.alloc, w.end)
+            let running = w.job.as_ref().is_some_and(|j| !j.thread.is_finished());
+            (w.alloc, w.end, running)
         };
         let (durable_end, durable_writes) = if nested {
             // A sync observer callback may run under the sync mutex: read the atomics.
@@ -567,7 +568,28 @@ impl Store {
             let s = inner.sync.lock();
             (s.durable_end, s.durable_writes)
         };
+        // A sync observer may run while a checkpoint holds the slots: never wait there.
+        let slots = if nested {
+            inner.slots.try_lock()
+        } else {
+            Some(inner.slots.lock())
+        };
+        let checkpoint_end = match slots {
+            Some(s) if !inner.opts.read_only => s.last.log_end,
+            _ => 0,
+        };
+        let maintenance = crate::stats::MaintenanceStats {
+            checkpoint_running,
+            checkpoint_end,
+            replay_bytes: end.saturating_sub(checkpoint_end),
+            compaction_running: inner.compacting.try_lock().is_none(),
+            compactions: inner.compactions.load(Ordering::Relaxed),
+            auto_compact_at: inner.opts.auto_compact.map(|a| a.dead_ratio),
+            last_error: inner.last_error.lock().clone(),
+        };
         let st = inner.state.read();
+        let file_len = st.file.len().unwrap_or(alloc).max(alloc);
+        let allocated = st.file.allocated().unwrap_or(0);
         let resident = st.map.resident_pages(alloc);
         let committed = st.live.load(LIVE_COMMITTED_OFF);
         let view_end = if st.shared { st.map.published() } else { end };
@@ -587,12 +609,14 @@ impl Store {
             log_bytes: c.log_bytes,
             index_bytes: st.index.bytes(),
             dead_index_bytes: c.dead_index_bytes,
-            file_size: alloc,
+            file_size: file_len,
+            allocated_bytes: allocated,
+            spare_bytes: file_len.saturating_sub(end),
             log_end: end,
             mapped_bytes: st.map.reserved(),
             resident_pages: resident,
             resident_bytes: resident * PAGE,
-            space_amplification: crate::stats::space_amplification(alloc, c.live_bytes),
+            space_amplification: crate::stats::space_amplification(file_len, c.live_bytes),
             writes: st.writes,
             syncs: inner.syncs.load(Ordering::Relaxed),
             bytes_synced: inner.bytes_synced.load(Ordering::Relaxed),
@@ -616,6 +640,7 @@ impl Store {
             populated: inner.opts.populate,
             recovery: inner.recovery.lock().clone(),
             live,
+            maintenance,
         }
     }
 

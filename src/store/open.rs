@@ -32,7 +32,8 @@ use super::inner::{Inner, Writer};
 use crate::error::{Error, Result};
 use crate::format::{
     checkpoint_off, decode_checkpoint, decode_static, encode_checkpoint, encode_static, page_up,
-    CheckpointInfo, HeaderError, StaticInfo, MAGIC, PAGE, SECTOR, STATE_CHECKPOINTING, STATE_CLEAN,
+    CheckpointInfo, HeaderError, RedoInfo, StaticInfo, MAGIC, PAGE, SECTOR, STATE_CHECKPOINTING,
+    STATE_CLEAN,
 };
 use crate::format::{
     LIVE_COMMITTED_OFF, LIVE_INDEX_SEQ_OFF, LIVE_SESSION_OFF, LIVE_SWITCH_OFF, SWITCH_NONE,
@@ -177,7 +178,7 @@ pub(crate) fn open(path: &Path, opts: Options) -> Result<Inner> {
     for _ in 0..8 {
         let fh = open_writer(path, &opts)?;
         if same_file(path, &fh)? {
-            cleanup_leftovers(path);
+            cleanup_leftovers(&super::compact::real_path(path));
             return load(path.to_path_buf(), opts, Arc::new(fh));
         }
     }
@@ -318,6 +319,7 @@ fn past_stop(
             valid_end: more.valid_end,
             bytes: seg.bytes + (next.offset - stop_at) + more.bytes,
             writes: seg.writes + more.writes,
+            skipped: seg.skipped + more.skipped,
             stop: more.stop,
         };
     }
@@ -433,7 +435,7 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
         live.add(LIVE_INDEX_SEQ_OFF, 1);
     }
 
-    let (ckpt, full) = match best {
+    let (ckpt, mut full) = match best {
         Some((c, slot_off)) => {
             let idx_end = c
                 .index_buckets
@@ -448,7 +450,10 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
                     "checkpoint points outside the file",
                 ));
             }
-            (c, !fits || c.state == STATE_CHECKPOINTING || salvage)
+            // An interrupted in-place checkpoint is redone if it announced its result
+            // (see `redo_is_whole` below), else the index is rebuilt.
+            let interrupted = c.state == STATE_CHECKPOINTING && c.redo.is_none();
+            (c, !fits || interrupted || salvage)
         }
         None if salvage => (
             CheckpointInfo {
@@ -481,6 +486,22 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     let live_writer = reader && committed != 0 && fh.writer_alive();
     let limit = if live_writer { committed.min(len) } else { len };
     map.advise(opts.access)?;
+
+    // A checkpoint interrupted in the middle of its bucket rewrite: every bucket it
+    // touched holds the keys written in `log_end..redo.end`. Replaying from `log_end`
+    // puts them all in the delta (so lookups never read those buckets' slots for them)
+    // and the announced counters are exact at `redo.end`. Only torn buckets (power loss)
+    // force a rebuild. Beside a live writer, buckets may be changing: lookups check them.
+    let mut redo = ckpt
+        .redo
+        .filter(|_| !full && ckpt.state == STATE_CHECKPOINTING);
+    if let Some(r) = redo {
+        if !live_writer && !redo_is_whole(&map, seed, &ckpt, r, limit) {
+            full = true;
+            redo = None;
+        }
+    }
+    report.redid_checkpoint = redo.is_some();
 
     // Replay the records after the checkpoint (all of them for a full rebuild). A damaged
     // index is found by the recovery checkpoint, which then rebuilds it from the log.
@@ -521,6 +542,7 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
                     log_bytes: ckpt.log_bytes,
                     dead_index_bytes: ckpt.dead_index_bytes,
                 },
+                redo,
                 base: if full { info.log_start } else { ckpt.log_end },
                 session: live.load(LIVE_SESSION_OFF),
                 committed,
@@ -537,16 +559,24 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
                 valid_end: start,
                 bytes: 0,
                 writes: 0,
+                skipped: 0,
                 stop: StopReason::End,
             };
             (st, end)
         } else {
             let end = scan(map.published_bytes(), seed, start, limit, |recs| {
+                if let Some(r) = redo.filter(|r| recs.first().is_some_and(|f| f.offset >= r.end)) {
+                    st.take_redo(r);
+                    redo = None;
+                }
                 for r in recs {
                     let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
                     st.apply(key_hash(seed, key), key, r);
                 }
             });
+            if let Some(r) = redo {
+                st.take_redo(r);
+            }
             (st, end)
         }
     };
@@ -601,11 +631,26 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
             write_padding(&fh, seed, r.start, r.end)?;
         }
     }
+    // Index regions claimed behind JUMPs in the replayed log are dead, unless one is
+    // the current index (a growth finished after its claim: it lies past `log_end`), or
+    // the region a rebuild is about to replace (its claim counts it).
+    let replayed_from = if full { info.log_start } else { ckpt.log_end };
+    let current = ckpt.index_buckets.saturating_mul(PAGE);
+    let current_replayed = ckpt.index_off > replayed_from && ckpt.index_off < scan_end.valid_end;
+    let mut crash_dead =
+        scan_end
+            .skipped
+            .saturating_sub(if current_replayed { current } else { 0 });
+    if full && ckpt.index_off != PAGE {
+        // A rebuild replays the whole log: the first region, before the log, is dead too.
+        crash_dead += info.log_start - PAGE;
+    }
     state.counters.dead_index_bytes = if full {
         0
     } else {
         state.counters.dead_index_bytes
-    };
+    }
+    .saturating_add(crash_dead);
     let mut tail = TailWriter::new(Arc::clone(&map));
     // Not yet shared with any reader: lowering the published end is safe here.
     tail.publish(valid_end);
@@ -670,4 +715,48 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
         live.add(LIVE_SESSION_OFF, 1);
     }
     Ok(inner)
+}
+
+/// True if the interrupted checkpoint `redo` (announced by the CHECKPOINTING slot `ckpt`)
+/// can be redone: the log holds every write it covers, and every bucket they map to is
+/// whole (checksum and seal). A torn bucket, which only a power loss leaves, means a
+/// rebuild.
+fn redo_is_whole(
+    map: &Mapping,
+    seed: u64,
+    ckpt: &CheckpointInfo,
+    redo: RedoInfo,
+    limit: u64,
+) -> bool {
+    if redo.end <= ckpt.log_end || redo.end > limit {
+        return false;
+    }
+    let mut buckets = Vec::new();
+    let end = scan(
+        map.published_bytes(),
+        seed,
+        ckpt.log_end,
+        redo.end,
+        |recs| {
+            for r in recs {
+                let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
+                buckets.push(crate::format::bucket_of(
+                    key_hash(seed, key),
+                    ckpt.index_buckets,
+                ));
+            }
+        },
+    );
+    if end.valid_end != redo.end {
+        return false;
+    }
+    buckets.sort_unstable();
+    buckets.dedup();
+    buckets.into_iter().all(|b| {
+        map.read(ckpt.index_off + b * PAGE, PAGE)
+            .is_some_and(|bytes| {
+                crate::format::bucket_crc_ok(bytes)
+                    && crate::format::bucket_marked(bytes, ckpt.index_style)
+            })
+    })
 }

@@ -15,6 +15,9 @@ impl Inner {
         mut c: CheckpointInfo,
     ) -> Result<()> {
         c.seq = slots.last.seq + 1;
+        if c.state != crate::format::STATE_CHECKPOINTING {
+            c.redo = None;
+        }
         let bytes = encode_checkpoint(self.seed, &c);
         let slot = (c.seq % 2) as usize;
         if let Err(e) = self.change_index(|| file.write_at(&bytes, checkpoint_off(slot))) {
@@ -42,6 +45,7 @@ impl Inner {
             live_bytes: st.counters.live_bytes,
             log_bytes: st.counters.log_bytes,
             dead_index_bytes: st.counters.dead_index_bytes,
+            redo: None,
         }
     }
 }

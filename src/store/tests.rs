@@ -1,9 +1,12 @@
 //! Unit tests of checkpoints against damaged and full buckets.
 
 use super::checkpoint::MAX_LOAD;
+use crate::format::STATE_DIRTY;
 use crate::format::{bucket_of, SLOTS_PER_BUCKET};
 use crate::index::key_hash;
 use crate::state::IndexGeom;
+use parking_lot::Mutex;
+use std::path::PathBuf;
 
 use super::*;
 
@@ -159,31 +162,152 @@ fn a_full_bucket_at_close_keeps_the_counts_exact() {
     store.verify().expect("verify after reopen");
 }
 
-/// Regression (found in review): `resolve_by_buckets` marked the live delta "all
-/// resolved", so when the checkpoint that wanted the exact count then failed (no
-/// space to grow the index), every key added to the delta afterwards counted as new
-/// for good, and the next checkpoint wrote that count into its slot.
-#[test]
-fn keys_added_after_settling_the_counts_still_get_resolved() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (store, geom) = indexed_store(&dir.path().join("settle.mkv"), Options::default());
-    for i in 0..100u32 {
-        store.put(format!("k{i}"), b"overwritten").expect("put");
+/// A crash image taken by [`bucket_run_written`] after `.0` more bucket runs: the file
+/// `.1` is copied to `.2` (through the page cache, as a process killed then would leave
+/// it).
+static CRASH_AFTER_RUNS: Mutex<Option<(usize, PathBuf, PathBuf)>> = Mutex::new(None);
+
+/// Called by checkpoints after each run of buckets they write (unit tests only).
+pub(super) fn bucket_run_written() {
+    let mut at = CRASH_AFTER_RUNS.lock();
+    if let Some((left, from, to)) = at.as_mut() {
+        *left -= 1;
+        if *left == 0 {
+            std::fs::copy(&*from, &*to).expect("copy the crash image");
+            *at = None;
+        }
     }
+}
+
+/// The store `indexed_store` makes, then 60 overwrites, 20 deletes and 40 new keys, and
+/// a checkpoint killed after it rewrote `runs` buckets (the image is at `image`).
+/// Returns the expected contents and the buckets the checkpoint touched.
+fn checkpoint_killed_halfway(
+    path: &std::path::Path,
+    image: &std::path::Path,
+    runs: usize,
+) -> (std::collections::BTreeMap<String, String>, u64) {
+    let (store, _geom) = indexed_store(
+        path,
+        Options::default()
+            .durability(Durability::None)
+            .checkpoint_keys(1 << 20),
+    );
+    let mut want: std::collections::BTreeMap<String, String> = (0..300)
+        .map(|i| (format!("k{i}"), format!("value {i}")))
+        .collect();
+    for i in 0..60u32 {
+        store.put(format!("k{i}"), format!("new {i}")).expect("put");
+        want.insert(format!("k{i}"), format!("new {i}"));
+    }
+    for i in 100..120u32 {
+        store.delete(format!("k{i}")).expect("delete");
+        want.remove(&format!("k{i}"));
+    }
+    for i in 300..340u32 {
+        store
+            .put(format!("k{i}"), format!("added {i}"))
+            .expect("put");
+        want.insert(format!("k{i}"), format!("added {i}"));
+    }
+    let touched = {
+        let st = store.inner.state.read();
+        let mut b: Vec<u64> = st
+            .delta
+            .iter()
+            .map(|e| bucket_of(e.hash, st.index.buckets))
+            .collect();
+        b.sort_unstable();
+        b.dedup();
+        b.len() as u64
+    };
+    assert!(
+        touched > runs as u64,
+        "setup: the checkpoint must touch more buckets"
+    );
+    *CRASH_AFTER_RUNS.lock() = Some((runs, path.to_path_buf(), image.to_path_buf()));
     {
-        let _w = store.inner.writer.lock();
-        let _resolving = store.inner.resolving.lock();
-        assert_eq!(store.inner.resolve_by_buckets(geom).live_keys, 300);
+        let mut w = store.inner.writer.lock();
+        store
+            .inner
+            .checkpoint(&mut w, STATE_DIRTY)
+            .expect("checkpoint");
     }
-    // As if the growth that wanted the count had failed: the delta stays in use.
-    for i in 100..150u32 {
-        store.put(format!("k{i}"), b"overwritten too").expect("put");
+    assert!(
+        CRASH_AFTER_RUNS.lock().is_none(),
+        "the crash image was taken"
+    );
+    drop(store);
+    (want, touched)
+}
+
+/// Bounded recovery: a process killed while a checkpoint rewrote buckets in place
+/// leaves a CHECKPOINTING slot that announces the checkpoint's end and counters, so
+/// the next open replays from the previous checkpoint (as after any kill) instead of
+/// rebuilding the whole index, and gets every key and the exact counts.
+#[test]
+fn a_checkpoint_killed_halfway_is_redone_from_the_log_not_rebuilt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("halfway.mkv");
+    let image = dir.path().join("image.mkv");
+    let (want, _) = checkpoint_killed_halfway(&path, &image, 3);
+    let store = Store::open(&image, Options::default()).expect("open the crash image");
+    let report = store.stats().recovery;
+    assert!(report.redid_checkpoint, "{report:?}");
+    assert!(!report.rebuilt_index, "{report:?}");
+    assert_eq!(store.len(), want.len());
+    for i in 0..340u32 {
+        let k = format!("k{i}");
+        let got = store.get(&k).expect("get");
+        assert_eq!(got.as_deref(), want.get(&k).map(|v| v.as_bytes()), "{k}");
     }
+    store.verify().expect("verify");
+    store.close().expect("close");
+    let store = Store::open(&image, Options::default()).expect("reopen");
     assert_eq!(
         store.len(),
-        300,
-        "overwrites after the settling counted as new keys"
+        want.len(),
+        "counts written by the next checkpoint"
     );
+    store.verify().expect("verify after reopen");
+}
+
+/// ... but a torn bucket among those it touched (which only a power loss leaves) still
+/// means a rebuild, never a lookup in a half-written bucket.
+#[test]
+fn a_torn_bucket_under_an_interrupted_checkpoint_means_a_rebuild() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("torn.mkv");
+    let image = dir.path().join("image.mkv");
+    let (want, _) = checkpoint_killed_halfway(&path, &image, 2);
+    // Tear the bucket of a key the checkpoint was writing.
+    {
+        let store = Store::open(&image, Options::default().read_only(true)).expect("open");
+        let geom = store.inner.state.read().index;
+        let b = bucket_of_key(&store, geom, "k5");
+        drop(store);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .expect("open image");
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[0xA5; 512], geom.off + b * crate::format::PAGE + 1024)
+            .expect("tear");
+    }
+    let store = Store::open(&image, Options::default()).expect("open the torn image");
+    let report = store.stats().recovery;
+    assert!(
+        report.rebuilt_index && !report.redid_checkpoint,
+        "{report:?}"
+    );
+    assert_eq!(store.len(), want.len());
+    for (k, v) in &want {
+        assert_eq!(
+            store.get(k).expect("get").as_deref(),
+            Some(v.as_bytes()),
+            "{k}"
+        );
+    }
     store.verify().expect("verify");
 }
 
@@ -290,4 +414,51 @@ fn a_failed_repair_keeps_every_acknowledged_write_readable() {
         store.close().is_err(),
         "close cannot checkpoint a damaged log"
     );
+}
+
+/// Dead space from a crash is counted: a process killed while a checkpoint built a
+/// larger index region (claimed behind a JUMP) leaves that region unused; the next open
+/// replays past the JUMP and counts the region dead, so compaction knows to reclaim it.
+#[test]
+fn a_growth_killed_halfway_leaves_its_region_counted_dead() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("grow.mkv");
+    let image = dir.path().join("image.mkv");
+    let (store, old) = indexed_store(
+        &path,
+        Options::default()
+            .durability(Durability::None)
+            .checkpoint_keys(1 << 20),
+    );
+    let dead_before = store.stats().dead_index_bytes;
+    // Far more keys than the index holds: the checkpoint must grow it.
+    for i in 300..6000u32 {
+        store.put(format!("k{i}"), b"more").expect("put");
+    }
+    *CRASH_AFTER_RUNS.lock() = Some((2, path.clone(), image.clone()));
+    {
+        let mut w = store.inner.writer.lock();
+        store
+            .inner
+            .checkpoint(&mut w, STATE_DIRTY)
+            .expect("checkpoint");
+    }
+    assert!(
+        CRASH_AFTER_RUNS.lock().is_none(),
+        "the crash image was taken"
+    );
+    let new = store.inner.state.read().index;
+    assert!(new.buckets > old.buckets, "setup: the index grew");
+    drop(store);
+    let store = Store::open(&image, Options::default()).expect("open the crash image");
+    let report = store.stats().recovery;
+    assert!(!report.rebuilt_index, "{report:?}");
+    assert_eq!(store.len(), 6000);
+    let dead = store.stats().dead_index_bytes;
+    assert!(
+        dead >= dead_before + new.bytes(),
+        "dead index bytes {dead}: the claimed region ({}) is not counted",
+        new.bytes()
+    );
+    store.verify().expect("verify");
 }
