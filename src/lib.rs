@@ -55,7 +55,7 @@ mod store;
 pub use batch::Batch;
 pub use error::{Error, Result};
 pub use observe::{SyncEvent, SyncObserver};
-pub use options::{AccessPattern, Durability, Options};
+pub use options::{AccessPattern, AutoCompact, Durability, Options};
 pub use stats::{LiveStats, MaintenanceStats, RecoveryReport, Stats};
 pub use store::{Change, Follower, Iter, PrefixIter, Store, VerifyReport};
 

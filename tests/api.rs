@@ -1266,9 +1266,10 @@ fn stats_show_checkpoint_and_compaction_state_and_allocation() {
     let fresh = s.stats();
     assert_eq!(
         fresh.maintenance.auto_compact_at,
-        Some(0.3),
-        "on by default"
+        Some(mapkv::AutoCompact::DEFAULT.dead_ratio),
+        "on by default, with the default the docs name"
     );
+    assert_eq!(mapkv::AutoCompact::DEFAULT.dead_ratio, 0.3);
     assert_eq!(fresh.maintenance.compactions, 0);
     assert!(!fresh.maintenance.compaction_running);
     assert_eq!(fresh.maintenance.last_error, None);

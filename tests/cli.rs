@@ -175,3 +175,88 @@ fn verify_repair_keeps_the_records_after_a_damaged_one() {
     let o = mapkv(&["get", p, "k100"]);
     assert!(stdout(&o).is_empty(), "the damaged pair is gone: {o:?}");
 }
+
+/// `mapkv bench --sweep`: one table row per size and phase, the plain-mapping baseline
+/// beside each size, `--json` with both sizes, and a clear error for a bad size.
+#[test]
+fn bench_sweep_reports_every_size_and_the_plain_mapping() {
+    let (dir, _path) = tmp();
+    let d = dir.path().to_str().expect("utf-8 path");
+    let o = mapkv(&["bench", "--sweep", "1k,2k", "--dir", d]);
+    assert!(o.status.success(), "{o:?}");
+    let out = stdout(&o);
+    for phase in ["fill", "overwrite", "close", "reopen", "plain mmap"] {
+        for size in ["1k", "2k"] {
+            assert!(
+                out.lines()
+                    .any(|l| l.contains(&format!(" {size} ")) && l.contains(phase)),
+                "no {size} {phase} row:\n{out}"
+            );
+        }
+    }
+    let o = mapkv(&["bench", "--sweep", "1k,2k", "--dir", d, "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let sizes = json["sizes"].as_array().expect("sizes");
+    assert_eq!(
+        sizes.iter().map(|s| s["keys"].as_u64()).collect::<Vec<_>>(),
+        [Some(1_000), Some(2_000)]
+    );
+    for s in sizes {
+        assert_eq!(s["plain"]["ops"].as_u64(), s["keys"].as_u64(), "{s}");
+        assert_eq!(
+            s["fill"]["latency"]["n"].as_u64(),
+            s["keys"].as_u64(),
+            "{s}"
+        );
+    }
+    let o = mapkv(&["bench", "--sweep", "1k,0", "--dir", d]);
+    assert_eq!(o.status.code(), Some(2), "a usage error: {o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("at least 1 key"),
+        "{o:?}"
+    );
+    assert!(
+        std::fs::read_dir(dir.path()).expect("dir").next().is_none(),
+        "the sweep leaves no files behind"
+    );
+}
+
+/// `mapkv bench --kill-recovery`: writer processes killed with SIGKILL, every open after a
+/// kill timed and verified; the report prints, no recovered store fails, and a bad count
+/// is a usage error.
+#[test]
+fn bench_kill_recovery_reports_opens_after_kills() {
+    let (dir, _path) = tmp();
+    let d = dir.path().to_str().expect("utf-8 path");
+    let o = mapkv(&[
+        "bench",
+        "--kill-recovery",
+        "3",
+        "--keys",
+        "20000",
+        "--dir",
+        d,
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let out = stdout(&o);
+    for want in [
+        "after kill -9, all",
+        "clean (same store, after each recovery)",
+        "worst/median",
+        "Every recovered store passed Store::verify",
+    ] {
+        assert!(out.contains(want), "no {want:?} in:\n{out}");
+    }
+    assert!(!out.contains("FAILURES"), "{out}");
+    assert!(
+        std::fs::read_dir(dir.path()).expect("dir").next().is_none(),
+        "the run leaves no files behind"
+    );
+    let o = mapkv(&["bench", "--kill-recovery", "0", "--dir", d]);
+    assert_eq!(o.status.code(), Some(2), "a usage error: {o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--kill-recovery"),
+        "{o:?}"
+    );
+}

@@ -15,12 +15,16 @@ mod bench;
 mod crashtest;
 #[path = "mapkv/flags.rs"]
 mod flags;
+#[path = "mapkv/killopen.rs"]
+mod killopen;
 #[path = "mapkv/measure.rs"]
 mod measure;
 #[path = "mapkv/plot.rs"]
 mod plot;
 #[path = "mapkv/readers.rs"]
 mod readers;
+#[path = "mapkv/sweep.rs"]
+mod sweep;
 #[path = "mapkv/sys.rs"]
 mod sys;
 #[path = "mapkv/tools.rs"]
@@ -73,6 +77,10 @@ enum Cmd {
     /// `mapkv bench` itself).
     #[command(hide = true)]
     BenchChild(readers::ChildArgs),
+    /// The writer process of `mapkv bench --kill-recovery` (started by `mapkv bench`
+    /// itself, killed with SIGKILL).
+    #[command(hide = true)]
+    BenchKillChild(killopen::ChildArgs),
 }
 
 /// Why a command failed: one line for stderr, or a quiet exit (stdout was closed early,
@@ -141,6 +149,7 @@ fn main() -> ExitCode {
             Err(e) => Err(Failure::Message(format!("crashtest: {e}"))),
         },
         Cmd::BenchChild(a) => readers::child(a),
+        Cmd::BenchKillChild(a) => killopen::child(a),
     };
     match result {
         Ok(()) | Err(Failure::BrokenPipe) => ExitCode::SUCCESS,

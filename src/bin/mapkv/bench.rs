@@ -45,6 +45,7 @@ Examples:
   mapkv bench --threads 4 --policies always # group commit
   mapkv bench --json > bench.json --plot bench.svg
   mapkv bench --readers only                # reader processes beside a writer process
+  mapkv bench --sweep 1k,1m,10m             # write stalls and a size sweep (alone; 100m: ~46 GB)
   mapkv bench --dir /mnt/ssd/tmp            # measure another disk")]
 pub struct BenchArgs {
     /// Directory for the benchmark's files (default: a new temporary directory, removed
@@ -83,6 +84,11 @@ pub struct BenchArgs {
     /// (that section alone).
     #[arg(long, value_enum, default_value_t = ReadersSel::On)]
     pub readers: ReadersSel,
+    /// Bounded recovery, run alone: kill a writer process with SIGKILL this many times at
+    /// random moments (inside checkpoints, index and file growth, compaction) and time
+    /// each `Store::open` after it against a clean open (see `killopen.rs`).
+    #[arg(long, value_name = "KILLS", value_parser = clap::value_parser!(u64).range(1..=crate::killopen::MAX_KILLS))]
+    pub kill_recovery: Option<u64>,
     /// Size of the scratch file for the mmap flag experiments, in MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(4..=65536))]
     pub flags_mib: u64,
@@ -94,6 +100,13 @@ pub struct BenchArgs {
     /// Also draw throughput and tail latency per row into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Write stalls and a size sweep, alone: for each key count (comma-separated, k/m/g
+    /// suffixes; default 1k,1m,10m), fill a fresh store, overwrite every key, close and
+    /// reopen, then the same appends over a plain MAP_SHARED file; every put timed (p50 to
+    /// max, puts over 1 ms and 5 ms, the slowest and when).
+    #[arg(long, value_name = "SIZES", num_args = 0..=1,
+          default_missing_value = crate::sweep::DEFAULT_SIZES, value_parser = crate::sweep::parse_sizes)]
+    pub sweep: Option<crate::sweep::Sizes>,
 }
 
 /// A durability policy chosen on the command line.
@@ -335,8 +348,14 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
             dir.display()
         );
     }
+    if let Some(sizes) = &a.sweep {
+        return crate::sweep::run_only(&dir, &filesystem, sizes, a.value_size, a.json);
+    }
     if a.readers == ReadersSel::Only {
         return crate::readers::run_only(&dir, &filesystem, a.json);
+    }
+    if let Some(kills) = a.kill_recovery {
+        return crate::killopen::run_only(a, kills, &dir, &filesystem);
     }
     let with_readers = !a.quick && a.readers == ReadersSel::On;
 
