@@ -113,18 +113,30 @@ pub struct AutoCompact {
 }
 
 impl AutoCompact {
-    /// The default: compact once 30% of a log of at least 64 MiB is dead.
+    /// The default: compact once 25% of a log of at least 64 MiB is dead.
     ///
-    /// Why 30%: a log compacted at a dead share `d` holds at most `1 / (1 - d)` times its
-    /// live records (1.43x here), and the index and record headers come on top (1M keys
+    /// Why 25%: a log compacted at a dead share `d` holds at most `1 / (1 - d)` times its
+    /// live records (1.33x here), and the index and record headers come on top (1M keys
     /// of 16 + 100 bytes take about 1.4x their raw size with no dead bytes at all), so a
-    /// store written over and over stays near 2x its keys and values. The cost is
-    /// copying: between two compactions `d / (1 - d)` of the live data is written (43%),
-    /// and each compaction copies all of it, so every byte written is copied about 2.3
-    /// times later, on the compaction's thread. Stores below 64 MiB are left alone: their
-    /// dead space costs little, and compacting them often would cost more.
+    /// store written over and over stays under 2x its keys and values. Writes made
+    /// while a compaction copies are copied with it, dead or not; if they leave the new
+    /// file past the threshold, it compacts again at once (at most three times in a
+    /// row). Measured: 1M keys written, each overwritten once, then closed: 1.43x
+    /// (30% left 2.07x, because the writes copied during the compaction stayed just
+    /// under the threshold). The cost is copying: between two compactions `d / (1 - d)`
+    /// of the live data is written (33%), and each compaction copies all of it, so
+    /// every byte written is copied about 3 times later, on the compaction's thread.
+    /// Stores below 64 MiB are left alone: their dead space costs little, and
+    /// compacting them often would cost more.
+    ///
+    /// Memory: a compaction holds the live records' offsets (8 bytes per live key) and
+    /// the new index's entries (24 bytes per live key), a copy of the delta(s) at its
+    /// start, and the delta of the writes it catches up with (23-46 bytes per key
+    /// written meanwhile). Measured peak `RssAnon` above the open store's: +157 MB while
+    /// 1M keys are overwritten with a compaction running, +59 MB while they are first
+    /// written (checkpoints only).
     pub const DEFAULT: AutoCompact = AutoCompact {
-        dead_ratio: 0.3,
+        dead_ratio: 0.25,
         min_log_bytes: 64 << 20,
     };
 }
@@ -258,7 +270,7 @@ impl Options {
     /// is at least `min_log_bytes` long. The write that crosses the threshold starts the
     /// compaction on a thread of its own and returns; writers and readers go on while it
     /// copies (writers pause only for its last catch-up and the switch). Defaults to
-    /// [`AutoCompact::DEFAULT`] (30% of at least 64 MiB); see there for the trade-off.
+    /// [`AutoCompact::DEFAULT`] (25% of at least 64 MiB); see there for the trade-off.
     /// A `dead_ratio` outside (0, 1) (or NaN) is [`Error::InvalidOption`] at open.
     ///
     /// [`Error::InvalidOption`]: crate::Error::InvalidOption

@@ -194,6 +194,44 @@ pub(crate) fn record_bytes(map: &Mapping, off: u64) -> Option<&[u8]> {
     map.read(off, crate::format::RECORD_HEADER as u64 + len(8) + len(12))
 }
 
+/// Applies one write to a delta and the counters that go with it (see [`State::apply`]):
+/// `rec` becomes the key's newest record. `prev_len(off)` is the length of the record at
+/// `off` if it holds the same key (hashes collide), else `None`; a put it replaces in the
+/// delta leaves the live counts at once, and one in the buckets later, when resolved.
+pub(crate) fn apply_write(
+    delta: &mut Delta,
+    c: &mut Counters,
+    resolved: bool,
+    hash: u64,
+    rec: &RecordRef,
+    mut prev_len: impl FnMut(u64) -> Option<u64>,
+) {
+    c.log_bytes += rec.len();
+    if rec.kind == KIND_PUT {
+        c.live_bytes += rec.len();
+        c.live_keys += 1;
+    }
+    let mut replaced_len = 0;
+    let prev = delta.set(hash, rec.offset, rec.kind == KIND_DELETE, resolved, |p| {
+        prev_len(p).inspect(|&l| replaced_len = l).is_some()
+    });
+    if let Some((_, false)) = prev {
+        c.live_bytes = c.live_bytes.saturating_sub(replaced_len);
+        c.live_keys = c.live_keys.saturating_sub(1);
+    }
+}
+
+/// The length of the record at `off` in `map` if its key is `key`.
+pub(crate) fn same_key_len(map: &Mapping, off: u64, key: &[u8]) -> Option<u64> {
+    record_bytes(map, off)
+        .and_then(|b| decode_header_in(b, off).ok())
+        .filter(|p| {
+            map.read(p.key_off(), u64::from(p.key_len))
+                .is_some_and(|k| k == key)
+        })
+        .map(|p| p.len())
+}
+
 /// Header of the record at `off` in `map` (see [`State::header`]).
 pub(crate) fn header_in(map: &Mapping, off: u64) -> Result<RecordRef> {
     record_bytes(map, off)
@@ -383,35 +421,15 @@ impl State {
     /// write): a key new to the delta is counted as a new key, and [`State::resolve`]
     /// corrects the counters later, before anyone reads them.
     pub(crate) fn apply(&mut self, hash: u64, key: &[u8], rec: &RecordRef) {
-        let c = &mut self.counters;
-        c.log_bytes += rec.len();
-        if rec.kind == KIND_PUT {
-            c.live_bytes += rec.len();
-            c.live_keys += 1;
-        }
         let map = &self.map;
-        let mut prev_len = 0;
-        let prev = self.delta.set(
-            hash,
-            rec.offset,
-            rec.kind == KIND_DELETE,
+        apply_write(
+            &mut self.delta,
+            &mut self.counters,
             self.delta_only,
-            |prev| {
-                record_bytes(map, prev)
-                    .and_then(|b| decode_header_in(b, prev).ok())
-                    .filter(|p| {
-                        map.read(p.key_off(), u64::from(p.key_len))
-                            .is_some_and(|k| k == key)
-                    })
-                    .inspect(|p| prev_len = p.len())
-                    .is_some()
-            },
+            hash,
+            rec,
+            |prev| same_key_len(map, prev, key),
         );
-        if let Some((_, false)) = prev {
-            let c = &mut self.counters;
-            c.live_bytes = c.live_bytes.saturating_sub(prev_len);
-            c.live_keys = c.live_keys.saturating_sub(1);
-        }
     }
 
     /// At the end of an interrupted checkpoint's range during recovery (see

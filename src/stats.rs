@@ -245,7 +245,7 @@ impl fmt::Display for Stats {
     /// memory:     1.0 MiB mapped, 136 KiB resident, 6 changes not yet checkpointed
     /// durability: Periodic(1s), 174 B (6 writes) not yet durable
     /// recovery:   clean
-    /// background: checkpoint idle (index covers the log to 4096, 174 B to replay after a crash), compaction idle (0 done, automatic at 30% dead)
+    /// background: checkpoint idle (index covers the log to 4096, 174 B to replay after a crash), compaction idle (0 done, automatic at 25% dead)
     /// ```
     ///
     /// The alternate form (`{:#}`) adds the counters since open and the live area.

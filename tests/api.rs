@@ -1269,7 +1269,7 @@ fn stats_show_checkpoint_and_compaction_state_and_allocation() {
         Some(mapkv::AutoCompact::DEFAULT.dead_ratio),
         "on by default, with the default the docs name"
     );
-    assert_eq!(mapkv::AutoCompact::DEFAULT.dead_ratio, 0.3);
+    assert_eq!(mapkv::AutoCompact::DEFAULT.dead_ratio, 0.25);
     assert_eq!(fresh.maintenance.compactions, 0);
     assert!(!fresh.maintenance.compaction_running);
     assert_eq!(fresh.maintenance.last_error, None);
@@ -1297,7 +1297,7 @@ fn stats_show_checkpoint_and_compaction_state_and_allocation() {
     assert!(st.dead_bytes < st.live_bytes / 10, "{st:?}");
     let text = format!("{st}");
     assert!(
-        text.contains("compaction idle (1 done, automatic at 30"),
+        text.contains("compaction idle (1 done, automatic at 25"),
         "{text}"
     );
     let off = Store::open(

@@ -254,6 +254,24 @@ impl Table {
             .map(|s| (s.hash, s.tagged))
     }
 
+    /// The slots at positions `from..from + n` of [`Table::iter`]'s order (the table,
+    /// then the unmoved part of the old one), empty ones included; and the position
+    /// after them.
+    fn slots_at(&self, from: usize, n: usize) -> (impl Iterator<Item = (u64, u64)> + '_, usize) {
+        let total = self.slots.len() + self.unmoved().len();
+        let to = from.saturating_add(n).min(total);
+        let from = from.min(to);
+        let it = self
+            .slots
+            .iter()
+            .chain(self.unmoved())
+            .skip(from)
+            .take(to - from)
+            .filter(|s| s.tagged != 0)
+            .map(|s| (s.hash, s.tagged));
+        (it, to)
+    }
+
     fn values_mut(&mut self) -> impl Iterator<Item = &mut u64> + '_ {
         let moved = self.moved.min(self.old.len());
         self.slots
@@ -462,6 +480,48 @@ impl Delta {
             out.push(e);
         }
         out
+    }
+
+    /// Copies the entries at `*cursor` (see [`Delta::entries`]) into `out`, about
+    /// `budget` slots' worth, and advances the cursor; returns false once all are copied.
+    /// For a delta that does not change between calls (a frozen one): the copy can be
+    /// made in pieces, each under a short lock, instead of under one long one.
+    pub(crate) fn copy_entries(
+        &self,
+        cursor: &mut usize,
+        budget: usize,
+        out: &mut AnonVec<DeltaEntry>,
+    ) -> bool {
+        let keep = if self.all_resolved {
+            !UNRESOLVED_TAG
+        } else {
+            u64::MAX
+        };
+        let table_len = self.first.slots.len() + self.first.unmoved().len();
+        if *cursor < table_len {
+            let (it, next) = self.first.slots_at(*cursor, budget);
+            for (hash, o) in it {
+                out.push(DeltaEntry {
+                    hash,
+                    tagged: o & keep,
+                });
+            }
+            *cursor = next;
+            return true;
+        }
+        if *cursor == table_len {
+            // Colliding keys: few, copied at once.
+            for (&hash, v) in &self.more {
+                for &o in v {
+                    out.push(DeltaEntry {
+                        hash,
+                        tagged: o & keep,
+                    });
+                }
+            }
+            *cursor += 1;
+        }
+        false
     }
 
     /// Approximate heap bytes used.

@@ -218,6 +218,10 @@ impl Inner {
         }
         let off = geom.bucket_off(run.first);
         let r = if live {
+            // The gate first: a `pwrite` waits for the file's inode lock, which an
+            // allocation or a punch holds while it waits for the disk; that wait must
+            // not happen under the state lock, where writers would wait behind it.
+            let _gate = self.space_gate.lock();
             self.change_index(|| file.write_at(&run.bytes, off))
         } else {
             file.write_at(&run.bytes, off)

@@ -56,6 +56,10 @@ pub(super) enum JobEnd {
     NeedsGrowth(u64),
 }
 
+/// Slots of the frozen delta copied per read lock (about 1 MiB of table, well under a
+/// millisecond).
+const COPY_PIECE: usize = 1 << 16;
+
 /// Grow the index when the average bucket is this full...
 pub(super) const MAX_LOAD: f64 = 0.70;
 
@@ -140,13 +144,18 @@ impl Inner {
             slots.pending_punch.drain(..).partition(|p| seq_now > p.2);
         slots.pending_punch = keep;
         if !due.is_empty() {
-            // Readers may hold slices over the whole published range: punch (which
-            // changes bytes to zeros) only while none is borrowed.
-            self.change_index(|| {
-                for (off, len, _) in due {
-                    file.punch_hole(off, len);
-                }
-            });
+            // Not under the state lock: a punch frees blocks, and with online discard
+            // it waits for the device (it kept writers waiting for tens of ms). No
+            // reader can be in these regions: lookups in this process only read the
+            // current index (and compaction's snapshot holds retired regions back);
+            // a reader process that read the retired region started before the slot
+            // write that retired it, which changed the index sequence it validates
+            // against, so it retries. The gate keeps the punch (which holds the file's
+            // inode lock) from stalling a bucket write made under the state lock.
+            let _gate = self.space_gate.lock();
+            for (off, len, _) in due {
+                file.punch_hole(off, len);
+            }
         }
     }
 
@@ -388,13 +397,28 @@ impl Inner {
     pub(super) fn run_job_locked(&self, plan: &JobPlan) -> Result<JobEnd> {
         let mut slots = self.slots.lock();
         let geom = plan.grow.map_or(plan.old, |g| g.0);
-        let (map, entries, frozen_counters) = {
+        let (map, mut entries, frozen_counters) = {
             let st = self.state.read();
             let Some(f) = &st.frozen else {
                 return Err(Error::Unsupported("internal: no frozen delta"));
             };
-            (Arc::clone(&st.map), f.delta.entries(), f.counters)
+            let entries = crate::anon::AnonVec::with_capacity(f.delta.len());
+            (Arc::clone(&st.map), entries, f.counters)
         };
+        // Copied in pieces, each under a short read lock (a copy of a million entries
+        // under one kept the writer waiting 12 ms): the frozen delta gains no entries,
+        // and the resolution marks this copy reads change only under `resolving`,
+        // which the job holds.
+        let mut cursor = 0;
+        loop {
+            let st = self.state.read();
+            let Some(f) = &st.frozen else {
+                return Err(Error::Unsupported("internal: no frozen delta"));
+            };
+            if !f.delta.copy_entries(&mut cursor, COPY_PIECE, &mut entries) {
+                break;
+            }
+        }
         let mut entries = crate::index::sort_by_bucket(entries, geom.buckets);
         let mut gone = Resolved::default();
         let applied = match plan.grow {

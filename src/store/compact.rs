@@ -9,15 +9,18 @@
 //!    record re-encoded at its new offset (checksums cover the offset); `fdatasync` it.
 //!    Writers go on meanwhile; the old log below `E0` never changes.
 //! 3. Catch up, still without the lock: append the complete writes the old log gained
-//!    since the last round (re-encoded, batches whole), up to a few rounds, until a round
-//!    has less than 1 MiB to copy.
+//!    since the last round (re-encoded, batches whole), and sync them, round after round
+//!    until a round has less than 1 MiB to copy. Each caught-up write also goes into the
+//!    new file's index delta and counters (they lie past its checkpoint, where recovery
+//!    would replay them), so the switch has nothing to replay.
 //! 4. Under the writer mutex: the last catch-up (what came in during the last round),
 //!    then `origin_end` and the live area say where the new log ends; `fdatasync`.
 //!    `rename` it over the store path, then `fsync` the directory.
-//! 5. Switch the store to the new file under the exclusive state lock (a pointer swap);
-//!    the caught-up writes, which lie past the new file's checkpoint, are replayed into
-//!    the index delta as recovery would. Iterators that started earlier keep the old
-//!    mapping alive and finish on it. Writers waited only for step 4 and this.
+//! 5. Switch the store to the new file under the exclusive state lock (pointer swaps,
+//!    and the delta step 3 built). Iterators that started earlier keep the old mapping
+//!    alive and finish on it. Writers waited only for step 4 and this. Then, without
+//!    the writer mutex, the caught-up writes are resolved against the new index, so the
+//!    counters (and automatic compaction's trigger) are exact.
 //!
 //! A crash before step 4 leaves the old store intact plus a temporary file, which the
 //! next open deletes. A crash after step 4 leaves the new store, complete (synced before
@@ -35,22 +38,25 @@ use super::inner::{Inner, Writer};
 use crate::error::{Error, Result};
 use crate::format::{
     bucket_of, checkpoint_off, decode_record, encode_checkpoint, encode_record, encode_static,
-    page_up, CheckpointInfo, StaticInfo, PAGE, SLOTS_PER_BUCKET, STATE_CLEAN,
+    page_up, CheckpointInfo, RecordRef, StaticInfo, PAGE, SLOTS_PER_BUCKET, STATE_CLEAN,
 };
 use crate::format::{
     INDEX_SEALED, LIVE_COMMITTED_OFF, LIVE_SESSION_OFF, LIVE_SWITCH_OFF, SWITCH_DONE, SWITCH_NONE,
     SWITCH_PENDING, VERSION_MAJOR,
 };
 use crate::index::bucket::fill_empty;
-use crate::index::{BucketBuf, BucketFull};
+use crate::index::{BucketBuf, BucketFull, Delta};
 
 use crate::map::{sync_dir, FileHandle, LiveArea, Mapping, TailWriter};
 use crate::observe::SyncEvent;
-use crate::state::{Counters, FileGen, IndexGeom};
+use crate::state::{apply_write, same_key_len, Counters, FileGen, Frozen, IndexGeom};
 
 /// Target load of a compacted index (buckets are a power of two, so the real load lies
 /// between half this and this).
 const COMPACT_LOAD: f64 = 0.65;
+
+/// Caught-up writes resolved per state lock after a switch (see [`compact`]).
+const RESOLVE_PIECE: usize = 256;
 
 /// What a compaction produced.
 pub(crate) struct Compacted {
@@ -63,11 +69,14 @@ pub(crate) struct Compacted {
     pub(crate) alloc: u64,
     pub(crate) counters: Counters,
     pub(crate) ckpt: CheckpointInfo,
+    /// The caught-up writes (past `ckpt.log_end`), as the index delta recovery would
+    /// replay them into: built while they were copied, installed by the switch as is.
+    pub(crate) delta: Delta,
 }
 
-/// Catch-up rounds before the final one (under the writer mutex) at most; each copies the
-/// writes made during the previous one.
-const CATCH_UP_ROUNDS: usize = 4;
+/// Catch-up rounds before the final one (under the writer mutex) at most; each copies (and
+/// syncs) the writes made during the previous one.
+const CATCH_UP_ROUNDS: usize = 16;
 /// A catch-up round this short is followed by the final one: the writers' pause is then
 /// bounded by copying this much, not by the store's size.
 const FINAL_CATCH_UP: u64 = 1 << 20;
@@ -119,6 +128,12 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
         let n = end.saturating_sub(copied);
         catch_up(&mut built, inner.seed, &map, copied, end).map_err(fail)?;
         copied = end;
+        // Synced now, so that the final sync (under the writer mutex) has only the last
+        // round's writes to wait for.
+        if n > 0 {
+            built.file.sync_data().map_err(fail)?;
+            inner.notify_path(&tmp, SyncEvent::File);
+        }
         if n <= FINAL_CATCH_UP {
             break;
         }
@@ -128,13 +143,30 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
     // first (it writes the old file's index): wait for it without the mutex, and keep
     // writers from starting another meanwhile.
     let _no_checkpoints = inner.hold_checkpoints();
+    let mut tries = 0;
     let mut w = loop {
         let w = inner.writer.lock();
-        if w.job.as_ref().is_none_or(|j| j.thread.is_finished()) {
+        let running = w.job.as_ref().is_some_and(|j| !j.thread.is_finished());
+        let behind = w.end.saturating_sub(copied);
+        if !running && (behind <= FINAL_CATCH_UP || tries > CATCH_UP_ROUNDS) {
             break w;
         }
         drop(w);
-        std::thread::sleep(std::time::Duration::from_millis(1));
+        if running {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        } else {
+            // Writes came in while the checkpoint finished: another round without the
+            // mutex, so the last one (under it) stays short.
+            tries += 1;
+            let (map, end) = {
+                let st = inner.state.read();
+                (Arc::clone(&st.map), st.map.published())
+            };
+            catch_up(&mut built, inner.seed, &map, copied, end).map_err(fail)?;
+            copied = end;
+            built.file.sync_data().map_err(fail)?;
+            inner.notify_path(&tmp, SyncEvent::File);
+        }
     };
     if let Err(e) = inner.check_open() {
         return Err(fail(e));
@@ -160,6 +192,16 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
     drop(w);
     if r.is_ok() {
         inner.compactions.fetch_add(1, Ordering::Relaxed);
+        // The caught-up writes replaced records that are now in the new index, which
+        // count as live until looked up: look them up now, a few at a time under the
+        // state lock, so the dead share (and whether to compact again) is exact.
+        loop {
+            let mut st = inner.state.write();
+            if st.delta.unresolved_len() == 0 {
+                break;
+            }
+            st.resolve_current(RESOLVE_PIECE);
+        }
     }
     // The old file is unlinked: closing it frees its blocks, which takes time in
     // proportion to its size (150 ms for 134 MB here). Writers must not wait for that.
@@ -229,8 +271,9 @@ fn snapshot(inner: &Inner) -> Result<(Arc<Mapping>, Vec<u64>, u64)> {
 
 /// Appends to the compaction file the complete writes that the old log holds in
 /// `from..to` (written while the copy ran), re-encoded at their new offsets, batches kept
-/// whole. They lie past the new file's checkpoint: the switch replays them into the
-/// index delta, as recovery would.
+/// whole. They lie past the new file's checkpoint, so they also go into the new file's
+/// index delta and counters, as recovery would replay them: the switch installs that
+/// delta instead of replaying them while writers wait.
 fn catch_up(b: &mut Built, seed: u64, old: &Mapping, from: u64, to: u64) -> Result<()> {
     if to <= from {
         return Ok(());
@@ -238,6 +281,12 @@ fn catch_up(b: &mut Built, seed: u64, old: &Mapping, from: u64, to: u64) -> Resu
     let mut buf = Vec::new();
     let mut pos = b.log_end;
     let mut missing = None;
+    let Built {
+        delta,
+        counters,
+        runs,
+        ..
+    } = b;
     let end = crate::log::scan(old.published_bytes(), seed, from, to, |recs| {
         for r in recs {
             match (
@@ -246,6 +295,20 @@ fn catch_up(b: &mut Built, seed: u64, old: &Mapping, from: u64, to: u64) -> Resu
             ) {
                 (Some(k), Some(v)) => {
                     encode_record(&mut buf, seed, pos, r.kind, r.flags, k, v, 0);
+                    if runs.last().is_none_or(|&(n, o)| o + (pos - n) != r.offset) {
+                        runs.push((pos, r.offset));
+                    }
+                    let moved = RecordRef { offset: pos, ..*r };
+                    // A key's earlier caught-up record: read it where the old log has it.
+                    let in_old = |p: u64| {
+                        let i = runs.partition_point(|&(n, _)| n <= p).checked_sub(1)?;
+                        let (n, o) = runs[i];
+                        Some(o + (p - n))
+                    };
+                    let h = crate::index::key_hash(seed, k);
+                    apply_write(delta, counters, false, h, &moved, |p| {
+                        in_old(p).and_then(|o| same_key_len(old, o, k))
+                    });
                     pos += r.len();
                 }
                 _ => missing = Some(r.offset),
@@ -299,11 +362,14 @@ fn seal(inner: &Inner, mut b: Built, tmp: &std::path::Path) -> Result<Compacted>
         alloc: b.alloc,
         counters: b.counters,
         ckpt: b.ckpt,
+        delta: b.delta,
     })
 }
 
-/// The old file's mapping and handle, replaced by a switch: drop them without locks.
-type Replaced = (Arc<Mapping>, Arc<FileHandle>);
+/// What a switch replaced: the old file's mapping and handle and its deltas. Dropped once
+/// no lock is held (unmapping, closing an unlinked file and freeing a large delta take
+/// time).
+type Replaced = (Arc<Mapping>, Arc<FileHandle>, Delta, Option<Box<Frozen>>);
 
 fn switch(
     inner: &Inner,
@@ -350,6 +416,11 @@ struct Built {
     alloc: u64,
     counters: Counters,
     ckpt: CheckpointInfo,
+    /// The caught-up writes (see [`Compacted::delta`]).
+    delta: Delta,
+    /// Where runs of caught-up records start: (offset here, offset in the old log).
+    /// Records are copied in log order, so one entry covers a run of them.
+    runs: Vec<(u64, u64)>,
 }
 
 fn build(
@@ -484,16 +555,18 @@ fn build(
             alloc,
             counters,
             ckpt,
+            delta: Delta::default(),
+            runs: Vec::new(),
         });
     }
 }
 impl Inner {
-    /// Switches the store to a freshly compacted file (writer mutex held).
-    /// Returns the old file's mapping and handle: the caller drops them once it holds no
-    /// lock (unmapping and closing an unlinked file take time).
+    /// Switches the store to a freshly compacted file (writer mutex held), in time that
+    /// does not depend on the store's size: pointer swaps, and the delta the catch-up
+    /// built. Returns what it replaced, for the caller to drop once it holds no lock.
     #[must_use]
     pub(crate) fn install_compacted(&self, w: &mut Writer, c: Compacted) -> Replaced {
-        let (old_map, old_file) = {
+        let (old_map, old_file, old_delta, old_frozen) = {
             let mut st = self.state.write();
             let old_map = std::mem::replace(&mut st.map, Arc::clone(&c.map));
             let old_file = std::mem::replace(&mut st.file, Arc::clone(&c.file));
@@ -503,27 +576,12 @@ impl Inner {
             st.gen = gen;
             st.set_index(c.index);
             st.log_start = c.log_start;
-            st.delta.clear();
-            st.frozen = None;
+            let old_delta = std::mem::replace(&mut st.delta, c.delta);
+            let old_frozen = st.frozen.take();
             st.delta_only = false;
             st.counters = c.counters;
-            // The writes the catch-up copied past the new file's checkpoint go into the
-            // delta, as recovery would replay them.
-            let (map, seed) = (Arc::clone(&c.map), self.seed);
-            crate::log::scan(
-                map.published_bytes(),
-                seed,
-                c.ckpt.log_end,
-                c.log_end,
-                |recs| {
-                    for r in recs {
-                        let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
-                        st.apply(crate::index::key_hash(seed, key), key, r);
-                    }
-                },
-            );
             self.file_gen.fetch_add(1, Ordering::AcqRel);
-            (old_map, old_file)
+            (old_map, old_file, old_delta, old_frozen)
         };
         w.tail = TailWriter::new(c.map);
         w.tail.publish(c.log_end);
@@ -549,7 +607,7 @@ impl Inner {
         s.durable_end = c.log_end;
         self.durable_hint.store(c.log_end, Ordering::Release);
         s.durable_writes = writes;
-        (old_map, old_file)
+        (old_map, old_file, old_delta, old_frozen)
     }
 }
 

@@ -37,8 +37,9 @@ const MAX_STEP: u64 = 1 << 30;
 /// The writer asks for the next step when it is this close to the allocated end (or a
 /// quarter of the file, if less: a small store stays small).
 const ASK_AHEAD: u64 = 16 << 20;
-/// The background thread allocates in pieces this large, publishing each.
-const ALLOCATE_PIECE: u64 = 64 << 20;
+/// The background thread allocates in pieces this large, publishing each (and holding
+/// the space gate for one piece at a time, see `Inner::space_gate`).
+const ALLOCATE_PIECE: u64 = 8 << 20;
 
 /// How much the file grows by when it is `alloc` bytes long and holds `live` bytes of
 /// live data: geometric (half the file) while the file is small, at most an eighth of
@@ -57,7 +58,11 @@ impl Inner {
     /// failed (a full disk: then the exact need is tried, and its error returned).
     pub(super) fn ensure_space(&self, w: &mut Writer, need: u64) -> Result<()> {
         if need <= w.alloc {
-            if w.ahead_asked <= w.alloc && need + ASK_AHEAD.min(w.alloc / 4) > w.alloc {
+            // Half a step ahead (at least `ASK_AHEAD`, at most a quarter of the file):
+            // under a busy disk an allocation of a large step waited 0.5 s for block
+            // bitmaps, and the writer must not catch up with it.
+            let window = (w.step / 2).max(ASK_AHEAD).min(w.alloc / 4);
+            if w.ahead_asked <= w.alloc && need + window > w.alloc {
                 self.ask_ahead(w);
             }
             return Ok(());
@@ -114,6 +119,7 @@ impl Inner {
         let step = growth_step(w.alloc, self.state.read().counters.live_bytes);
         let to = page_up(w.alloc + step);
         w.ahead_asked = to;
+        w.step = step;
         let mut bg = self.background.lock();
         bg.allocate = Some((Arc::clone(&w.file), w.alloc, to));
         self.background_cv.notify_all();
@@ -134,7 +140,11 @@ impl Inner {
         let mut at = from;
         while at < to {
             let piece = (to - at).min(ALLOCATE_PIECE);
-            if file.allocate(at, piece).is_err() {
+            let allocated = {
+                let _gate = self.space_gate.lock();
+                file.allocate(at, piece)
+            };
+            if allocated.is_err() {
                 return;
             }
             at += piece;

@@ -82,6 +82,11 @@ pub(crate) struct Inner {
     pub(super) checkpoint_holds: std::sync::atomic::AtomicUsize,
     /// Compaction snapshots reading old index regions (see `Inner::hold_regions`).
     pub(super) region_holds: std::sync::atomic::AtomicUsize,
+    /// Taken around what holds the store file's inode lock for long (allocation ahead,
+    /// punching retired index regions) and, before the state lock, around the bucket
+    /// writes made under it: a `pwrite` under the state lock must not queue behind an
+    /// allocation that waits for the disk (the writer would wait behind both).
+    pub(super) space_gate: Mutex<()>,
     /// How far the background thread has allocated this file ahead of the writer.
     pub(super) ahead: Mutex<Option<(Arc<FileHandle>, u64)>>,
     pub(crate) recovery: Mutex<RecoveryReport>,
@@ -132,6 +137,7 @@ impl Inner {
             background: Mutex::new(Background::default()),
             background_cv: Condvar::new(),
             ahead: Mutex::new(None),
+            space_gate: Mutex::new(()),
             region_holds: std::sync::atomic::AtomicUsize::new(0),
             checkpoint_holds: std::sync::atomic::AtomicUsize::new(0),
             recovery: Mutex::new(RecoveryReport::default()),
@@ -236,6 +242,8 @@ pub(crate) struct Writer {
     pub(crate) alloc: u64,
     /// The background thread was asked to allocate up to here.
     pub(super) ahead_asked: u64,
+    /// The growth step last asked for (sets how early the next one is asked).
+    pub(super) step: u64,
     /// The log end that the last checkpoint, finished or running, covers.
     pub(super) ckpt_end: u64,
     /// The background checkpoint, if one was started and not yet joined.
@@ -281,6 +289,7 @@ impl Writer {
             end,
             alloc,
             ahead_asked: alloc,
+            step: 0,
             ckpt_end,
             job: None,
             retry_at: 0,

@@ -750,6 +750,13 @@ impl Store {
             inner.checkpoint(&mut w, STATE_CLEAN)?;
             w.dirty_marked = false;
         }
+        // Space allocated ahead of the tail goes back to the file system: a closed
+        // store takes what it holds (growth steps reach an eighth of the live data).
+        // Nothing lies past the log end (the next writer allocates again); best effort.
+        let keep = crate::format::page_up(w.end);
+        if keep < w.alloc && w.file.file().set_len(keep).is_ok() {
+            w.alloc = keep;
+        }
         Ok(())
     }
 }

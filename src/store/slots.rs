@@ -20,7 +20,11 @@ impl Inner {
         }
         let bytes = encode_checkpoint(self.seed, &c);
         let slot = (c.seq % 2) as usize;
-        if let Err(e) = self.change_index(|| file.write_at(&bytes, checkpoint_off(slot))) {
+        // The gate before the state lock, as for bucket writes (see `Inner::space_gate`).
+        let gate = self.space_gate.lock();
+        let written = self.change_index(|| file.write_at(&bytes, checkpoint_off(slot)));
+        drop(gate);
+        if let Err(e) = written {
             return self.poison(e);
         }
         slots.last = c;
