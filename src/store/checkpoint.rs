@@ -305,7 +305,7 @@ impl Inner {
 
     /// Joins the background checkpoint, if any, and deals with its outcome; a job that
     /// must grow the index is followed by a growth job on a thread of its own.
-    fn collect_job(self: &Arc<Self>, w: &mut Writer) -> Result<()> {
+    pub(super) fn collect_job(self: &Arc<Self>, w: &mut Writer) -> Result<()> {
         let Some(job) = w.job.take() else {
             return Ok(());
         };

@@ -282,15 +282,17 @@ impl Inner {
     /// Takes the writer mutex for a write: refuses a closed or poisoned store, and a call
     /// from inside an `update` closure (which holds the mutex already); collects a
     /// finished background checkpoint.
-    fn lock_for_write(&self) -> Result<MutexGuard<'_, Writer>> {
+    fn lock_for_write(self: &Arc<Self>) -> Result<MutexGuard<'_, Writer>> {
         self.check_not_in_update()?;
         let mut w = self.writer.lock();
         // Under the mutex: a close that took it first has finished, and nothing may be
         // appended after its final checkpoint.
         self.check_open()?;
         if w.job.as_ref().is_some_and(|j| j.thread.is_finished()) {
-            // A failed repair is retried by a later checkpoint; this write goes on.
-            if let Err(e) = self.finish_job(&mut w) {
+            // A failed repair is retried by a later checkpoint; this write goes on. A
+            // job that found the index must grow hands over to a growth job on a thread
+            // of its own: this write does not wait for the growth.
+            if let Err(e) = self.collect_job(&mut w) {
                 if self.poisoned.load(Ordering::Acquire) {
                     return Err(e);
                 }
