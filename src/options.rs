@@ -120,14 +120,18 @@ impl AutoCompact {
     /// of 16 + 100 bytes take about 1.4x their raw size with no dead bytes at all), so a
     /// store written over and over stays under 2x its keys and values. Writes made
     /// while a compaction copies are copied with it, dead or not; if they leave the new
-    /// file past the threshold, it compacts again at once (at most three times in a
-    /// row). Measured: 1M keys written, each overwritten once, then closed: 1.43x
+    /// file past the threshold, it compacts again at once. Measured: 1M keys written, each overwritten once, then closed: 1.43x
     /// (30% left 2.07x, because the writes copied during the compaction stayed just
     /// under the threshold). The cost is copying: between two compactions `d / (1 - d)`
     /// of the live data is written (33%), and each compaction copies all of it, so
     /// every byte written is copied about 3 times later, on the compaction's thread.
     /// Stores below 64 MiB are left alone: their dead space costs little, and
     /// compacting them often would cost more.
+    ///
+    /// Write cost: to compare with the threshold, the counters must know which writes
+    /// replaced a record, so each write looks up the old records of a few keys (a
+    /// bucket probe each): 1M puts of new keys ran at 1.2M/s (p50 0.47 µs) with
+    /// automatic compaction on, 1.8M/s (p50 0.23 µs) with it off.
     ///
     /// Memory: a compaction holds the live records' offsets (8 bytes per live key) and
     /// the new index's entries (24 bytes per live key), a copy of the delta(s) at its

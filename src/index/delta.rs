@@ -127,7 +127,15 @@ struct Table {
     old: Vec<Slot>,
     /// `old[..moved]` is in `slots` already.
     moved: usize,
+    /// An old table whose entries have all moved, not freed yet (see
+    /// [`Delta::take_retired`]).
+    retired: Option<Vec<Slot>>,
 }
+
+/// A table the delta no longer uses: freeing it (returning tens of MB to the system)
+/// took 3-17 ms, so the store drops it away from its locks and its writer.
+#[derive(Debug)]
+pub(crate) struct Retired(#[allow(dead_code)] Vec<Slot>);
 
 impl Table {
     /// Slots of the first allocation (one 16 KiB mapping).
@@ -223,7 +231,7 @@ impl Table {
         }
         self.moved = to;
         if to == self.old.len() {
-            self.old = Vec::new();
+            self.retired = Some(std::mem::take(&mut self.old));
             self.moved = 0;
         }
     }
@@ -522,6 +530,12 @@ impl Delta {
             *cursor += 1;
         }
         false
+    }
+
+    /// The table that growth finished moving out of, if any, for the caller to free
+    /// where no lock is held (left here, it is freed when the next one retires).
+    pub(crate) fn take_retired(&mut self) -> Option<Retired> {
+        self.first.retired.take().map(Retired)
     }
 
     /// Approximate heap bytes used.

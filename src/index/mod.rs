@@ -20,4 +20,4 @@ pub(crate) mod delta;
 
 pub(crate) use crate::format::key_hash;
 pub(crate) use bucket::{probe, BucketBuf, BucketFull};
-pub(crate) use delta::{sort_by_bucket, Delta, DeltaEntry, SlotHint};
+pub(crate) use delta::{sort_by_bucket, Delta, DeltaEntry, Retired, SlotHint};

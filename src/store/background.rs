@@ -19,13 +19,17 @@ pub(super) const TAIL_FOLIO: u64 = 2 << 20;
 pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
     let mut next = every.map(|e| std::time::Instant::now() + e);
     loop {
-        let (prefault, writeback, allocate) = {
+        let (prefault, writeback, allocate, garbage) = {
             let mut bg = inner.background.lock();
             loop {
                 if bg.stop {
                     return;
                 }
-                if bg.prefault.is_some() || bg.writeback.is_some() || bg.allocate.is_some() {
+                if bg.prefault.is_some()
+                    || bg.writeback.is_some()
+                    || bg.allocate.is_some()
+                    || !bg.garbage.is_empty()
+                {
                     break;
                 }
                 match next {
@@ -36,8 +40,15 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                     None => inner.background_cv.wait(&mut bg),
                 }
             }
-            (bg.prefault.take(), bg.writeback.take(), bg.allocate.take())
+            (
+                bg.prefault.take(),
+                bg.writeback.take(),
+                bg.allocate.take(),
+                std::mem::take(&mut bg.garbage),
+            )
         };
+        // Freed here, with no lock held.
+        drop(garbage);
         if let Some((file, from, to)) = allocate {
             inner.allocate_ahead(&file, from, to);
         }

@@ -201,8 +201,16 @@ impl Inner {
         let job_plan = plan.clone();
         match std::thread::Builder::new()
             .name("mapkv-checkpoint".into())
-            .spawn(move || me.run_job(&job_plan))
-        {
+            .spawn(move || {
+                let r = me.run_job(&job_plan);
+                // The checkpoint made the counters exact (it looked up every key's old
+                // record): the moment to ask whether automatic compaction is due, which
+                // the write path checks only against what it has resolved so far.
+                if matches!(r, Ok(JobEnd::Done)) && me.compaction_due() {
+                    me.start_auto_compaction();
+                }
+                r
+            }) {
             Ok(thread) => {
                 w.job = Some(Job { thread, plan });
                 Ok(())

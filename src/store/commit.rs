@@ -182,7 +182,7 @@ impl Inner {
 
     /// True if [`Options::auto_compact`](crate::Options::auto_compact) is on and its
     /// threshold is crossed.
-    fn compaction_due(&self) -> bool {
+    pub(super) fn compaction_due(&self) -> bool {
         self.opts.auto_compact.is_some() && self.compaction_due_at(&self.state.read().counters)
     }
 
@@ -200,7 +200,7 @@ impl Inner {
     /// crossed the threshold returns at once, and writers go on during the copy. The
     /// write is applied (and durable as its policy promised) whatever the compaction
     /// does; a failure that matters poisons the store, and the next write reports it.
-    fn start_auto_compaction(self: &Arc<Self>) {
+    pub(super) fn start_auto_compaction(self: &Arc<Self>) {
         let mut slot = self.auto_compactor.lock();
         if slot.as_ref().is_some_and(|h| !h.is_finished()) || self.closed.load(Ordering::Acquire) {
             return;
@@ -213,9 +213,10 @@ impl Inner {
             .name("mapkv-compact".into())
             .spawn(move || {
                 // Writes made during a compaction are copied with it, dead ones too:
-                // compact again while the threshold is still crossed (a few times at
-                // most, so a writer that outpaces the copy cannot keep it busy forever).
-                for _ in 0..3 {
+                // compact again while the threshold is still crossed. (A cap of three
+                // in a row left a store whose writer had stopped far above it, since
+                // only a write or a checkpoint starts the next one.)
+                loop {
                     if let Err(e) = super::compact::compact(&inner) {
                         if !matches!(e, Error::Closed) {
                             inner.note_error(&e);
@@ -369,10 +370,8 @@ impl Inner {
         }
         let end = base + buf.len() as u64;
         w.buf = buf;
-        // Auto-compaction reads the counters after every write: keep them nearly exact
-        // (dead bytes are then underestimated by the backlog at most).
         let resolve = self.opts.auto_compact.is_some();
-        let (delta_len, counters) = {
+        let (delta_len, counters, retired) = {
             let mut st = self.state.write();
             w.tail.publish(end);
             if !matches!(self.opts.durability, Durability::Always) {
@@ -399,15 +398,22 @@ impl Inner {
                 st.apply(hash, k, &rec);
             }
             w.delta_hint = st.delta.slot_hint();
+            // Automatic compaction compares the counters with its threshold after every
+            // write, and they count a key whose old record was not looked up yet as
+            // new: keep them nearly exact by looking up a few per write (one bucket
+            // probe each, which doubles a put's p50). Each checkpoint also makes them
+            // exact and checks the threshold (see `Inner::spawn_job`).
             if resolve {
-                // A few per write: a backlog (keys a rebuilt index made resolved in bulk,
-                // say) drains over the next writes instead of stalling one of them.
                 st.resolve_current(RESOLVE_PER_WRITE);
             }
             st.writes += 1;
             self.published_writes.store(st.writes, Ordering::Release);
-            (st.delta.len(), st.counters)
+            (st.delta.len(), st.counters, st.delta.take_retired())
         };
+        if let Some(r) = retired {
+            self.background.lock().garbage.push(r);
+            self.background_cv.notify_all();
+        }
         w.end = end;
         w.writes += 1;
         let since = end - w.ckpt_end;

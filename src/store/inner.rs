@@ -349,6 +349,8 @@ pub(super) struct Background {
     pub(super) prefault: Option<(Arc<crate::map::Mapping>, u64, u64)>,
     /// Start write-back of `[from, to)` of this file (`sync_file_range`).
     pub(super) writeback: Option<(Arc<FileHandle>, u64, u64)>,
+    /// Memory to free off the writer's thread (see `Delta::take_retired`).
+    pub(super) garbage: Vec<crate::index::Retired>,
 }
 
 impl Background {

@@ -757,6 +757,15 @@ impl Store {
         if keep < w.alloc && w.file.file().set_len(keep).is_ok() {
             w.alloc = keep;
         }
+        drop(w);
+        // A checkpoint that ended during this close may have started an automatic
+        // compaction after the join above; it stops at the writer mutex (the store is
+        // closed) and removes its temporary file. Joined so that nothing holds the
+        // file once close returns.
+        let late = inner.auto_compactor.lock().take();
+        if let Some(t) = late {
+            let _ = t.join();
+        }
         Ok(())
     }
 }
