@@ -302,7 +302,12 @@ impl Options {
     ///
     /// The checkpoint runs on a thread of its own while writers go on. If the next one
     /// is due while it still runs (its syncs wait for the disk), the delta keeps growing,
-    /// up to 4 times this many keys (or 1 GiB of log); only then does a writer wait. So
+    /// up to 4 times this many keys (or 1 GiB of log); only then does a writer wait.
+    /// From twice the limits on, each write pauses a little (up to 2 ms near the hard
+    /// limit, after releasing the writer lock), so the writer slows to what the disk
+    /// takes instead of one write waiting seconds: 20M keys overwritten while a
+    /// compaction ran, worst put 2.29 s without pacing, 0.36 s with it, for 24% less
+    /// throughput in that phase (264k/s against 348k/s). So
     /// the trade-off is memory, not write latency: the delta costs 23-46 bytes of heap
     /// per key (a table of 16-byte slots at most 70% full), and a checkpoint of `n` keys
     /// holds its frozen delta plus 32 bytes per key of sorted entries. With the default,

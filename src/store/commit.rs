@@ -427,6 +427,26 @@ impl Inner {
             || since >= REPLAY_MAX * CHECKPOINT_LAG as u64;
         let busy = w.job.as_ref().is_some_and(|j| !j.thread.is_finished())
             || self.checkpoint_holds.load(Ordering::Acquire) > 0;
+        // Between twice the limits and the hard limit, while the checkpoint runs, each
+        // write pauses (after releasing the writer mutex) for a time that grows with the
+        // overshoot: the writer slows to what the checkpoint can take, as the kernel
+        // slows a writer that dirties pages faster than the disk writes them, instead
+        // of one write waiting seconds for it at the hard limit.
+        // Pauses shorter than a timer tick add up until they are worth a sleep.
+        let pace = if busy && !overdue {
+            let keys = self.opts.checkpoint_keys.max(1) as f64;
+            let over_keys = delta_len as f64 / keys;
+            let over_bytes = since as f64 / REPLAY_MAX as f64;
+            w.pace_debt += pace_for(over_keys.max(over_bytes));
+            if w.pace_debt >= PACE_SLEEP_MIN {
+                std::mem::take(&mut w.pace_debt)
+            } else {
+                std::time::Duration::ZERO
+            }
+        } else {
+            w.pace_debt = std::time::Duration::ZERO;
+            std::time::Duration::ZERO
+        };
         if due && (!busy || overdue) && w.writes >= w.retry_at {
             // The write itself is applied. A checkpoint that fails without poisoning the
             // store (a full disk while growing the index) is retried by a later write; one
@@ -459,8 +479,31 @@ impl Inner {
         if self.compaction_due_at(&counters) {
             self.start_auto_compaction();
         }
+        if !pace.is_zero() {
+            std::thread::sleep(pace);
+        }
         Ok(end)
     }
+}
+
+/// Where pacing starts and where it is longest, in multiples of the checkpoint limits.
+const PACE_FROM: f64 = 2.0;
+/// The pause at the hard limit ([`CHECKPOINT_LAG`] times the limits).
+const PACE_MAX: std::time::Duration = std::time::Duration::from_millis(2);
+/// Shorter pauses are added up and slept once they reach this (a sleep takes at least
+/// ~60 µs here, whatever it asks for).
+const PACE_SLEEP_MIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// The pause of a write made while a checkpoint runs and the delta is `over` times the
+/// checkpoint limits: none up to [`PACE_FROM`], then growing with the square of the
+/// overshoot up to [`PACE_MAX`] at the hard limit.
+fn pace_for(over: f64) -> std::time::Duration {
+    let span = CHECKPOINT_LAG as f64 - PACE_FROM;
+    let x = ((over - PACE_FROM) / span).clamp(0.0, 1.0);
+    if x <= 0.0 {
+        return std::time::Duration::ZERO;
+    }
+    PACE_MAX.mul_f64(x * x)
 }
 
 thread_local! {
@@ -494,5 +537,22 @@ impl Drop for InUpdate {
         IN_UPDATE.with(|s| {
             s.borrow_mut().pop();
         });
+    }
+}
+
+#[cfg(test)]
+mod pace_tests {
+    use super::*;
+
+    #[test]
+    fn pacing_starts_at_twice_the_limits_and_grows_to_its_maximum() {
+        assert!(pace_for(0.0).is_zero());
+        assert!(pace_for(PACE_FROM).is_zero());
+        let steps: Vec<_> = (1..=10)
+            .map(|i| pace_for(PACE_FROM + (CHECKPOINT_LAG as f64 - PACE_FROM) * i as f64 / 10.0))
+            .collect();
+        assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+        assert_eq!(pace_for(CHECKPOINT_LAG as f64), PACE_MAX);
+        assert_eq!(pace_for(100.0), PACE_MAX);
     }
 }

@@ -244,6 +244,8 @@ pub(crate) struct Writer {
     pub(super) ahead_asked: u64,
     /// The growth step last asked for (sets how early the next one is asked).
     pub(super) step: u64,
+    /// Pause owed by writes made while a checkpoint lags (see `pace_for`).
+    pub(super) pace_debt: std::time::Duration,
     /// The log end that the last checkpoint, finished or running, covers.
     pub(super) ckpt_end: u64,
     /// The background checkpoint, if one was started and not yet joined.
@@ -290,6 +292,7 @@ impl Writer {
             alloc,
             ahead_asked: alloc,
             step: 0,
+            pace_debt: std::time::Duration::ZERO,
             ckpt_end,
             job: None,
             retry_at: 0,
