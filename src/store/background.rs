@@ -19,7 +19,7 @@ pub(super) const TAIL_FOLIO: u64 = 2 << 20;
 pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
     let mut next = every.map(|e| std::time::Instant::now() + e);
     loop {
-        let (prefault, writeback, allocate, garbage) = {
+        let (prefault, writeback, allocate, garbage, resolve) = {
             let mut bg = inner.background.lock();
             loop {
                 if bg.stop {
@@ -29,6 +29,7 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                     || bg.writeback.is_some()
                     || bg.allocate.is_some()
                     || !bg.garbage.is_empty()
+                    || bg.resolve
                 {
                     break;
                 }
@@ -45,12 +46,16 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                 bg.writeback.take(),
                 bg.allocate.take(),
                 std::mem::take(&mut bg.garbage),
+                std::mem::take(&mut bg.resolve),
             )
         };
         // Freed here, with no lock held.
         drop(garbage);
         if let Some((file, from, to)) = allocate {
             inner.allocate_ahead(&file, from, to);
+        }
+        if resolve {
+            inner.resolve_backlog();
         }
         if let Some((map, from, to)) = prefault {
             map.prefault_write(from, to - from);
@@ -82,7 +87,31 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
     }
 }
 
+/// Unresolved keys looked up per state lock by the background thread.
+const RESOLVE_PIECE: usize = 256;
+
 impl Inner {
+    /// On the background thread: looks up the old records of the delta's unresolved
+    /// keys (see `State::resolve_current`), a piece per exclusive state lock, keeping
+    /// the log tail prefaulted in between as asked.
+    fn resolve_backlog(&self) {
+        loop {
+            {
+                let mut st = self.state.write();
+                if st.delta.unresolved_len() == 0 {
+                    break;
+                }
+                st.resolve_current(RESOLVE_PIECE);
+            }
+            let more = self.background.lock().prefault.take();
+            if let Some((map, from, to)) = more {
+                map.prefault_write(from, to - from);
+            }
+        }
+        self.resolve_asked
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
     /// Under `None`/`Periodic`, asks the background thread to keep the log ahead of the
     /// tail prefaulted writable and to start write-back of what the tail has left behind.
     ///

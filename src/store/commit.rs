@@ -49,9 +49,10 @@ use crate::options::Durability;
 /// Checkpoint when the delta holds `Options::checkpoint_keys` keys, or when this many log bytes were appended since the last checkpoint (bounds the
 /// replay after a crash).
 pub(super) const REPLAY_MAX: u64 = 256 << 20;
-/// Deferred index lookups a write settles when automatic compaction wants exact
-/// counters (one for itself, the rest from a backlog).
-const RESOLVE_PER_WRITE: usize = 16;
+/// Deferred index lookups that make the background thread resolve them when automatic
+/// compaction wants exact counters: the dead share it compares is then short by the
+/// old records of at most this many keys.
+const RESOLVE_BACKLOG: usize = 1024;
 /// How far past its limits (`checkpoint_keys`, [`REPLAY_MAX`]) the delta may grow while
 /// a checkpoint runs before the writer waits for it.
 pub(super) const CHECKPOINT_LAG: usize = 4;
@@ -290,10 +291,13 @@ impl Inner {
         // appended after its final checkpoint.
         self.check_open()?;
         if w.job.as_ref().is_some_and(|j| j.thread.is_finished()) {
-            // A failed repair is retried by a later checkpoint; this write goes on. A
-            // job that found the index must grow hands over to a growth job on a thread
-            // of its own: this write does not wait for the growth.
-            if let Err(e) = self.collect_job(&mut w) {
+            // A failed repair is retried by a later checkpoint; this write goes on. (A
+            // job that found the index must grow is followed by the growth here, on
+            // this thread: handing it to a thread of its own, as `start_checkpoint`
+            // does, coincided with a reader in another process missing an acknowledged
+            // `Always` write once in CI, not reproduced since; until that is understood
+            // this path stays as it was.)
+            if let Err(e) = self.finish_job(&mut w) {
                 if self.poisoned.load(Ordering::Acquire) {
                     return Err(e);
                 }
@@ -371,6 +375,7 @@ impl Inner {
         let end = base + buf.len() as u64;
         w.buf = buf;
         let resolve = self.opts.auto_compact.is_some();
+        let mut ask_resolve = false;
         let (delta_len, counters, retired) = {
             let mut st = self.state.write();
             w.tail.publish(end);
@@ -400,11 +405,12 @@ impl Inner {
             w.delta_hint = st.delta.slot_hint();
             // Automatic compaction compares the counters with its threshold after every
             // write, and they count a key whose old record was not looked up yet as
-            // new: keep them nearly exact by looking up a few per write (one bucket
-            // probe each, which doubles a put's p50). Each checkpoint also makes them
-            // exact and checks the threshold (see `Inner::spawn_job`).
-            if resolve {
-                st.resolve_current(RESOLVE_PER_WRITE);
+            // new: the background thread looks them up, a piece at a time, once a
+            // backlog builds (here, one bucket probe per write doubled a put's p50).
+            // Each checkpoint also makes them exact and checks the threshold (see
+            // `Inner::spawn_job`).
+            if resolve && st.delta.unresolved_len() >= RESOLVE_BACKLOG {
+                ask_resolve = true;
             }
             st.writes += 1;
             self.published_writes.store(st.writes, Ordering::Release);
@@ -412,6 +418,13 @@ impl Inner {
         };
         if let Some(r) = retired {
             self.background.lock().garbage.push(r);
+            self.background_cv.notify_all();
+        }
+        if ask_resolve && !self.resolve_asked.load(Ordering::Acquire) {
+            let mut bg = self.background.lock();
+            bg.resolve = true;
+            self.resolve_asked.store(true, Ordering::Release);
+            drop(bg);
             self.background_cv.notify_all();
         }
         w.end = end;

@@ -82,6 +82,9 @@ pub(crate) struct Inner {
     pub(super) checkpoint_holds: std::sync::atomic::AtomicUsize,
     /// Compaction snapshots reading old index regions (see `Inner::hold_regions`).
     pub(super) region_holds: std::sync::atomic::AtomicUsize,
+    /// The background thread was asked to resolve the delta's backlog and has not
+    /// finished (writers ask once, without taking its mutex on every write).
+    pub(super) resolve_asked: std::sync::atomic::AtomicBool,
     /// Taken around what holds the store file's inode lock for long (allocation ahead,
     /// punching retired index regions) and, before the state lock, around the bucket
     /// writes made under it: a `pwrite` under the state lock must not queue behind an
@@ -138,6 +141,7 @@ impl Inner {
             background_cv: Condvar::new(),
             ahead: Mutex::new(None),
             space_gate: Mutex::new(()),
+            resolve_asked: std::sync::atomic::AtomicBool::new(false),
             region_holds: std::sync::atomic::AtomicUsize::new(0),
             checkpoint_holds: std::sync::atomic::AtomicUsize::new(0),
             recovery: Mutex::new(RecoveryReport::default()),
@@ -354,6 +358,8 @@ pub(super) struct Background {
     pub(super) writeback: Option<(Arc<FileHandle>, u64, u64)>,
     /// Memory to free off the writer's thread (see `Delta::take_retired`).
     pub(super) garbage: Vec<crate::index::Retired>,
+    /// Look up the old records of the delta's unresolved keys (see `RESOLVE_BACKLOG`).
+    pub(super) resolve: bool,
 }
 
 impl Background {
