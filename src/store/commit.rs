@@ -291,13 +291,10 @@ impl Inner {
         // appended after its final checkpoint.
         self.check_open()?;
         if w.job.as_ref().is_some_and(|j| j.thread.is_finished()) {
-            // A failed repair is retried by a later checkpoint; this write goes on. (A
-            // job that found the index must grow is followed by the growth here, on
-            // this thread: handing it to a thread of its own, as `start_checkpoint`
-            // does, coincided with a reader in another process missing an acknowledged
-            // `Always` write once in CI, not reproduced since; until that is understood
-            // this path stays as it was.)
-            if let Err(e) = self.finish_job(&mut w) {
+            // A failed repair is retried by a later checkpoint; this write goes on. A
+            // job that found the index must grow hands over to a growth job on a thread
+            // of its own: this write does not wait for the growth.
+            if let Err(e) = self.collect_job(&mut w) {
                 if self.poisoned.load(Ordering::Acquire) {
                     return Err(e);
                 }
