@@ -1307,3 +1307,27 @@ fn stats_show_checkpoint_and_compaction_state_and_allocation() {
     .unwrap();
     assert_eq!(off.stats().maintenance.auto_compact_at, None);
 }
+
+/// `close()` gives back the space allocated ahead of the log: the file ends at the page
+/// after the log's end, and the store reopens and grows again from there.
+#[test]
+fn close_gives_back_the_space_allocated_ahead_of_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trim.mkv");
+    let opts = Options::default().durability(Durability::None);
+    let s = Store::open(&path, opts.clone()).unwrap();
+    for i in 0..50_000u32 {
+        s.put(format!("k{i}"), [3u8; 100]).unwrap();
+    }
+    assert!(s.stats().spare_bytes > 0, "growth allocates ahead");
+    s.close().unwrap();
+    let s = Store::open(&path, opts).unwrap();
+    let end = s.stats().log_end;
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(len, end.div_ceil(4096) * 4096, "log end {end}, file {len}");
+    for i in 50_000..60_000u32 {
+        s.put(format!("k{i}"), [4u8; 100]).unwrap();
+    }
+    assert_eq!(s.len(), 60_000);
+    s.close().unwrap();
+}

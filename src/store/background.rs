@@ -91,10 +91,11 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
 const RESOLVE_PIECE: usize = 256;
 
 impl Inner {
-    /// On the background thread: looks up the old records of the delta's unresolved
-    /// keys (see `State::resolve_current`), a piece per exclusive state lock, keeping
-    /// the log tail prefaulted in between as asked.
-    fn resolve_backlog(&self) {
+    /// Looks up the old records of the delta's unresolved keys (see
+    /// `State::resolve_current`), a piece per exclusive state lock, keeping the log tail
+    /// prefaulted in between as asked. On the background thread, and after a
+    /// compaction's switch.
+    pub(super) fn resolve_backlog(&self) {
         loop {
             {
                 let mut st = self.state.write();

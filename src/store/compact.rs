@@ -55,9 +55,6 @@ use crate::state::{apply_write, same_key_len, Counters, FileGen, Frozen, IndexGe
 /// between half this and this).
 const COMPACT_LOAD: f64 = 0.65;
 
-/// Caught-up writes resolved per state lock after a switch (see [`compact`]).
-const RESOLVE_PIECE: usize = 256;
-
 /// What a compaction produced.
 pub(crate) struct Compacted {
     pub(crate) file: Arc<FileHandle>,
@@ -121,19 +118,7 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
     drop(offsets);
     // 3. Catch up with the writes made meanwhile, round after round, without the lock.
     for _ in 0..CATCH_UP_ROUNDS {
-        let (map, end) = {
-            let st = inner.state.read();
-            (Arc::clone(&st.map), st.map.published())
-        };
-        let n = end.saturating_sub(copied);
-        catch_up(&mut built, inner.seed, &map, copied, end).map_err(fail)?;
-        copied = end;
-        // Synced now, so that the final sync (under the writer mutex) has only the last
-        // round's writes to wait for.
-        if n > 0 {
-            built.file.sync_data().map_err(fail)?;
-            inner.notify_path(&tmp, SyncEvent::File);
-        }
+        let n = catch_up_round(inner, &mut built, &mut copied, &tmp).map_err(fail)?;
         if n <= FINAL_CATCH_UP {
             break;
         }
@@ -158,14 +143,7 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
             // Writes came in while the checkpoint finished: another round without the
             // mutex, so the last one (under it) stays short.
             tries += 1;
-            let (map, end) = {
-                let st = inner.state.read();
-                (Arc::clone(&st.map), st.map.published())
-            };
-            catch_up(&mut built, inner.seed, &map, copied, end).map_err(fail)?;
-            copied = end;
-            built.file.sync_data().map_err(fail)?;
-            inner.notify_path(&tmp, SyncEvent::File);
+            catch_up_round(inner, &mut built, &mut copied, &tmp).map_err(fail)?;
         }
     };
     if let Err(e) = inner.check_open() {
@@ -193,15 +171,9 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
     if r.is_ok() {
         inner.compactions.fetch_add(1, Ordering::Relaxed);
         // The caught-up writes replaced records that are now in the new index, which
-        // count as live until looked up: look them up now, a few at a time under the
-        // state lock, so the dead share (and whether to compact again) is exact.
-        loop {
-            let mut st = inner.state.write();
-            if st.delta.unresolved_len() == 0 {
-                break;
-            }
-            st.resolve_current(RESOLVE_PIECE);
-        }
+        // count as live until looked up: look them up now, a piece at a time, so the
+        // dead share (and whether to compact again) is exact.
+        inner.resolve_backlog();
     }
     // The old file is unlinked: closing it frees its blocks, which takes time in
     // proportion to its size (150 ms for 134 MB here). Writers must not wait for that.
@@ -267,6 +239,24 @@ fn snapshot(inner: &Inner) -> Result<(Arc<Mapping>, Vec<u64>, u64)> {
                 .ok_or(Error::corrupt(off, "index bucket outside the file"))
         })?;
     Ok((map, offsets, end))
+}
+
+/// One catch-up round without the writer mutex: copies what the old log gained since
+/// `copied` (see [`catch_up`]) and syncs it, so that the final sync, under the mutex, has
+/// only the last round's writes to wait for. Returns the bytes the round covered.
+fn catch_up_round(inner: &Inner, b: &mut Built, copied: &mut u64, tmp: &Path) -> Result<u64> {
+    let (map, end) = {
+        let st = inner.state.read();
+        (Arc::clone(&st.map), st.map.published())
+    };
+    let n = end.saturating_sub(*copied);
+    catch_up(b, inner.seed, &map, *copied, end)?;
+    *copied = end;
+    if n > 0 {
+        b.file.sync_data()?;
+        inner.notify_path(tmp, SyncEvent::File);
+    }
+    Ok(n)
 }
 
 /// Appends to the compaction file the complete writes that the old log holds in

@@ -167,6 +167,9 @@ fn a_full_bucket_at_close_keeps_the_counts_exact() {
 /// running in parallel do not count): the file `.1` is copied to `.2` (through the page
 /// cache, as a process killed then would leave it).
 type CrashAt = (usize, PathBuf, PathBuf, std::thread::ThreadId);
+/// Held by each test that arms [`CRASH_AFTER_RUNS`] for its whole run: there is one
+/// hook, and a test running beside another would overwrite its arming.
+static CRASH_TESTS: Mutex<()> = Mutex::new(());
 static CRASH_AFTER_RUNS: Mutex<Option<CrashAt>> = Mutex::new(None);
 
 /// Called by checkpoints after each run of buckets they write (unit tests only).
@@ -254,6 +257,7 @@ fn checkpoint_killed_halfway(
 /// rebuilding the whole index, and gets every key and the exact counts.
 #[test]
 fn a_checkpoint_killed_halfway_is_redone_from_the_log_not_rebuilt() {
+    let _one_at_a_time = CRASH_TESTS.lock();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("halfway.mkv");
     let image = dir.path().join("image.mkv");
@@ -283,6 +287,7 @@ fn a_checkpoint_killed_halfway_is_redone_from_the_log_not_rebuilt() {
 /// means a rebuild, never a lookup in a half-written bucket.
 #[test]
 fn a_torn_bucket_under_an_interrupted_checkpoint_means_a_rebuild() {
+    let _one_at_a_time = CRASH_TESTS.lock();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("torn.mkv");
     let image = dir.path().join("image.mkv");
@@ -428,6 +433,7 @@ fn a_failed_repair_keeps_every_acknowledged_write_readable() {
 /// replays past the JUMP and counts the region dead, so compaction knows to reclaim it.
 #[test]
 fn a_growth_killed_halfway_leaves_its_region_counted_dead() {
+    let _one_at_a_time = CRASH_TESTS.lock();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("grow.mkv");
     let image = dir.path().join("image.mkv");

@@ -465,7 +465,7 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
 
 /// Fills `path` with `keys` keys under `Durability::None`, closes it cleanly, and
 /// returns puts per second (the close's sync not included).
-fn fill_base(path: &Path, keys: u64, value_size: usize) -> Result<f64, Failure> {
+pub(crate) fn fill_base(path: &Path, keys: u64, value_size: usize) -> Result<f64, Failure> {
     let _ = std::fs::remove_file(path);
     let est = keys * (value_size as u64 + 16 + 32) * 2;
     let store = Store::open(

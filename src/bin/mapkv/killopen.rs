@@ -519,27 +519,6 @@ fn buckets(store: &Store) -> u64 {
     store.stats().index_bytes / PAGE
 }
 
-/// Fills `path` with keys `0..keys` under `Durability::None` and closes it.
-fn fill(path: &Path, keys: u64, value_size: usize) -> Result<(), Failure> {
-    let _ = std::fs::remove_file(path);
-    let est = keys * (value_size as u64 + 16 + 32) * 2;
-    let store = Store::open(
-        path,
-        Options::default()
-            .durability(Durability::None)
-            .initial_size(est.max(1 << 20)),
-    )
-    .map_err(|e| Failure::store(path, &e))?;
-    let mut val = measure::value(0, value_size);
-    for i in 0..keys {
-        stamp(&mut val, i);
-        store
-            .put(key(i), &val)
-            .map_err(|e| Failure::store(path, &e))?;
-    }
-    store.close().map_err(|e| Failure::store(path, &e))
-}
-
 /// Times a clean open of `path` and closes it again.
 fn clean_open(path: &Path) -> Result<f64, Failure> {
     let t = Instant::now();
@@ -715,7 +694,7 @@ pub fn run_only(
     pb.enable_steady_tick(Duration::from_millis(120));
     pb.set_message(format!("filling the store ({} keys)", a.keys));
     let path = dir.join("kill.mkv");
-    fill(&path, a.keys, a.value_size)?;
+    crate::bench::fill_base(&path, a.keys, a.value_size)?;
     let first_clean_open_ms = clean_open(&path)?;
     pb.inc(1);
 
