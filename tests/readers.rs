@@ -163,7 +163,16 @@ fn check_visible(reader: &Store, i: u64, last_batch: &mut u64) {
     let got = reader
         .get(key(i))
         .unwrap_or_else(|e| panic!("reader get after ACK {i}: {e}"))
-        .unwrap_or_else(|| panic!("write {i} acknowledged but not visible to the reader"));
+        .unwrap_or_else(|| {
+            // Whether it shows up later tells a missed publication from a lost write.
+            std::thread::sleep(Duration::from_millis(200));
+            let later = reader.get(key(i)).map(|v| v.map(|v| number(&v)));
+            panic!(
+                "write {i} acknowledged but not visible to the reader (200 ms later: \
+                 {later:?}); {:?}",
+                reader.stats().live
+            )
+        });
     let n = number(&got);
     assert!(
         n >= i && n % 5_000 == i % 5_000,

@@ -60,6 +60,14 @@ impl Inner {
         self.syncs.fetch_add(1, Ordering::Relaxed);
         self.notify(SyncEvent::File);
         let mut s = self.sync.lock();
+        // Durable, hence committed under every policy: readers in other processes may
+        // see it (under `Always` this is what publishes writes to them). Raised before
+        // `durable_end` moves, under the sync mutex: a writer that finds its write
+        // covered by `durable_end` acknowledges it without a sync of its own, and a
+        // reader must already see it then (raised after the mutex, a writer preempted
+        // here let acknowledged `Always` writes stay invisible to readers).
+        live.raise(LIVE_COMMITTED_OFF, end);
+        live.raise_durable(self.seed, end);
         if end > s.durable_end {
             self.bytes_synced
                 .fetch_add(end - s.durable_end, Ordering::Relaxed);
@@ -68,11 +76,9 @@ impl Inner {
         }
         s.durable_writes = s.durable_writes.max(writes);
         s.size_epoch = s.size_epoch.max(epoch);
+        #[cfg(test)]
+        super::tests::durable_recorded(&live, s.durable_end);
         drop(s);
-        // Durable, hence committed under every policy: readers in other processes may
-        // see it (under `Always` this is what publishes writes to them).
-        live.raise(LIVE_COMMITTED_OFF, end);
-        live.raise_durable(self.seed, end);
         Ok(())
     }
 
@@ -184,11 +190,14 @@ impl Inner {
                     if target > s.durable_end {
                         self.bytes_synced
                             .fetch_add(target - s.durable_end, Ordering::Relaxed);
-                        s.durable_end = target;
-                        self.durable_hint.store(target, Ordering::Release);
+                        // Committed first (see `sync_file`).
                         live.raise(LIVE_COMMITTED_OFF, target);
                         live.raise_durable(self.seed, target);
+                        s.durable_end = target;
+                        self.durable_hint.store(target, Ordering::Release);
                     }
+                    #[cfg(test)]
+                    super::tests::durable_recorded(&live, s.durable_end);
                     s.durable_writes = s.durable_writes.max(writes);
                     if matches!(ev, SyncEvent::File) {
                         s.size_epoch = s.size_epoch.max(epoch);

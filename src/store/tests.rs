@@ -1,8 +1,8 @@
 //! Unit tests of checkpoints against damaged and full buckets.
 
 use super::checkpoint::MAX_LOAD;
-use crate::format::STATE_DIRTY;
 use crate::format::{bucket_of, SLOTS_PER_BUCKET};
+use crate::format::{LIVE_COMMITTED_OFF, STATE_DIRTY};
 use crate::index::key_hash;
 use crate::state::IndexGeom;
 use parking_lot::Mutex;
@@ -478,4 +478,55 @@ fn a_growth_killed_halfway_leaves_its_region_counted_dead() {
         new.bytes()
     );
     store.verify().expect("verify");
+}
+
+/// Live areas (by address) in which a sync moved `durable_end` past the committed end.
+static DURABLE_AHEAD_OF_COMMITTED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// Called by every sync after it recorded `durable_end`, with the sync mutex still held
+/// (unit tests only): from the moment the mutex is released, a writer may acknowledge a
+/// write below `durable_end` without a sync of its own, so readers in other processes
+/// must already see it (the committed end covers it).
+pub(super) fn durable_recorded(live: &crate::map::LiveArea, durable_end: u64) {
+    if live.load(LIVE_COMMITTED_OFF) < durable_end {
+        DURABLE_AHEAD_OF_COMMITTED
+            .lock()
+            .push(std::ptr::from_ref(live) as usize);
+    }
+}
+
+/// Regression: a checkpoint's sync recorded the durable end, released the sync mutex and
+/// only then raised the committed end. A writer under `Always` whose write that sync
+/// covered (appended, not yet synced by its own call) acknowledged it without syncing
+/// again, and a reader in another process missed it ("write 299 acknowledged but not
+/// visible", once in 20 to 60 runs of `tests/readers.rs` under load). The order is
+/// checked inside the sync, so the test does not depend on the preemption that made the
+/// reader miss it.
+#[test]
+fn a_durable_end_is_never_ahead_of_the_committed_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ack.mkv");
+    let store =
+        Store::open(&path, Options::default().durability(Durability::Always)).expect("open");
+    store.put(b"k", b"value").expect("put");
+    let (live, file, end) = {
+        let st = store.inner.state.read();
+        (
+            Arc::clone(&st.live),
+            Arc::clone(&st.file),
+            st.map.published(),
+        )
+    };
+    let at = std::ptr::from_ref(&*live) as usize;
+    // The state between an `Always` write's append and its own sync: published, not yet
+    // committed. A checkpoint's sync that runs now covers it.
+    let before = live.load(LIVE_COMMITTED_OFF);
+    live.store(LIVE_COMMITTED_OFF, before - 16);
+    store.inner.sync_file(&file).expect("sync");
+    assert!(
+        !DURABLE_AHEAD_OF_COMMITTED.lock().contains(&at),
+        "a sync let the durable end pass the committed end"
+    );
+    assert_eq!(live.load(LIVE_COMMITTED_OFF), end);
+    store.close().expect("close");
 }

@@ -34,7 +34,7 @@ use common::{fmt_rate, key, nanos, raw_sync_latencies, shuffled_keys, stamp};
 
 /// One engine under test. `durable` selects the per-write sync configuration where the
 /// engine fixes it at open (mapkv, LMDB).
-trait Engine: Sized {
+trait Engine: Sized + Sync {
     const NAME: &'static str;
     fn open(dir: &Path, durable: bool) -> Res<Self>;
     /// Puts keys `first..first + n` without syncing (one transaction if transactional).
@@ -45,6 +45,9 @@ trait Engine: Sized {
     fn get_many(&self, keys: &[[u8; 16]]) -> Res<usize>;
     /// One put that is durable when it returns.
     fn put_durable(&mut self, k: &[u8], v: &[u8]) -> Res<()>;
+    /// Puts keys `first..first + n`, durable together when it returns (one commit: group
+    /// commit as an application does it).
+    fn put_batch_durable(&mut self, first: u64, n: u64, val: &mut [u8]) -> Res<()>;
     /// Clean close.
     fn close(self) -> Res<()>;
 }
@@ -85,6 +88,15 @@ impl Engine for Mapkv {
     }
     fn put_durable(&mut self, k: &[u8], v: &[u8]) -> Res<()> {
         Ok(self.0.put(k, v)?)
+    }
+    fn put_batch_durable(&mut self, first: u64, n: u64, val: &mut [u8]) -> Res<()> {
+        // Opened with `Durability::Always`: one batch is one write and one sync.
+        let mut b = mapkv::Batch::new();
+        for i in first..first + n {
+            stamp(val, i);
+            b.put(key(i), &*val);
+        }
+        Ok(self.0.write(&b)?)
     }
     fn close(self) -> Res<()> {
         Ok(self.0.close()?)
@@ -144,6 +156,10 @@ impl Engine for Lmdb {
         self.db.put(&mut w, k, v)?;
         w.commit()?;
         Ok(())
+    }
+    fn put_batch_durable(&mut self, first: u64, n: u64, val: &mut [u8]) -> Res<()> {
+        // Opened without NO_SYNC: the commit syncs.
+        self.load(first, n, val)
     }
     fn close(self) -> Res<()> {
         self.env.prepare_for_closing().wait();
@@ -214,6 +230,10 @@ impl Engine for Redb {
             Ok(())
         })
     }
+    fn put_batch_durable(&mut self, first: u64, n: u64, val: &mut [u8]) -> Res<()> {
+        // Opened durable: the transaction commits with `Durability::Immediate`.
+        self.load(first, n, val)
+    }
     fn close(self) -> Res<()> {
         drop(self.db);
         Ok(())
@@ -251,6 +271,10 @@ impl Engine for Sled {
         self.0.insert(k, v)?;
         self.0.flush()?;
         Ok(())
+    }
+    fn put_batch_durable(&mut self, first: u64, n: u64, val: &mut [u8]) -> Res<()> {
+        self.load(first, n, val)?;
+        self.sync()
     }
     fn close(self) -> Res<()> {
         self.0.flush()?;
@@ -293,6 +317,10 @@ impl Engine for Fjall {
         self.ks.insert(k, v)?;
         Ok(self.db.persist(fjall::PersistMode::SyncData)?)
     }
+    fn put_batch_durable(&mut self, first: u64, n: u64, val: &mut [u8]) -> Res<()> {
+        self.load(first, n, val)?;
+        self.sync()
+    }
     fn close(self) -> Res<()> {
         self.db.persist(fjall::PersistMode::SyncAll)?;
         Ok(())
@@ -303,6 +331,7 @@ impl Engine for Fjall {
 
 struct Args {
     keys: u64,
+    cold_gets: usize,
     value_size: usize,
     read_secs: f64,
     durable_secs: f64,
@@ -313,6 +342,7 @@ struct Args {
 fn parse_args() -> Res<Args> {
     let mut a = Args {
         keys: 1_000_000,
+        cold_gets: 20_000,
         value_size: 100,
         read_secs: 1.0,
         durable_secs: 2.0,
@@ -330,6 +360,7 @@ fn parse_args() -> Res<Args> {
         let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--keys" => a.keys = val()?.parse()?,
+            "--cold-gets" => a.cold_gets = val()?.parse()?,
             "--value-size" => a.value_size = val()?.parse()?,
             "--read-secs" => a.read_secs = val()?.parse()?,
             "--durable-secs" => a.durable_secs = val()?.parse()?,
@@ -338,7 +369,7 @@ fn parse_args() -> Res<Args> {
             "--bench" => {}
             "-h" | "--help" => {
                 println!(
-                    "mapkv-compare [--keys N=1000000] [--value-size B=100] [--read-secs S=1] \
+                    "mapkv-compare [--keys N=1000000] [--cold-gets N=20000] [--value-size B=100] [--read-secs S=1] \
                      [--durable-secs S=2] [--engines mapkv,lmdb,redb,sled,fjall] [--dir PATH]"
                 );
                 std::process::exit(0);
@@ -359,11 +390,21 @@ struct Row {
     fill_sync_ms: f64,
     reopen_ms: f64,
     hits_per_s: f64,
+    hits2_per_s: f64,
     misses_per_s: f64,
+    overwrite_per_s: f64,
+    cold_per_s: f64,
+    cold_majflt: u64,
+    cold_read_mb: f64,
+    group_p50_us: f64,
+    group_p99_us: f64,
+    raw_p50_us: f64,
+    raw_p99_us: f64,
     durable_per_s: f64,
     durable_p50_us: f64,
     durable_p99_us: f64,
     disk_bytes: u64,
+    disk_after_overwrite: u64,
 }
 
 fn disk_usage(p: &Path) -> u64 {
@@ -396,6 +437,76 @@ fn reads<E: Engine>(e: &E, keys: &[[u8; 16]], secs: f64) -> Res<(f64, usize)> {
         pos = if end == keys.len() { 0 } else { end };
     }
     Ok((n as f64 / start.elapsed().as_secs_f64(), sum))
+}
+
+/// [`reads`] on two threads at once (each its own order of `keys`); the total rate.
+fn reads2<E: Engine>(e: &E, keys: &[[u8; 16]], secs: f64) -> Res<f64> {
+    let half = keys.len() / 2;
+    let (a, b) = keys.split_at(half.max(1).min(keys.len()));
+    let start = Instant::now();
+    let rates: Vec<Res<(f64, usize)>> = std::thread::scope(|s| {
+        let t1 = s.spawn(|| reads(e, a, secs).map_err(|e| e.to_string()));
+        let t2 = s.spawn(|| reads(e, if b.is_empty() { a } else { b }, secs).map_err(|e| e.to_string()));
+        [t1, t2]
+            .into_iter()
+            .map(|t| match t.join() {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => Err("a reader thread panicked".into()),
+            })
+            .collect()
+    });
+    let _ = start;
+    let mut total = 0.0;
+    for r in rates {
+        total += r?.0;
+    }
+    Ok(total)
+}
+
+/// Writes back and drops every file under `dir` from the page cache, so the next open
+/// reads from the disk (`POSIX_FADV_DONTNEED` drops clean pages only: synced first).
+fn evict(dir: &Path) -> Res<()> {
+    use std::os::fd::AsRawFd;
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            evict(&p)?;
+            continue;
+        }
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&p)?;
+        f.sync_all()?;
+        // SAFETY: a plain system call on a file descriptor this function owns.
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if r != 0 {
+            return Err(format!("posix_fadvise on {}: error {r}", p.display()).into());
+        }
+    }
+    Ok(())
+}
+
+/// Major page faults of this process so far.
+fn major_faults() -> u64 {
+    // SAFETY: `getrusage` fills the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is always valid.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    u64::try_from(u.ru_majflt).unwrap_or(0)
+}
+
+/// Bytes this process caused to be read from storage so far (`/proc/self/io`).
+fn read_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("read_bytes: ").and_then(|v| v.trim().parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn percentile_us(sorted: &[u64], pct: usize) -> f64 {
+    sorted[(sorted.len() * pct / 100).min(sorted.len() - 1)] as f64 / 1e3
 }
 
 fn bench<E: Engine>(a: &Args, root: &Path, hits: &[[u8; 16]], misses: &[[u8; 16]]) -> Res<Row> {
@@ -439,10 +550,43 @@ fn bench<E: Engine>(a: &Args, root: &Path, hits: &[[u8; 16]], misses: &[[u8; 16]
     }
     row.hits_per_s = h;
     row.misses_per_s = m;
+    row.hits2_per_s = reads2(&e, hits, a.read_secs)?;
+    drop(e);
+
+    // 4. Overwrite every key once (so the file holds two versions of each), then close.
+    let mut e = E::open(&dir, false)?;
+    let t = Instant::now();
+    let mut i = 0;
+    while i < a.keys {
+        let n = CHUNK.min(a.keys - i);
+        e.load(i, n, &mut val)?;
+        i += n;
+    }
+    row.overwrite_per_s = a.keys as f64 / t.elapsed().as_secs_f64();
+    e.sync()?;
+    e.close()?;
+    row.disk_after_overwrite = disk_usage(&dir);
+
+    // 5. Cold random gets: evicted from the page cache, reopened, the first gets.
+    evict(&dir)?;
+    let (f0, r0) = (major_faults(), read_bytes());
+    let t = Instant::now();
+    let e = E::open(&dir, false)?;
+    let cold = &hits[..a.cold_gets.min(hits.len())];
+    let mut sum = 0;
+    for c in cold.chunks(CHUNK as usize) {
+        sum += e.get_many(c)?;
+    }
+    row.cold_per_s = cold.len() as f64 / t.elapsed().as_secs_f64();
+    row.cold_majflt = major_faults() - f0;
+    row.cold_read_mb = (read_bytes() - r0) as f64 / 1e6;
+    if sum == 0 {
+        return Err(format!("{}: no hits found cold", E::NAME).into());
+    }
     e.close()?;
     let _ = std::fs::remove_dir_all(&dir);
 
-    // 4. Durable single-writer puts into a fresh store.
+    // 6. Durable single-writer puts into a fresh store.
     let dir = root.join(format!(
         "{}-durable",
         E::NAME.split(' ').next().unwrap_or("x")
@@ -465,6 +609,25 @@ fn bench<E: Engine>(a: &Args, root: &Path, hits: &[[u8; 16]], misses: &[[u8; 16]
     lat.sort_unstable();
     row.durable_p50_us = lat[lat.len() / 2] as f64 / 1e3;
     row.durable_p99_us = lat[(lat.len() * 99 / 100).min(lat.len() - 1)] as f64 / 1e3;
+
+    // 7. Group commit: batches of 100 puts, one durable commit each, beside the raw
+    //    sync's own latencies measured right before (this VM's syncs are bimodal).
+    let mut raw = raw_sync_latencies(&dir, 200, Duration::from_secs(30))?;
+    raw.sort_unstable();
+    row.raw_p50_us = percentile_us(&raw, 50);
+    row.raw_p99_us = percentile_us(&raw, 99);
+    let start = Instant::now();
+    let mut lat = Vec::new();
+    let mut first = 1u64 << 41;
+    while lat.len() < 3 || start.elapsed() < budget {
+        let t = Instant::now();
+        e.put_batch_durable(first, 100, &mut val)?;
+        lat.push(nanos(t.elapsed()));
+        first += 100;
+    }
+    lat.sort_unstable();
+    row.group_p50_us = percentile_us(&lat, 50);
+    row.group_p99_us = percentile_us(&lat, 99);
     e.close()?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(row)
@@ -523,12 +686,13 @@ fn run() -> Res<()> {
         a.keys, a.value_size
     );
     println!(
-        "{:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>11} {:>11} {:>10}",
+        "{:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>11} {:>11} {:>10}",
         "engine",
         "fill/s",
         "fill sync",
         "reopen",
         "hits/s",
+        "hits/s x2",
         "misses/s",
         "durable/s",
         "durable p50",
@@ -537,12 +701,13 @@ fn run() -> Res<()> {
     );
     for r in &rows {
         println!(
-            "{:<12} {:>10} {:>8.1}ms {:>8.2}ms {:>10} {:>10} {:>12} {:>9.0}µs {:>9.0}µs {:>8.0}MB",
+            "{:<12} {:>10} {:>8.1}ms {:>8.2}ms {:>10} {:>10} {:>10} {:>12} {:>9.0}µs {:>9.0}µs {:>8.0}MB",
             r.engine,
             fmt_rate(r.fill_per_s),
             r.fill_sync_ms,
             r.reopen_ms,
             fmt_rate(r.hits_per_s),
+            fmt_rate(r.hits2_per_s),
             fmt_rate(r.misses_per_s),
             fmt_rate(r.durable_per_s),
             r.durable_p50_us,
@@ -550,15 +715,51 @@ fn run() -> Res<()> {
             r.disk_bytes as f64 / 1e6
         );
     }
+    println!();
+    println!(
+        "{:<12} {:>11} {:>10} {:>11} {:>11} {:>9} {:>11} {:>11} {:>9} {:>10} {:>10} {:>9}",
+        "engine",
+        "overwrite/s",
+        "disk after",
+        "cold gets/s",
+        "cold majflt",
+        "cold read",
+        "group p50",
+        "group p99",
+        "p99/p50",
+        "raw p50",
+        "raw p99",
+        "p99/p50"
+    );
+    for r in &rows {
+        println!(
+            "{:<12} {:>11} {:>8.0}MB {:>11} {:>11} {:>7.0}MB {:>9.0}µs {:>9.0}µs {:>8.1}x {:>8.0}µs {:>8.0}µs {:>8.1}x",
+            r.engine,
+            fmt_rate(r.overwrite_per_s),
+            r.disk_after_overwrite as f64 / 1e6,
+            fmt_rate(r.cold_per_s),
+            r.cold_majflt,
+            r.cold_read_mb,
+            r.group_p50_us,
+            r.group_p99_us,
+            r.group_p99_us / r.group_p50_us.max(1e-9),
+            r.raw_p50_us,
+            r.raw_p99_us,
+            r.raw_p99_us / r.raw_p50_us.max(1e-9),
+        );
+    }
     if let (Some(m), Some(l)) = (
         rows.iter().find(|r| r.engine == Mapkv::NAME),
         rows.iter().find(|r| r.engine == Lmdb::NAME),
     ) {
         println!(
-            "mapkv / LMDB: fill {:.2}x, hits {:.2}x, misses {:.2}x, durable puts {:.2}x, reopen {:.2}x faster",
+            "mapkv / LMDB: fill {:.2}x, hits {:.2}x, hits on 2 threads {:.2}x, misses {:.2}x, \
+             cold gets {:.2}x, durable puts {:.2}x, reopen {:.2}x faster",
             m.fill_per_s / l.fill_per_s,
             m.hits_per_s / l.hits_per_s,
+            m.hits2_per_s / l.hits2_per_s,
             m.misses_per_s / l.misses_per_s,
+            m.cold_per_s / l.cold_per_s,
             m.durable_per_s / l.durable_per_s,
             l.reopen_ms / m.reopen_ms.max(1e-6)
         );
