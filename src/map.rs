@@ -623,6 +623,48 @@ impl TailWriter {
     }
 }
 
+/// Zeroed 32-bit atomic words in an anonymous mapping of their own, with transparent huge
+/// pages asked for (the key filter: a few megabytes read at random, where 4 KiB pages
+/// would cost a TLB miss per lookup).
+pub(crate) struct AtomicWords {
+    raw: MmapRaw,
+    len: usize,
+}
+
+impl AtomicWords {
+    /// `len` zeroed words, or `None` if the memory cannot be mapped.
+    pub(crate) fn zeroed(len: usize) -> Option<AtomicWords> {
+        let bytes = len.checked_mul(4)?.max(4);
+        let map = MmapOptions::new().len(bytes).map_anon().ok()?;
+        // A hint, ignored where transparent huge pages are off.
+        let _ = map.advise(Advice::HugePage);
+        Some(AtomicWords {
+            raw: MmapRaw::from(map),
+            len,
+        })
+    }
+
+    /// The words.
+    pub(crate) fn words(&self) -> &[std::sync::atomic::AtomicU32] {
+        // SAFETY: the mapping is page-aligned (so 4-aligned), at least `len * 4` bytes,
+        // zero-initialized (a valid `AtomicU32`), private to this value and alive as long
+        // as `&self`. Its bytes are only ever accessed through these atomics (no plain
+        // reference to them exists), so shared references to them are sound.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.raw.as_mut_ptr().cast::<std::sync::atomic::AtomicU32>(),
+                self.len,
+            )
+        }
+    }
+}
+
+impl std::fmt::Debug for AtomicWords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AtomicWords({})", self.len)
+    }
+}
+
 /// Hints the CPU to fetch the cache line at `addr` for writing (`prefetchw`). Any
 /// address is fine, even a stale or unmapped one: a prefetch never faults and has no
 /// effect the program can observe. Nothing happens off x86-64.

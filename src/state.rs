@@ -10,6 +10,7 @@ use crate::format::{
     KIND_DELETE, KIND_PUT,
 };
 use crate::index::bucket::probe_with;
+use crate::index::filter::KeyFilter;
 use crate::index::{probe, Delta};
 use crate::map::{FileHandle, LiveArea, Mapping};
 
@@ -78,6 +79,12 @@ pub(crate) struct State {
     /// Buckets of `index` whose checksum a lookup has verified since they were last
     /// written (see [`BucketChecks`]).
     pub(crate) checked: BucketChecks,
+    /// The key filter of `index`'s buckets (`store::filter` keeps it right), if one was
+    /// made; lookups consult it once it is ready.
+    pub(crate) filter: Option<Arc<KeyFilter>>,
+    /// A filter was made (or could not be) for `index`: not again until the index
+    /// changes.
+    pub(crate) filter_tried: bool,
 }
 
 /// One bit per bucket of the current index: its checksum was verified since the bucket
@@ -265,10 +272,35 @@ pub(crate) struct Frozen {
 }
 
 impl State {
-    /// Switches to the index `geom` (its buckets are checked anew).
+    /// Switches to the index `geom` (its buckets are checked anew). A different region
+    /// gets a filter of its own (the old one does not know its keys).
     pub(crate) fn set_index(&mut self, geom: IndexGeom) {
         self.checked = BucketChecks::for_buckets(geom.buckets);
+        if geom != self.index {
+            self.drop_filter();
+        }
         self.index = geom;
+    }
+
+    /// Forgets the key filter: the buckets may hold keys it does not know.
+    pub(crate) fn drop_filter(&mut self) {
+        self.filter = None;
+        self.filter_tried = false;
+    }
+
+    /// Appends the key hashes of bucket `b` to `out`, after checking the bucket's
+    /// checksum (the filter's build: a bucket that is damaged must not be summed up as
+    /// holding no keys).
+    pub(crate) fn bucket_hashes(&self, b: u64, out: &mut Vec<u64>) -> Result<()> {
+        self.check_bucket(b)?;
+        let bytes = self.bucket(b)?;
+        for i in 0..crate::format::SLOTS_PER_BUCKET {
+            let (h, off) = crate::index::bucket::slot(bytes, i);
+            if off != 0 {
+                out.push(h);
+            }
+        }
+        Ok(())
     }
 
     /// Marks bucket `b` as verified, as a lookup does (tests that damage a bucket after
@@ -371,6 +403,11 @@ impl State {
     fn find_in_index(&self, hash: u64, key: &[u8]) -> Result<Option<RecordRef>> {
         if self.delta_only {
             return Ok(None);
+        }
+        if let Some(f) = &self.filter {
+            if f.ready() && !f.may_contain(hash) {
+                return Ok(None);
+            }
         }
         let b = bucket_of(hash, self.index.buckets);
         self.check_bucket(b)?;

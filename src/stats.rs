@@ -69,6 +69,11 @@ pub struct Stats {
     pub delta_entries: u64,
     /// Approximate heap bytes used by the in-memory delta.
     pub delta_heap_bytes: u64,
+    /// Memory of the key filter in use (see
+    /// [`Options::key_filter`](crate::Options::key_filter)); 0 while none is built (off,
+    /// an index too small to need one, a build in progress or abandoned because a
+    /// bucket is damaged).
+    pub key_filter_bytes: u64,
     /// The durability policy in force.
     pub durability: Durability,
     /// Whether the mapping was warmed up (`populate(true)`).

@@ -14,9 +14,11 @@
 //!
 //! - [`bucket`]: reading, probing and rewriting one bucket page.
 //! - [`delta`]: the in-memory delta (its own open-addressing table).
+//! - [`filter`]: a Bloom filter over the keys in the buckets, for lookups of missing keys.
 
 pub(crate) mod bucket;
 pub(crate) mod delta;
+pub(crate) mod filter;
 
 pub(crate) use crate::format::key_hash;
 pub(crate) use bucket::{probe, BucketBuf, BucketFull};

@@ -466,8 +466,16 @@ impl Inner {
             Err(ApplyError::Other(e)) => return Err(e),
         }
         self.sync_file(&plan.file)?;
+        // The rewritten buckets' new keys, into the filter before the frozen delta goes.
+        let filtered = match plan.grow {
+            None => super::filter::insert_entries(self, &entries),
+            Some(_) => None,
+        };
         let counters = {
             let mut st = self.state.write();
+            if plan.grow.is_none() {
+                Self::filter_checkpointed(&mut st, filtered.as_ref(), &entries);
+            }
             gone.take_from(&mut st.counters);
             let Some(f) = st.frozen.as_mut() else {
                 return Err(Error::Unsupported("internal: no frozen delta"));

@@ -565,6 +565,8 @@ impl Inner {
             st.gen.replaced_by(&gen);
             st.gen = gen;
             st.set_index(c.index);
+            // Another file: its buckets are not the ones the filter knows.
+            st.drop_filter();
             st.log_start = c.log_start;
             let old_delta = std::mem::replace(&mut st.delta, c.delta);
             let old_frozen = st.frozen.take();

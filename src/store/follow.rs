@@ -123,6 +123,12 @@ impl Inner {
     ) -> Result<(RwLockReadGuard<'_, State>, Option<RecordRef>)> {
         loop {
             let st = self.view()?;
+            if self.wants_filter(&st) {
+                // The first lookup of this index that may reach its buckets.
+                drop(st);
+                self.ensure_filter();
+                continue;
+            }
             // The view's seed: a reader may have followed its path to another file.
             let found = st.find_live(key_hash(st.seed, key), key);
             if !st.shared || self.index_unchanged(&st) {
@@ -216,6 +222,19 @@ impl Inner {
         };
         st.seen.redo = c.redo;
         if c.log_end != st.seen.ckpt_end {
+            // The keys this checkpoint added to the buckets, into the filter: the writes
+            // from the last adopted checkpoint's end to this one's, which the delta holds
+            // if it reaches that far (else the filter is made anew).
+            let prev = st.seen.ckpt_end;
+            if let Some(f) = st.filter.clone() {
+                if prev != 0 && st.seen.base <= prev && st.map.published() >= c.log_end {
+                    for e in st.delta.iter() {
+                        f.insert(e.hash);
+                    }
+                } else {
+                    st.drop_filter();
+                }
+            }
             // A new checkpoint: its buckets and counters are exact up to its `log_end`,
             // so the view's delta starts over there (which also keeps the delta, and the
             // counters, from counting the checkpointed writes twice). Costs a replay of

@@ -93,6 +93,9 @@ pub(crate) struct Inner {
     /// How far the background thread has allocated this file ahead of the writer.
     pub(super) ahead: Mutex<Option<(Arc<FileHandle>, u64)>>,
     pub(crate) recovery: Mutex<RecoveryReport>,
+    /// This store itself, for threads it starts that must not keep it open (the key
+    /// filter's build). Set once the store is shared.
+    pub(super) me: std::sync::OnceLock<std::sync::Weak<Inner>>,
 }
 
 impl Inner {
@@ -145,6 +148,7 @@ impl Inner {
             region_holds: std::sync::atomic::AtomicUsize::new(0),
             checkpoint_holds: std::sync::atomic::AtomicUsize::new(0),
             recovery: Mutex::new(RecoveryReport::default()),
+            me: std::sync::OnceLock::new(),
         }
     }
 

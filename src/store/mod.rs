@@ -10,6 +10,7 @@
 //! - `grow`: file growth.
 //! - `background`: prefault, write-back and periodic syncs off the write path.
 //! - `slots`, `buckets`, `checkpoint`, `reindex`, `counters`: checkpoints and the index.
+//! - `filter`: the in-memory key filter over the buckets, built and kept right.
 //! - `compact`, `iter`, `verify`: maintenance and whole-store reads.
 
 mod background;
@@ -19,6 +20,7 @@ mod checkpoint;
 mod commit;
 mod compact;
 mod counters;
+mod filter;
 mod follow;
 mod grow;
 mod inner;
@@ -112,6 +114,7 @@ impl Store {
             ));
         }
         let inner = Arc::new(open::open(path, options)?);
+        let _ = inner.me.set(Arc::downgrade(&inner));
         Ok(Store {
             inner,
             background: Mutex::new(None),
@@ -636,6 +639,11 @@ impl Store {
             delta_heap_bytes: (st.delta.heap_bytes()
                 + st.frozen.as_ref().map_or(0, |f| f.delta.heap_bytes()))
                 as u64,
+            key_filter_bytes: st
+                .filter
+                .as_ref()
+                .filter(|f| f.ready())
+                .map_or(0, |f| f.bytes()),
             durability: inner.opts.durability,
             populated: inner.opts.populate,
             recovery: inner.recovery.lock().clone(),

@@ -550,6 +550,8 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
             },
             gen: FileGen::new(Arc::clone(&map), info.origin_end, seed),
             checked: crate::state::BucketChecks::for_buckets(ckpt.index_buckets),
+            filter: None,
+            filter_tried: false,
         };
         let start = if full { info.log_start } else { ckpt.log_end };
         if !full && (start >= limit || nothing_after(&fh, start, limit)?) {

@@ -122,6 +122,8 @@ impl Inner {
                 seen: st.seen,
                 gen: Arc::clone(&st.gen),
                 checked: crate::state::BucketChecks::default(),
+                filter: None,
+                filter_tried: true,
             }
         };
         let map = Arc::clone(&scratch.map);
