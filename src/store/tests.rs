@@ -530,3 +530,41 @@ fn a_durable_end_is_never_ahead_of_the_committed_end() {
     assert_eq!(live.load(LIVE_COMMITTED_OFF), end);
     store.close().expect("close");
 }
+
+/// Regression: under `Always` the window of real zeros ahead of the tail was topped up a
+/// megabyte at a time, and that megabyte's write-back delayed the next sync (every ~80th
+/// batch of 100 durable puts took 2 ms instead of 0.2). Now it moves in small steps, and
+/// stays ahead of the tail.
+#[test]
+fn zeros_ahead_of_the_tail_are_written_in_small_steps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("zeros.mkv");
+    // `Async` appends with `pwrite` and zeros ahead as `Always` does, without a sync per
+    // write.
+    let store = Store::open(&path, Options::default().durability(Durability::Async)).expect("open");
+    let value = [7u8; 1000];
+    store.put(b"first", value).expect("put");
+    let (mut zeroed, mut alloc) = {
+        let w = store.inner.writer.lock();
+        (w.zeroed, w.alloc)
+    };
+    let mut steps = 0;
+    for i in 0..40_000u32 {
+        store.put(i.to_le_bytes(), value).expect("put");
+        let w = store.inner.writer.lock();
+        if w.zeroed != zeroed {
+            // A whole window only right after growth opened new space.
+            assert!(
+                w.zeroed - zeroed <= super::grow::ZERO_AHEAD / 4 || w.alloc != alloc,
+                "zeros written {} bytes at once",
+                w.zeroed - zeroed
+            );
+            steps += 1;
+            zeroed = w.zeroed;
+        }
+        alloc = w.alloc;
+        assert!(w.zeroed >= w.end.min(w.alloc), "the tail passed the zeros");
+    }
+    assert!(steps > 100, "the window moved only {steps} times");
+    store.close().expect("close");
+}
