@@ -12,6 +12,7 @@
 //! - `slots`, `buckets`, `checkpoint`, `reindex`, `counters`: checkpoints and the index.
 //! - `filter`: the in-memory key filter over the buckets, built and kept right.
 //! - `compact`, `iter`, `verify`: maintenance and whole-store reads.
+//! - `many`: batched lookups, made in file order.
 
 mod background;
 mod buckets;
@@ -25,6 +26,7 @@ mod follow;
 mod grow;
 mod inner;
 mod iter;
+mod many;
 mod open;
 mod reindex;
 mod slots;

@@ -1,5 +1,5 @@
-//! The key filter (`Options::key_filter`): lookups of missing keys answered from memory.
-//! What must hold: a key in the store is never reported missing, through in-place
+//! The read path's additions: the key filter (`Options::key_filter`, lookups of missing
+//! keys answered from memory) and `Store::get_many`. What must hold for the filter: a key in the store is never reported missing, through in-place
 //! checkpoints, index growth, compaction, deletes and a reader in another process (here:
 //! a read-only handle, which is as separate as one); and a damaged bucket is still
 //! reported, never summed up by the filter as "no such key".
@@ -193,4 +193,38 @@ fn the_filter_can_be_turned_off() {
     }
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(s.stats().key_filter_bytes, 0);
+}
+
+/// `get_many` answers as `get` does, key by key, in order, for present, missing,
+/// deleted and repeated keys, in a writer and in a reader, across batches larger than
+/// one prefetch window; and fails as `get` does on a closed store.
+#[test]
+fn get_many_answers_as_get_does() {
+    let (_dir, path) = tmp();
+    let w = Store::open(&path, Options::default().checkpoint_keys(2_000)).expect("open");
+    for i in 0..12_000u64 {
+        w.put(key(i), format!("value-{i}")).expect("put");
+    }
+    for i in (0..12_000u64).step_by(7) {
+        w.delete(key(i)).expect("delete");
+    }
+    let r = Store::open(&path, Options::default().read_only(true)).expect("reader");
+    let keys: Vec<String> = (0..10_000u64)
+        .map(|i| key((i * 7_919) % 15_000))
+        .chain([key(3), key(3), String::new()])
+        .collect();
+    for s in [&w, &r] {
+        let many = s.get_many(&keys).expect("get_many");
+        assert_eq!(many.len(), keys.len());
+        for (k, v) in keys.iter().zip(&many) {
+            assert_eq!(v, &s.get(k).expect("get"), "{k}");
+        }
+        assert!(many.iter().any(Option::is_none) && many.iter().any(Option::is_some));
+        assert_eq!(
+            s.get_many::<&[u8]>(&[]).expect("empty batch"),
+            Vec::<Option<Vec<u8>>>::new()
+        );
+    }
+    w.close_shared().expect("close");
+    assert!(matches!(w.get_many(&keys[..3]), Err(Error::Closed)));
 }
