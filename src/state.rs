@@ -399,19 +399,19 @@ impl State {
         matches!((key(a), key(b)), (Ok(x), Ok(y)) if x == y)
     }
 
-    /// The put record for `key` in the index buckets (ignoring the delta), if any.
-    fn find_in_index(&self, hash: u64, key: &[u8]) -> Result<Option<RecordRef>> {
+    /// Probes the index buckets for `hash` (unless the filter rules it out), calling
+    /// `is_key` with the offset of each slot whose hash matches until it returns true.
+    fn probe_index(&self, hash: u64, mut is_key: impl FnMut(u64) -> Result<bool>) -> Result<()> {
         if self.delta_only {
-            return Ok(None);
+            return Ok(());
         }
         if let Some(f) = &self.filter {
             if f.ready() && !f.may_contain(hash) {
-                return Ok(None);
+                return Ok(());
             }
         }
         let b = bucket_of(hash, self.index.buckets);
         self.check_bucket(b)?;
-        let mut found = None;
         if self.shared {
             let off = self.index.bucket_off(b);
             let word = |at: u64| self.map.load_shared(off + at);
@@ -425,17 +425,41 @@ impl State {
                 let at = (crate::format::BUCKET_HEADER + i * crate::format::SLOT_SIZE) as u64;
                 (word(at).unwrap_or(0), word(at + 8).unwrap_or(0))
             };
-            probe_with(slot, hash, |off| {
-                found = self.record_if_key(off, key)?;
-                Ok::<bool, Error>(found.is_some())
-            })?;
+            probe_with(slot, hash, &mut is_key)?;
         } else {
-            let bucket = self.bucket(b)?;
-            probe(bucket, hash, |off| {
-                found = self.record_if_key(off, key)?;
-                Ok::<bool, Error>(found.is_some())
-            })?;
+            probe(self.bucket(b)?, hash, &mut is_key)?;
         }
+        Ok(())
+    }
+
+    /// Where the newest record for `hash` probably is (the first candidate of the deltas
+    /// or the buckets, not checked against the key): a sort key for batched lookups.
+    pub(crate) fn locate(&self, hash: u64) -> Option<u64> {
+        if let Some((off, _)) = self.delta.candidates(hash).next() {
+            return Some(off);
+        }
+        if let Some((off, _)) = self
+            .frozen
+            .as_ref()
+            .and_then(|f| f.delta.candidates(hash).next())
+        {
+            return Some(off);
+        }
+        let mut first = None;
+        let _ = self.probe_index(hash, |off| {
+            first = Some(off);
+            Ok(true)
+        });
+        first
+    }
+
+    /// The put record for `key` in the index buckets (ignoring the delta), if any.
+    fn find_in_index(&self, hash: u64, key: &[u8]) -> Result<Option<RecordRef>> {
+        let mut found = None;
+        self.probe_index(hash, |off| {
+            found = self.record_if_key(off, key)?;
+            Ok(found.is_some())
+        })?;
         match found {
             Some(rec) if rec.kind == KIND_PUT => Ok(Some(rec)),
             Some(rec) => Err(Error::corrupt(
