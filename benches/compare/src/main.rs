@@ -11,10 +11,14 @@
 //!    redb open one read transaction per 1,000 gets). Values are read in place where the
 //!    engine allows it (mapkv `get_with`, LMDB `&[u8]`, redb `AccessGuard`); sled and
 //!    fjall hand out reference-counted buffers.
-//! 4. **durable puts**: one writer puts new keys into a fresh store, each put durable
+//! 4. **random gets on two threads**, then **overwrite** of every key and a close, then
+//!    **cold gets**: the files dropped from the page cache, the store reopened and
+//!    `--cold-gets` random keys read (for mapkv also through `Store::get_many`).
+//! 5. **durable puts**: one writer puts new keys into a fresh store, each put durable
 //!    before the next (mapkv `Durability::Always`; LMDB and redb one synced transaction
 //!    per put; sled `insert` + `flush`; fjall `insert` + `persist(SyncData)`), for
-//!    `--durable-secs`.
+//!    `--durable-secs`; then **group commit**, batches of 100 puts each one durable
+//!    commit, beside raw syncs measured right before.
 //!
 //! Run: `cd benches/compare && cargo run --release -- [--keys N] [--engines a,b]`.
 
@@ -459,7 +463,8 @@ fn reads2<E: Engine>(e: &E, keys: &[[u8; 16]], secs: f64) -> Res<f64> {
     let start = Instant::now();
     let rates: Vec<Res<(f64, usize)>> = std::thread::scope(|s| {
         let t1 = s.spawn(|| reads(e, a, secs).map_err(|e| e.to_string()));
-        let t2 = s.spawn(|| reads(e, if b.is_empty() { a } else { b }, secs).map_err(|e| e.to_string()));
+        let t2 =
+            s.spawn(|| reads(e, if b.is_empty() { a } else { b }, secs).map_err(|e| e.to_string()));
         [t1, t2]
             .into_iter()
             .map(|t| match t.join() {
@@ -487,7 +492,10 @@ fn evict(dir: &Path) -> Res<()> {
             evict(&p)?;
             continue;
         }
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(&p)?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)?;
         f.sync_all()?;
         // SAFETY: a plain system call on a file descriptor this function owns.
         let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
@@ -512,8 +520,10 @@ fn read_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/io")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("read_bytes: ").and_then(|v| v.trim().parse().ok()))
+            s.lines().find_map(|l| {
+                l.strip_prefix("read_bytes: ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
         })
         .unwrap_or(0)
 }
