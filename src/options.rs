@@ -334,8 +334,8 @@ impl Options {
     /// a random page of the index (measured at 1M keys: see the README's "What the flags
     /// cost").
     ///
-    /// A Bloom filter of about 40 bits per key in the index (about 5 MB per million
-    /// keys), built by a thread of its own from the index buckets after the first lookup
+    /// A Bloom filter of 12 bits per key the index region holds before it grows (1.5-3 MB
+    /// per million keys), built by a thread of its own from the index buckets after the first lookup
     /// that reaches them, and again after each index growth and compaction; until it is
     /// built, lookups probe the buckets as without it. Building it reads every bucket
     /// once (which also checks their checksums, and warms a cold index). Applies to

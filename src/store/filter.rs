@@ -24,6 +24,7 @@
 
 use std::sync::{Arc, Weak};
 
+use super::checkpoint::MAX_LOAD;
 use super::inner::Inner;
 use crate::format::{LIVE_INDEX_SEQ_OFF, SLOTS_PER_BUCKET};
 use crate::index::filter::KeyFilter;
@@ -47,11 +48,9 @@ impl Inner {
             if !self.wants_filter(&st) {
                 return;
             }
-            // Room for twice the keys there are (the index grows before it is 70% full).
-            st.counters
-                .live_keys
-                .max(st.index.buckets * SLOTS_PER_BUCKET as u64 / 4)
-                .saturating_mul(2)
+            // Room for the most keys the region holds before the index grows.
+            let most = st.index.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD;
+            st.counters.live_keys.max(most as u64)
         };
         let made = KeyFilter::with_capacity(keys).map(Arc::new);
         let filter = {
