@@ -439,3 +439,50 @@ fn compaction_keeps_mode_and_owner_and_works_through_a_symlink() {
     assert_eq!(s.get(key(8)).unwrap().unwrap(), val(8, 2));
     s.verify().unwrap();
 }
+
+/// Closing a store while a compaction copies it: the close succeeds, the compaction
+/// either finishes or fails with `Error::Closed` at the switch, nothing of it is left in
+/// the directory, and the store reopens with every write.
+#[test]
+fn close_during_a_compaction_leaves_the_store_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("closing.mkv");
+    let store = Arc::new(
+        Store::open(
+            &path,
+            Options::default()
+                .durability(Durability::None)
+                .auto_compact_off(),
+        )
+        .expect("open"),
+    );
+    for round in 0..2 {
+        for i in 0..150_000u32 {
+            store.put(key(i), val(i, round)).expect("put");
+        }
+    }
+    let compactor = {
+        let s = Arc::clone(&store);
+        std::thread::spawn(move || s.compact())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    store.close_shared().expect("close during a compaction");
+    match compactor.join().expect("compaction thread") {
+        Ok(()) | Err(Error::Closed) => {}
+        Err(e) => panic!("the compaction failed otherwise: {e}"),
+    }
+    drop(store);
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "closing.mkv")
+        .collect();
+    assert!(left.is_empty(), "left in the directory: {left:?}");
+    let store = Store::open(&path, Options::default()).expect("reopen");
+    assert_eq!(store.len(), 150_000);
+    for i in (0..150_000u32).step_by(997) {
+        assert_eq!(store.get(key(i)).expect("get"), Some(val(i, 1)));
+    }
+    store.verify().expect("verify");
+}
