@@ -210,6 +210,8 @@ pub struct Row {
     pub resident_bytes_after_touch: u64,
     /// Warm random `get`s per second (one thread).
     pub reads_per_s: f64,
+    /// Random `get`s of absent keys per second (one thread, after the reads).
+    pub misses_per_s: f64,
     /// Writes made.
     pub writes: u64,
     /// Wall time of the write phase.
@@ -533,9 +535,11 @@ fn run_row(
     }
     let resident_bytes_after_touch = store.stats().resident_bytes;
 
-    // Warm random reads.
+    // Warm random reads, then of keys the store does not hold.
     let reads_per_s =
-        random_reads(&store, a.keys, a.read_secs).map_err(|e| store_fail(&path, &e))?;
+        random_reads(&store, 0, a.keys, a.read_secs).map_err(|e| store_fail(&path, &e))?;
+    let misses_per_s =
+        random_reads(&store, a.keys, a.keys, a.read_secs).map_err(|e| store_fail(&path, &e))?;
 
     // Writes under the policy.
     let raw_sync = if p.durability == Durability::Always {
@@ -577,6 +581,7 @@ fn run_row(
         touch_faults,
         resident_bytes_after_touch,
         reads_per_s,
+        misses_per_s,
         writes: w.writes,
         write_secs: w.secs,
         writes_per_s: w.writes as f64 / w.secs.max(1e-9),
@@ -595,7 +600,8 @@ fn run_row(
     })
 }
 
-fn random_reads(store: &Store, keys: u64, secs: f64) -> mapkv::Result<f64> {
+/// Random `get`s of keys `first..first + keys` for `secs`, per second.
+fn random_reads(store: &Store, first: u64, keys: u64, secs: f64) -> mapkv::Result<f64> {
     let mut rng = Rng::new(7);
     let t = Instant::now();
     let budget = Duration::from_secs_f64(secs);
@@ -604,7 +610,7 @@ fn random_reads(store: &Store, keys: u64, secs: f64) -> mapkv::Result<f64> {
     loop {
         for _ in 0..1024 {
             sum += store
-                .get_with(key(rng.below(keys)), <[u8]>::len)?
+                .get_with(key(first + rng.below(keys)), <[u8]>::len)?
                 .unwrap_or(0);
         }
         n += 1024;
@@ -769,6 +775,7 @@ fn render(a: &BenchArgs, r: &Report) -> String {
         "p99",
         "p99.9",
         "reads/s",
+        "misses/s",
         "open (cold)",
         "first touch (cold)",
         "faults open+touch (minor/major)",
@@ -787,6 +794,7 @@ fn render(a: &BenchArgs, r: &Report) -> String {
             fmt_ns(row.latency.p99_ns),
             fmt_ns(row.latency.p999_ns),
             fmt_rate(row.reads_per_s),
+            fmt_rate(row.misses_per_s),
             fmt_secs(row.open_ms / 1e3),
             fmt_secs(row.first_touch_ms / 1e3),
             format!("{} + {}", faults(row.open_faults), faults(row.touch_faults)),
