@@ -421,27 +421,12 @@ impl Mapping {
     /// folios, which made later `sync_file_range`/`msync` of small appends write back whole
     /// folios (measured 5-7x slower `Async` writes). Falls back to `MADV_WILLNEED`.
     pub(crate) fn populate_read(&self, len: u64) {
-        self.populate_read_range(0, len);
-    }
-
-    /// [`Mapping::populate_read`] of `[off, off + len)`, clamped to the published bytes
-    /// (which lie inside the file).
-    pub(crate) fn populate_read_range(&self, off: u64, len: u64) {
-        let end = off
-            .saturating_add(len)
-            .min(self.reserved)
-            .min(self.published());
-        let off = crate::format::page_down(off);
-        if end <= off {
+        let len = len.min(self.reserved) as usize;
+        if len == 0 {
             return;
         }
-        let (off, len) = (off as usize, (end - off) as usize);
-        if self
-            .raw
-            .advise_range(Advice::PopulateRead, off, len)
-            .is_err()
-        {
-            let _ = self.raw.advise_range(Advice::WillNeed, off, len);
+        if self.raw.advise_range(Advice::PopulateRead, 0, len).is_err() {
+            let _ = self.raw.advise_range(Advice::WillNeed, 0, len);
         }
     }
 

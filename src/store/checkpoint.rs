@@ -466,14 +466,15 @@ impl Inner {
             Err(ApplyError::Other(e)) => return Err(e),
         }
         self.sync_file(&plan.file)?;
-        // The rewritten buckets' new keys, into the filter before the frozen delta goes.
-        let filtered = match plan.grow {
-            None => super::filter::insert_entries(self, &entries),
-            Some(_) => None,
-        };
+        // The rewritten buckets' new keys, into the filter before the frozen delta goes
+        // (a grown index gets a filter of its own).
+        let in_place = plan.grow.is_none();
+        let filtered = in_place
+            .then(|| super::filter::insert_entries(self, &entries))
+            .flatten();
         let counters = {
             let mut st = self.state.write();
-            if plan.grow.is_none() {
+            if in_place {
                 Self::filter_checkpointed(&mut st, filtered.as_ref(), &entries);
             }
             gone.take_from(&mut st.counters);

@@ -27,21 +27,22 @@ impl Store {
     pub fn get_many<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<Vec<Option<Vec<u8>>>> {
         let r = self.inner.check_open().and_then(|()| {
             // Bucket order, then where each key's record probably is.
-            let mut order: Vec<(u64, usize)> = {
+            let (hashes, mut order) = {
                 let st = self.inner.view()?;
                 let buckets = st.index.buckets.max(1);
-                keys.iter()
+                let hashes: Vec<u64> = keys.iter().map(|k| key_hash(st.seed, k.as_ref())).collect();
+                let order: Vec<(u64, usize)> = hashes
+                    .iter()
                     .enumerate()
-                    .map(|(i, k)| (bucket_of(key_hash(st.seed, k.as_ref()), buckets), i))
-                    .collect()
+                    .map(|(i, &h)| (bucket_of(h, buckets), i))
+                    .collect();
+                (hashes, order)
             };
             order.sort_unstable();
             for piece in order.chunks_mut(LOCATE_PIECE) {
                 let st = self.inner.view()?;
                 for (at, i) in piece.iter_mut() {
-                    *at = st
-                        .locate(key_hash(st.seed, keys[*i].as_ref()))
-                        .unwrap_or(u64::MAX);
+                    *at = st.locate(hashes[*i]).unwrap_or(u64::MAX);
                 }
             }
             // Record order: each lookup is made in full (the hint may be stale, or a

@@ -458,28 +458,27 @@ fn reads<E: Engine>(e: &E, keys: &[[u8; 16]], secs: f64) -> Res<(f64, usize)> {
 
 /// [`reads`] on two threads at once (each its own order of `keys`); the total rate.
 fn reads2<E: Engine>(e: &E, keys: &[[u8; 16]], secs: f64) -> Res<f64> {
-    let half = keys.len() / 2;
-    let (a, b) = keys.split_at(half.max(1).min(keys.len()));
-    let start = Instant::now();
-    let rates: Vec<Res<(f64, usize)>> = std::thread::scope(|s| {
-        let t1 = s.spawn(|| reads(e, a, secs).map_err(|e| e.to_string()));
-        let t2 =
-            s.spawn(|| reads(e, if b.is_empty() { a } else { b }, secs).map_err(|e| e.to_string()));
-        [t1, t2]
-            .into_iter()
-            .map(|t| match t.join() {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(e)) => Err(e.into()),
-                Err(_) => Err("a reader thread panicked".into()),
-            })
-            .collect()
+    let (a, b) = keys.split_at(keys.len() / 2);
+    let b = if a.is_empty() { b } else { a };
+    let (ra, rb) = std::thread::scope(|s| {
+        let ta = s.spawn(|| reads(e, a, secs).map_err(|e| e.to_string()));
+        let rb = reads(e, b, secs).map_err(|e| e.to_string());
+        (ta.join(), rb)
     });
-    let _ = start;
-    let mut total = 0.0;
-    for r in rates {
-        total += r?.0;
+    let ra = ra.map_err(|_| "a reader thread panicked")??;
+    Ok(ra.0 + rb?.0)
+}
+
+/// Puts every key `0..keys` in chunks of [`CHUNK`]; returns puts per second.
+fn load_all<E: Engine>(e: &mut E, keys: u64, val: &mut [u8]) -> Res<f64> {
+    let t = Instant::now();
+    let mut i = 0;
+    while i < keys {
+        let n = CHUNK.min(keys - i);
+        e.load(i, n, val)?;
+        i += n;
     }
-    Ok(total)
+    Ok(keys as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Writes back and drops every file under `dir` from the page cache, so the next open
@@ -543,14 +542,7 @@ fn bench<E: Engine>(a: &Args, root: &Path, hits: &[[u8; 16]], misses: &[[u8; 16]
 
     // 1. Fill.
     let mut e = E::open(&dir, false)?;
-    let t = Instant::now();
-    let mut i = 0;
-    while i < a.keys {
-        let n = CHUNK.min(a.keys - i);
-        e.load(i, n, &mut val)?;
-        i += n;
-    }
-    row.fill_per_s = a.keys as f64 / t.elapsed().as_secs_f64();
+    row.fill_per_s = load_all(&mut e, a.keys, &mut val)?;
     let t = Instant::now();
     e.sync()?;
     row.fill_sync_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -574,18 +566,13 @@ fn bench<E: Engine>(a: &Args, root: &Path, hits: &[[u8; 16]], misses: &[[u8; 16]
     row.hits_per_s = h;
     row.misses_per_s = m;
     row.hits2_per_s = reads2(&e, hits, a.read_secs)?;
-    drop(e);
+    e.close()?;
 
-    // 4. Overwrite every key once (so the file holds two versions of each), then close.
+    // 4. Overwrite every key once with a new value (so the file holds two versions of
+    //    each), then close.
     let mut e = E::open(&dir, false)?;
-    let t = Instant::now();
-    let mut i = 0;
-    while i < a.keys {
-        let n = CHUNK.min(a.keys - i);
-        e.load(i, n, &mut val)?;
-        i += n;
-    }
-    row.overwrite_per_s = a.keys as f64 / t.elapsed().as_secs_f64();
+    val.fill(0xA5);
+    row.overwrite_per_s = load_all(&mut e, a.keys, &mut val)?;
     e.sync()?;
     e.close()?;
     row.disk_after_overwrite = disk_usage(&dir);
