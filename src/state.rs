@@ -261,6 +261,9 @@ pub(crate) fn key_in<'m>(map: &'m Mapping, rec: &RecordRef) -> Result<&'m [u8]> 
 #[derive(Debug)]
 pub(crate) struct Frozen {
     pub(crate) delta: Delta,
+    /// The log end the frozen delta covers (its checkpoint's `log_end`): tells one
+    /// frozen delta from the next.
+    pub(crate) end: u64,
     /// The counters as of the end of the log the frozen delta covers (what the
     /// checkpoint will record), minus the old records found since for its entries.
     pub(crate) counters: Counters,

@@ -58,7 +58,7 @@ pub(super) enum JobEnd {
 
 /// Slots of the frozen delta copied per read lock (about 1 MiB of table, well under a
 /// millisecond).
-const COPY_PIECE: usize = 1 << 16;
+pub(super) const COPY_PIECE: usize = 1 << 16;
 
 /// Grow the index when the average bucket is this full...
 pub(super) const MAX_LOAD: f64 = 0.70;
@@ -275,6 +275,7 @@ impl Inner {
             let counters = st.counters;
             st.frozen = Some(Box::new(Frozen {
                 delta,
+                end: w.end,
                 counters,
                 failed: false,
             }));
@@ -405,14 +406,15 @@ impl Inner {
     pub(super) fn run_job_locked(&self, plan: &JobPlan) -> Result<JobEnd> {
         let mut slots = self.slots.lock();
         let geom = plan.grow.map_or(plan.old, |g| g.0);
-        let (map, mut entries, frozen_counters) = {
+        let (map, len, frozen_counters) = {
             let st = self.state.read();
             let Some(f) = &st.frozen else {
                 return Err(Error::Unsupported("internal: no frozen delta"));
             };
-            let entries = crate::anon::AnonVec::with_capacity(f.delta.len());
-            (Arc::clone(&st.map), entries, f.counters)
+            (Arc::clone(&st.map), f.delta.len(), f.counters)
         };
+        // Mapped outside the lock (the frozen delta gains no entries).
+        let mut entries = crate::anon::AnonVec::with_capacity(len);
         // Copied in pieces, each under a short read lock (a copy of a million entries
         // under one kept the writer waiting 12 ms): the frozen delta gains no entries,
         // and the resolution marks this copy reads change only under `resolving`,

@@ -74,6 +74,10 @@ pub(crate) struct Inner {
     pub(super) syncs: AtomicU64,
     pub(super) bytes_synced: AtomicU64,
     pub(super) checkpoints: AtomicU64,
+    /// Bumped (under the writer mutex) when the index is rebuilt from the log: buckets
+    /// read before a rebuild may be half-rewritten, so a compaction snapshot that saw
+    /// one starts over.
+    pub(super) rebuilds: AtomicU64,
     /// Work for the background thread, and its stop flag.
     pub(super) background: Mutex<Background>,
     pub(super) background_cv: Condvar,
@@ -140,6 +144,7 @@ impl Inner {
             syncs: AtomicU64::new(0),
             bytes_synced: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
+            rebuilds: AtomicU64::new(0),
             background: Mutex::new(Background::default()),
             background_cv: Condvar::new(),
             ahead: Mutex::new(None),

@@ -142,6 +142,8 @@ impl Inner {
         }
         scratch.counters.log_bytes = end.bytes;
         let keys = scratch.counters.live_keys;
+        self.rebuilds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let old = {
             let mut st = self.state.write();
             st.delta_only = true;
