@@ -218,7 +218,7 @@ fn keep_mode_and_owner(f: &std::fs::File, real: &Path) -> Result<()> {
 /// a failed checkpoint) starts the snapshot over. Old index regions are not punched
 /// while the buckets are read. A store whose index is in its delta alone (being rebuilt)
 /// is snapshotted from the delta, under the lock.
-fn snapshot(inner: &Inner) -> Result<(Arc<Mapping>, Vec<u64>, u64)> {
+fn snapshot(inner: &Inner) -> Result<Snapshot> {
     let _keep_regions = inner.hold_regions();
     for _ in 0..SNAPSHOT_TRIES {
         if let Some(s) = snapshot_once(inner)? {
@@ -230,12 +230,16 @@ fn snapshot(inner: &Inner) -> Result<(Arc<Mapping>, Vec<u64>, u64)> {
     ))
 }
 
+/// A snapshot: the mapping, the live records' offsets in it, and the log end `E0` they
+/// stand at.
+type Snapshot = (Arc<Mapping>, Vec<u64>, u64);
+
 /// Snapshot attempts before compaction gives up (each is started over only by an index
 /// rebuild, the repair of a failed checkpoint).
 const SNAPSHOT_TRIES: usize = 4;
 
 /// One attempt of [`snapshot`]: `None` if the index was rebuilt meanwhile.
-fn snapshot_once(inner: &Inner) -> Result<Option<(Arc<Mapping>, Vec<u64>, u64)>> {
+fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
     let me = inner.me.get().and_then(std::sync::Weak::upgrade);
     let (map, e0, frozen_end, index, rebuilds, hint) = loop {
         let mut w = inner.writer.lock();
