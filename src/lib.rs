@@ -27,14 +27,16 @@
 //! - [`format`](mod@format): the on-disk format, byte by byte, including the key hash
 //!   (pure: no I/O, no `unsafe`).
 //! - `error`, `options`, `observe`, `batch`, `stats`: plain types of the public API.
-//! - `anon`, `map`: memory and the mapped file, file locks and syncs (the only `unsafe`).
+//! - `anon`, `map`: memory and the mapped file, file locks and syncs (the only `unsafe`,
+//!   but for the two priority calls of `store::threads`).
 //! - `log`: scanning the record log; `index::bucket`, `index::delta`: the hash buckets in
 //!   the file and the in-memory delta of changes since the last checkpoint.
 //! - `state`: the *read view*: a mapping, the index geometry and the deltas, everything a
 //!   lookup needs and nothing of the writer's.
 //! - `store`: the [`Store`] handle and its parts: `open` (recovery), `commit` (the write
 //!   path), `sync` (group commit), `grow`, `background`, `checkpoint`, `reindex`,
-//!   `buckets`, `slots`, `counters`, `compact`, `iter`, `verify`.
+//!   `buckets`, `slots`, `counters`, `compact`, `iter`, `verify`, `threads` (the store's
+//!   own threads, at a lower priority).
 //! - `sim` (feature `sim`): a crash simulator for testing, not part of the store.
 
 mod anon;

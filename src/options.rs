@@ -101,6 +101,7 @@ pub struct Options {
     pub(crate) auto_compact: Option<AutoCompact>,
     pub(crate) checkpoint_keys: usize,
     pub(crate) key_filter: bool,
+    pub(crate) background_nice: i32,
     pub(crate) sync_observer: Option<crate::observe::SyncObserverRef>,
 }
 
@@ -166,12 +167,16 @@ impl Default for Options {
             auto_compact: Some(AutoCompact::DEFAULT),
             checkpoint_keys: 450_000,
             key_filter: true,
+            background_nice: i32::from(Options::DEFAULT_BACKGROUND_NICE),
             sync_observer: None,
         }
     }
 }
 
 impl Options {
+    /// The default of [`Options::background_nice`].
+    pub const DEFAULT_BACKGROUND_NICE: u8 = 10;
+
     /// Warm the store up at open.
     ///
     /// Reads: the used part of the file is read into the page cache and mapped at open,
@@ -326,6 +331,27 @@ impl Options {
     #[must_use]
     pub fn checkpoint_keys(mut self, keys: usize) -> Self {
         self.checkpoint_keys = keys;
+        self
+    }
+
+    /// How many nice steps below the opening thread the store's own threads run: its
+    /// background thread (allocation ahead, write-back, periodic syncs, counting), its
+    /// checkpoints, automatic compactions and the key filter's build. `0` runs them at
+    /// the application's priority. (An explicit [`Store::compact`](crate::Store::compact)
+    /// runs on the caller's thread, at its priority.)
+    ///
+    /// Why: on a machine with few cores, those threads and the writer take turns on the
+    /// CPU, and a writer that waits for a core waits milliseconds (the scheduler's time
+    /// slice), as does a writer that waits for a lock held by a thread that lost its
+    /// core. At a lower priority they take the CPU the writer leaves free and yield it
+    /// when the writer wakes. Nothing is slowed that the writer waits for: when a
+    /// checkpoint falls behind, the writer sleeps (`checkpoint_keys`), which gives the
+    /// checkpoint the core. Measured in the README's "Write stalls". Values are capped
+    /// at nice 19; a priority that cannot be lowered is left alone. Defaults to
+    /// [`Options::DEFAULT_BACKGROUND_NICE`] (10).
+    #[must_use]
+    pub fn background_nice(mut self, steps: u8) -> Self {
+        self.background_nice = i32::from(steps);
         self
     }
 

@@ -712,3 +712,73 @@ fn a_sync_observer_calling_back_into_its_store_gets_reentrant_not_a_hang() {
     assert!(seen.iter().any(|l| l == "get: Ok(true)"), "{seen:?}");
     assert_eq!(store.get(b"from-callback").expect("get"), None);
 }
+
+/// The nice values of this process's threads named `name` (field 19 of
+/// `/proc/self/task/TID/stat`, counted after the parenthesised name). Other tests in
+/// this binary run stores too, so there may be several.
+fn nices_of_threads(name: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let Some(at) = stat.rfind(')') else { continue };
+        // After the name: state is field 3, nice field 19, the 17th from here.
+        if let Some(n) = stat[at + 2..]
+            .split_whitespace()
+            .nth(16)
+            .and_then(|n| n.parse().ok())
+        {
+            out.push(n);
+        }
+    }
+    out
+}
+
+fn this_thread_nice() -> i64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("own stat");
+    let after = &stat[stat.rfind(')').expect("name") + 2..];
+    after
+        .split_whitespace()
+        .nth(16)
+        .and_then(|n| n.parse().ok())
+        .expect("nice")
+}
+
+#[test]
+fn the_stores_own_threads_run_at_the_lower_priority_options_ask_for() {
+    let base = this_thread_nice();
+    for steps in [0u8, 3, Options::DEFAULT_BACKGROUND_NICE] {
+        let (_dir, path) = tmp();
+        let s = Store::open(
+            &path,
+            Options::default()
+                .durability(Durability::None)
+                .background_nice(steps),
+        )
+        .unwrap();
+        // The first write starts the background thread.
+        s.put(b"k", b"v").unwrap();
+        // Comm names are cut at 15 bytes.
+        let want = (base + i64::from(steps)).min(19);
+        let mut seen = Vec::new();
+        for _ in 0..200 {
+            seen = nices_of_threads("mapkv-backgroun");
+            if seen.contains(&want) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            seen.contains(&want),
+            "background_nice({steps}): wanted a background thread at nice {want}, saw {seen:?}"
+        );
+        s.close().unwrap();
+    }
+}

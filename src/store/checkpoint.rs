@@ -199,18 +199,16 @@ impl Inner {
     fn spawn_job(self: &Arc<Self>, w: &mut Writer, plan: JobPlan) -> Result<()> {
         let me = Arc::clone(self);
         let job_plan = plan.clone();
-        match std::thread::Builder::new()
-            .name("mapkv-checkpoint".into())
-            .spawn(move || {
-                let r = me.run_job(&job_plan);
-                // The checkpoint made the counters exact (it looked up every key's old
-                // record): the moment to ask whether automatic compaction is due, which
-                // the write path checks only against what it has resolved so far.
-                if matches!(r, Ok(JobEnd::Done)) && me.compaction_due() {
-                    me.start_auto_compaction();
-                }
-                r
-            }) {
+        match super::threads::spawn("mapkv-checkpoint", self.opts.background_nice, move || {
+            let r = me.run_job(&job_plan);
+            // The checkpoint made the counters exact (it looked up every key's old
+            // record): the moment to ask whether automatic compaction is due, which
+            // the write path checks only against what it has resolved so far.
+            if matches!(r, Ok(JobEnd::Done)) && me.compaction_due() {
+                me.start_auto_compaction();
+            }
+            r
+        }) {
             Ok(thread) => {
                 w.job = Some(Job { thread, plan });
                 Ok(())

@@ -210,26 +210,24 @@ impl Inner {
             let _ = done.join();
         }
         let inner = Arc::clone(self);
-        *slot = std::thread::Builder::new()
-            .name("mapkv-compact".into())
-            .spawn(move || {
-                // Writes made during a compaction are copied with it, dead ones too:
-                // compact again while the threshold is still crossed. (A cap of three
-                // in a row left a store whose writer had stopped far above it, since
-                // only a write or a checkpoint starts the next one.)
-                loop {
-                    if let Err(e) = super::compact::compact(&inner) {
-                        if !matches!(e, Error::Closed) {
-                            inner.note_error(&e);
-                        }
-                        break;
+        *slot = super::threads::spawn("mapkv-compact", self.opts.background_nice, move || {
+            // Writes made during a compaction are copied with it, dead ones too:
+            // compact again while the threshold is still crossed. (A cap of three
+            // in a row left a store whose writer had stopped far above it, since
+            // only a write or a checkpoint starts the next one.)
+            loop {
+                if let Err(e) = super::compact::compact(&inner) {
+                    if !matches!(e, Error::Closed) {
+                        inner.note_error(&e);
                     }
-                    if !inner.compaction_due() {
-                        break;
-                    }
+                    break;
                 }
-            })
-            .ok();
+                if !inner.compaction_due() {
+                    break;
+                }
+            }
+        })
+        .ok();
     }
 
     /// `Error::Closed` once the store was closed.

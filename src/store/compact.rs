@@ -285,9 +285,8 @@ fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
         );
     };
     // The frozen delta, a piece per read lock, into a delta of our own.
-    let mut frozen = crate::index::Delta::default();
+    let mut entries = crate::anon::AnonVec::with_capacity(0);
     if let Some(fend) = frozen_end {
-        let mut entries = crate::anon::AnonVec::with_capacity(0);
         let mut cursor = 0;
         loop {
             let st = inner.state.read();
@@ -303,11 +302,9 @@ fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
                 break;
             }
         }
-        for e in entries.iter() {
-            // Entries of one delta are distinct keys, even where their hashes collide.
-            frozen.set(e.hash, e.off(), e.delete(), true, |_| false);
-        }
     }
+    let frozen = crate::index::Delta::from_entries(&entries);
+    drop(entries);
     let offsets = super::iter::collect_live(&map, &[&frozen], Some(index.buckets), hint, |b| {
         let off = index.bucket_off(b);
         let _st = inner.state.read();

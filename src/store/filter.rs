@@ -66,9 +66,9 @@ impl Inner {
             return;
         };
         let f = Arc::clone(&filter);
-        let spawned = std::thread::Builder::new()
-            .name("mapkv-filter".into())
-            .spawn(move || build(&me, &f));
+        let spawned = super::threads::spawn("mapkv-filter", self.opts.background_nice, move || {
+            build(&me, &f);
+        });
         if spawned.is_err() {
             filter.abandon();
         }

@@ -101,9 +101,10 @@ impl Inner {
             };
             // Unmapping takes time (page tables): not under the state lock, and not on
             // the writer's thread either if a thread can be had.
-            if let Err(e) = std::thread::Builder::new()
-                .name("mapkv-unmap".into())
-                .spawn(move || drop(old))
+            if let Err(e) =
+                super::threads::spawn("mapkv-unmap", self.opts.background_nice, move || {
+                    drop(old);
+                })
             {
                 let _ = e;
             }

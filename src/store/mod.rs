@@ -33,6 +33,7 @@ mod slots;
 mod sync;
 #[cfg(test)]
 mod tests;
+mod threads;
 mod verify;
 
 use std::path::Path;
@@ -141,10 +142,10 @@ impl Store {
         if slot.is_none() && !self.inner.opts.read_only {
             let inner = Arc::clone(&self.inner);
             *slot = Some(
-                std::thread::Builder::new()
-                    .name("mapkv-background".into())
-                    .spawn(move || background(&inner, interval))
-                    .map_err(|e| Error::io("spawn background thread", e))?,
+                threads::spawn("mapkv-background", inner.opts.background_nice, move || {
+                    background(&inner, interval);
+                })
+                .map_err(|e| Error::io("spawn background thread", e))?,
             );
         }
         self.background_started.store(true, Ordering::Release);

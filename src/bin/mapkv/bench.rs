@@ -107,6 +107,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZES", num_args = 0..=1,
           default_missing_value = crate::sweep::DEFAULT_SIZES, value_parser = crate::sweep::parse_sizes)]
     pub sweep: Option<crate::sweep::Sizes>,
+    /// With --sweep: `Options::background_nice` for its stores (nice steps below the
+    /// writer for the store's own threads; 0: the writer's priority).
+    #[arg(long, value_name = "STEPS", default_value_t = mapkv::Options::DEFAULT_BACKGROUND_NICE)]
+    pub background_nice: u8,
 }
 
 /// A durability policy chosen on the command line.
@@ -351,7 +355,14 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
         );
     }
     if let Some(sizes) = &a.sweep {
-        return crate::sweep::run_only(&dir, &filesystem, sizes, a.value_size, a.json);
+        return crate::sweep::run_only(
+            &dir,
+            &filesystem,
+            sizes,
+            a.value_size,
+            a.background_nice,
+            a.json,
+        );
     }
     if a.readers == ReadersSel::Only {
         return crate::readers::run_only(&dir, &filesystem, a.json);

@@ -851,6 +851,9 @@ pub struct SweepReport {
     pub dir: String,
     /// Value size, bytes (keys are 16 bytes).
     pub value_size: usize,
+    /// `Options::background_nice` of the stores (the library's default unless
+    /// `--background-nice` set it).
+    pub background_nice: u8,
     /// Bytes per plain-mapping record (24-byte header, key, value).
     pub plain_record_bytes: usize,
     /// The kernel's dirty-page limits.
@@ -911,6 +914,7 @@ pub fn run_only(
     filesystem: &str,
     sizes: &Sizes,
     value_size: usize,
+    background_nice: u8,
     json: bool,
 ) -> Result<(), Failure> {
     let wall = Instant::now();
@@ -949,7 +953,7 @@ pub fn run_only(
                 continue;
             }
         }
-        reports.push(run_size(dir, n, value_size, &pb)?);
+        reports.push(run_size(dir, n, value_size, background_nice, &pb)?);
     }
     pb.finish_and_clear();
     let report = SweepReport {
@@ -957,6 +961,7 @@ pub fn run_only(
         filesystem: filesystem.to_owned(),
         dir: dir.display().to_string(),
         value_size,
+        background_nice,
         plain_record_bytes: PLAIN_HEADER + 16 + value_size,
         dirty_limits,
         sizes: reports,
@@ -990,12 +995,17 @@ fn run_size(
     dir: &Path,
     n: u64,
     value_size: usize,
+    background_nice: u8,
     pb: &ProgressBar,
 ) -> Result<SizeReport, Failure> {
     let path = dir.join("sweep.mkv");
     let fail = |e: &mapkv::Error| Failure::store(&path, e);
     let _ = std::fs::remove_file(&path);
-    let options = || Options::default().durability(Durability::None);
+    let options = || {
+        Options::default()
+            .durability(Durability::None)
+            .background_nice(background_nice)
+    };
     let label = fmt_keys(n);
 
     // 1. Fill.
@@ -1287,9 +1297,9 @@ fn render(r: &SweepReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "mapkv bench --sweep: 16 B keys x {} B values, Durability::None, one writer; {} in {}; \
-         kernel {}",
-        r.value_size, r.filesystem, r.dir, r.kernel
+        "mapkv bench --sweep: 16 B keys x {} B values, Durability::None, one writer, the \
+         store's threads at nice +{}; {} in {}; kernel {}",
+        r.value_size, r.background_nice, r.filesystem, r.dir, r.kernel
     );
     let d = &r.dirty_limits;
     let limits = match d.approx_bytes() {
