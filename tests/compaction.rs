@@ -486,3 +486,76 @@ fn close_during_a_compaction_leaves_the_store_whole() {
     }
     store.verify().expect("verify");
 }
+
+/// Both ways a compaction snapshot starts: with few writes since the last checkpoint
+/// (left to the catch-up) and with many (frozen into a checkpoint first). Either way the
+/// compacted store holds exactly the newest state, before and after a reopen.
+#[test]
+fn compaction_keeps_the_newest_state_with_few_or_many_writes_since_the_checkpoint() {
+    const N: u32 = 20_000;
+    // checkpoint_keys 1000: at most ~1000 writes since a checkpoint, under N/16 (few);
+    // 1,000,000: no checkpoint at all, every write in the delta (many).
+    for ckpt_keys in [1_000usize, 1_000_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.mkv");
+        let opts = Options::default()
+            .durability(Durability::None)
+            .auto_compact_off()
+            .checkpoint_keys(ckpt_keys);
+        let s = Store::open(&p, opts.clone()).unwrap();
+        for i in 0..N {
+            s.put(key(i), val(i, 0)).unwrap();
+        }
+        // The last writes: overwrites, deletes and a key deleted then written again.
+        for i in (0..N).step_by(37) {
+            s.put(key(i), val(i, 1)).unwrap();
+        }
+        for i in (5..N).step_by(101) {
+            assert!(s.delete(key(i)).unwrap());
+        }
+        s.put(key(5), val(5, 2)).unwrap();
+        let want = |i: u32| -> Option<Vec<u8>> {
+            if i == 5 {
+                Some(val(5, 2))
+            } else if i >= 5 && (i - 5) % 101 == 0 {
+                None
+            } else if i % 37 == 0 {
+                Some(val(i, 1))
+            } else {
+                Some(val(i, 0))
+            }
+        };
+        let check = |s: &Store, when: &str| {
+            for i in 0..N {
+                assert_eq!(
+                    s.get(key(i)).unwrap(),
+                    want(i),
+                    "checkpoint_keys {ckpt_keys}, {when}: key {i}"
+                );
+            }
+            let live = (0..N).filter(|&i| want(i).is_some()).count();
+            assert_eq!(s.len(), live, "checkpoint_keys {ckpt_keys}, {when}");
+            assert_eq!(
+                s.iter().count(),
+                live,
+                "checkpoint_keys {ckpt_keys}, {when}"
+            );
+        };
+        let before = s.stats();
+        s.compact().unwrap();
+        check(&s, "after compact");
+        assert_eq!(
+            s.stats().dead_bytes,
+            0,
+            "checkpoint_keys {ckpt_keys}: no dead record copied"
+        );
+        assert!(
+            s.stats().file_size < before.file_size,
+            "checkpoint_keys {ckpt_keys}: compaction reclaimed nothing"
+        );
+        s.close().unwrap();
+        let s = Store::open(&p, opts).unwrap();
+        check(&s, "after reopen");
+        s.close().unwrap();
+    }
+}

@@ -2,10 +2,10 @@
 //!
 //! # Protocol
 //!
-//! 1. Freeze the live delta (start a background checkpoint for it) at the log end `E0`,
-//!    then snapshot the live records (offsets, in log order) as of `E0` from the frozen
-//!    delta and the index buckets, each read in pieces under short read locks while
-//!    writers go on (see [`snapshot`]).
+//! 1. Snapshot the live records (offsets, in log order) as of the log end `E0`, from
+//!    the writes since the last checkpoint (read back from the log, or frozen into a
+//!    checkpoint first if they are many), the frozen delta and the index buckets, each
+//!    read in pieces under short read locks while writers go on (see [`snapshot`]).
 //! 2. Without any lock: create `<name>.compact-<pid>` next to the store, lock it, and
 //!    write a superblock (same seed), a right-sized sealed index, then every snapshot
 //!    record re-encoded at its new offset (checksums cover the offset); `fdatasync` it.
@@ -201,14 +201,17 @@ fn keep_mode_and_owner(f: &std::fs::File, real: &Path) -> Result<()> {
         .map_err(|e| Error::io("give the compaction file the store's mode", e))
 }
 
-/// Step 1: the live records' offsets as of the log end `E0` it returns, with the mapping
-/// they are in. The live delta is frozen first (a background checkpoint is started for
-/// it, after the running one, if any, ends), so the index buckets and the frozen delta
-/// cover the whole log up to `E0`. Then no lock is held for longer than a piece of a
-/// copy: the frozen delta (which gains no entries) is copied in pieces, each under a
-/// short read lock, then the buckets are read one at a time, each under the read lock
-/// for the moment of its copy, while writers and checkpoints go on. (Cloning the deltas
-/// under the writer mutex kept a writer waiting 354 ms at 20M keys.)
+/// Step 1: the live records' offsets as of the log end `E0` it returns (the log end at
+/// its start), with the mapping they are in: from the writes since the last checkpoint
+/// (running or finished), the frozen delta, if any, and the index buckets, which
+/// together cover the log up to `E0`. If the writes since the checkpoint are few (see
+/// [`FEW_WRITES`]), they are read back from the log; else the live delta is frozen
+/// first (a checkpoint is started for it, after the running one ends). Then no lock is
+/// held for longer than a piece of a copy: the frozen delta (which gains no entries) is
+/// copied in pieces, each under a short read lock, then the buckets are read one at a
+/// time, each under the read lock for the moment of its copy, while writers and
+/// checkpoints go on. (Cloning the deltas under the writer mutex kept a writer waiting
+/// 354 ms at 20M keys.)
 ///
 /// A checkpoint may rewrite buckets meanwhile, or finish and drop the frozen delta half
 /// copied: a bucket then holds, for some keys, records newer than `E0`. That is harmless:
@@ -234,6 +237,12 @@ fn snapshot(inner: &Inner) -> Result<Snapshot> {
 /// stand at.
 type Snapshot = (Arc<Mapping>, Vec<u64>, u64);
 
+/// The live delta counts as few writes when it holds at most this fraction (1/n) of the
+/// live keys: the snapshot then reads them back from the log instead of freezing them
+/// (which starts a checkpoint, after waiting for the running one: at 20M keys, an
+/// in-place checkpoint rewrites most of a 512 MiB index).
+const FEW_WRITES: u64 = 16;
+
 /// Snapshot attempts before compaction gives up (each is started over only by an index
 /// rebuild, the repair of a failed checkpoint).
 const SNAPSHOT_TRIES: usize = 4;
@@ -241,33 +250,47 @@ const SNAPSHOT_TRIES: usize = 4;
 /// One attempt of [`snapshot`]: `None` if the index was rebuilt meanwhile.
 fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
     let me = inner.me.get().and_then(std::sync::Weak::upgrade);
-    let (map, e0, frozen_end, index, rebuilds, hint) = loop {
+    let (map, e0, recent_from, frozen_end, index, rebuilds, hint) = loop {
         let mut w = inner.writer.lock();
         inner.check_open()?;
+        {
+            let st = inner.state.read();
+            let hint = usize::try_from(st.counters.live_keys.min(1 << 20)).unwrap_or(0);
+            if st.delta_only {
+                // No trusted buckets: the delta is the index. Rare (a rebuild in progress).
+                let offsets = super::iter::collect_live(&st.map, &[&st.delta], None, hint, |_| {
+                    Err(Error::Unsupported("internal: no buckets to read"))
+                })?;
+                return Ok(Some((Arc::clone(&st.map), offsets, w.end)));
+            }
+            if (st.delta.len() as u64).saturating_mul(FEW_WRITES) <= st.counters.live_keys {
+                // The writes since the last checkpoint (running or finished) are read
+                // back from the log below, which does not change: nothing to wait for
+                // or start.
+                break (
+                    Arc::clone(&st.map),
+                    w.end,
+                    Some(w.ckpt_end),
+                    st.frozen.as_ref().map(|f| f.end),
+                    st.index,
+                    inner.rebuilds.load(Ordering::Relaxed),
+                    hint,
+                );
+            }
+        }
         if w.job.as_ref().is_some_and(|j| !j.thread.is_finished()) {
             // At most one checkpoint runs: wait for it without the mutex.
             drop(w);
             std::thread::sleep(std::time::Duration::from_millis(1));
             continue;
         }
-        let live_delta = !inner.state.read().delta.is_empty();
-        if live_delta {
-            match &me {
-                // Collects the finished job (a growth it calls for starts instead: the
-                // loop waits for that one) and freezes the delta for a new one.
-                Some(me) => me.start_checkpoint(&mut w)?,
-                None => inner.checkpoint(&mut w, crate::format::STATE_DIRTY)?,
-            }
+        match &me {
+            // Collects the finished job (a growth it calls for starts instead: the loop
+            // waits for that one) and freezes the delta for a new one.
+            Some(me) => me.start_checkpoint(&mut w)?,
+            None => inner.checkpoint(&mut w, crate::format::STATE_DIRTY)?,
         }
         let st = inner.state.read();
-        let hint = usize::try_from(st.counters.live_keys.min(1 << 20)).unwrap_or(0);
-        if st.delta_only {
-            // No trusted buckets: the delta is the index. Rare (a rebuild in progress).
-            let offsets = super::iter::collect_live(&st.map, &[&st.delta], None, hint, |_| {
-                Err(Error::Unsupported("internal: no buckets to read"))
-            })?;
-            return Ok(Some((Arc::clone(&st.map), offsets, w.end)));
-        }
         if !st.delta.is_empty() {
             // A growth job took over: wait for it.
             drop(st);
@@ -275,9 +298,11 @@ fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
             std::thread::sleep(std::time::Duration::from_millis(1));
             continue;
         }
+        let hint = usize::try_from(st.counters.live_keys.min(1 << 20)).unwrap_or(0);
         break (
             Arc::clone(&st.map),
             w.end,
+            None,
             st.frozen.as_ref().map(|f| f.end),
             st.index,
             inner.rebuilds.load(Ordering::Relaxed),
@@ -305,7 +330,12 @@ fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
     }
     let frozen = crate::index::Delta::from_entries(&entries);
     drop(entries);
-    let offsets = super::iter::collect_live(&map, &[&frozen], Some(index.buckets), hint, |b| {
+    let recent = match recent_from {
+        Some(from) => recent_writes(&map, inner.seed, from, e0)?,
+        None => crate::index::Delta::default(),
+    };
+    let deltas = [&recent, &frozen];
+    let offsets = super::iter::collect_live(&map, &deltas, Some(index.buckets), hint, |b| {
         let off = index.bucket_off(b);
         let _st = inner.state.read();
         map.read(off, crate::format::BUCKET_SIZE as u64)
@@ -316,6 +346,34 @@ fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
         return Ok(None);
     }
     Ok(Some((map, offsets, e0)))
+}
+
+/// The newest record of each key written in `from..to` of `map`'s log (complete writes
+/// only), as a delta: what the live delta held for that range, read back from the log,
+/// which does not change, instead of from the delta, which does.
+fn recent_writes(map: &Mapping, seed: u64, from: u64, to: u64) -> Result<crate::index::Delta> {
+    let mut d = crate::index::Delta::default();
+    let mut missing = None;
+    let end = crate::log::scan(map.published_bytes(), seed, from, to, |recs| {
+        for r in recs {
+            let Some(k) = map.read(r.key_off(), u64::from(r.key_len)) else {
+                missing = Some(r.offset);
+                continue;
+            };
+            let h = crate::index::key_hash(seed, k);
+            let delete = r.kind == crate::format::KIND_DELETE;
+            d.set(h, r.offset, delete, true, |p| {
+                same_key_len(map, p, k).is_some()
+            });
+        }
+    });
+    match missing.or((end.valid_end != to).then_some(end.valid_end)) {
+        Some(at) => Err(Error::corrupt(
+            at,
+            "log changed under compaction's snapshot",
+        )),
+        None => Ok(d),
+    }
 }
 
 /// One catch-up round without the writer mutex: copies what the old log gained since
