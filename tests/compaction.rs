@@ -517,9 +517,9 @@ fn compaction_keeps_the_newest_state_with_few_or_many_writes_since_the_checkpoin
         let want = |i: u32| -> Option<Vec<u8>> {
             if i == 5 {
                 Some(val(5, 2))
-            } else if i >= 5 && (i - 5) % 101 == 0 {
+            } else if i >= 5 && (i - 5).is_multiple_of(101) {
                 None
-            } else if i % 37 == 0 {
+            } else if i.is_multiple_of(37) {
                 Some(val(i, 1))
             } else {
                 Some(val(i, 0))
