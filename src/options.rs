@@ -144,8 +144,9 @@ impl AutoCompact {
     /// the new index's entries (24 bytes per live key), a copy of the frozen delta and
     /// one of the writes since the last checkpoint (each up to 4x `checkpoint_keys`
     /// keys, 23-46 bytes per key), and the delta of the writes it catches up with (23-46
-    /// bytes per key written meanwhile). Measured peak `RssAnon` above the open store's: +157 MB while
-    /// 1M keys are overwritten with a compaction running, +59 MB while they are first
+    /// bytes per key written meanwhile). Measured peak `RssAnon` above the loop's start
+    /// (`mapkv bench --sweep 1m`, which reports it for every size): +80 MiB while 1M
+    /// keys are overwritten with a compaction running, +41 MiB while they are first
     /// written (checkpoints only).
     pub const DEFAULT: AutoCompact = AutoCompact {
         dead_ratio: 0.25,

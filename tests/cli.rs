@@ -202,7 +202,20 @@ fn bench_sweep_reports_every_size_and_the_plain_mapping() {
         sizes.iter().map(|s| s["keys"].as_u64()).collect::<Vec<_>>(),
         [Some(1_000), Some(2_000)]
     );
+    assert!(out.contains("RssAnon max"), "no RssAnon column:\n{out}");
     for s in sizes {
+        // The store's memory at its peak during each loop, and where it started.
+        for phase in ["fill", "overwrite"] {
+            let w = &s[phase]["watch"];
+            let (start, max) = (
+                w["rss_anon_start_kb"].as_u64(),
+                w["rss_anon_max_kb"].as_u64(),
+            );
+            assert!(
+                start.is_some() && max.is_some_and(|m| m > 0),
+                "{phase}: RssAnon start {start:?} max {max:?}"
+            );
+        }
         assert_eq!(s["plain"]["ops"].as_u64(), s["keys"].as_u64(), "{s}");
         assert_eq!(
             s["fill"]["latency"]["n"].as_u64(),

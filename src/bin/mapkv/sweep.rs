@@ -427,6 +427,13 @@ pub struct Watch {
     pub dirty_max_kb: Option<u64>,
     /// Most `Writeback` in `/proc/meminfo` (system-wide), kB.
     pub writeback_max_kb: Option<u64>,
+    /// This process's `RssAnon` (`/proc/self/status`: heap and anonymous mappings, not
+    /// the store's file pages) when the loop started, kB.
+    pub rss_anon_start_kb: Option<u64>,
+    /// The most `RssAnon` the sampler saw during the loop (every 10 ms), kB: with the
+    /// start, what the store's checkpoints and compactions held beside the bench's own
+    /// arrays.
+    pub rss_anon_max_kb: Option<u64>,
     /// CPU time the hypervisor gave to others while the loop ran (`steal` of
     /// `/proc/stat`, all CPUs), ms.
     pub steal_ms: Option<f64>,
@@ -555,7 +562,10 @@ fn watched<T>(path: &Path, start: Instant, body: impl FnOnce() -> T) -> (T, Watc
     let steal0 = steal_ms();
     std::thread::scope(|s| {
         let sampler = s.spawn(|| {
-            let mut w = Watch::default();
+            let mut w = Watch {
+                rss_anon_start_kb: measure::proc_status_kb("RssAnon"),
+                ..Watch::default()
+            };
             let probe = me.as_deref().and_then(SleepProbe::open);
             let mut last = std::fs::metadata(path).ok().map(|m| (m.ino(), m.len()));
             let mut tick = 0u64;
@@ -564,6 +574,9 @@ fn watched<T>(path: &Path, start: Instant, body: impl FnOnce() -> T) -> (T, Watc
                     if let Some((d, wb)) = meminfo_dirty() {
                         w.dirty_max_kb = Some(w.dirty_max_kb.unwrap_or(0).max(d));
                         w.writeback_max_kb = Some(w.writeback_max_kb.unwrap_or(0).max(wb));
+                    }
+                    if let Some(r) = measure::proc_status_kb("RssAnon") {
+                        w.rss_anon_max_kb = Some(w.rss_anon_max_kb.unwrap_or(0).max(r));
                     }
                 }
                 tick += 1;
@@ -1250,6 +1263,14 @@ fn loop_row(keys: &str, phase: &str, p: &LoopPhase, notes: String) -> Vec<String
             p.watch.steal_ms.map_or_else(dash, |ms| fmt_secs(ms / 1e3))
         ),
         kb(p.watch.dirty_max_kb),
+        match (p.watch.rss_anon_max_kb, p.watch.rss_anon_start_kb) {
+            (Some(max), Some(start)) => format!(
+                "{} (+{})",
+                fmt_bytes(max * 1024),
+                fmt_bytes(max.saturating_sub(start) * 1024)
+            ),
+            (max, _) => kb(max),
+        },
         fmt_secs(p.secs),
         notes,
     ]
@@ -1327,6 +1348,7 @@ fn render(r: &SweepReport) -> String {
         ">5 ms (CPU)",
         "CPU wait / steal",
         "dirty max",
+        "RssAnon max",
         "time",
         "notes",
     ]);
@@ -1345,7 +1367,7 @@ fn render(r: &SweepReport) -> String {
             store_notes(&z.after_overwrite, &z.overwrite.watch.events),
         ));
         let mut close = vec![k.clone(), "close".into()];
-        close.extend(std::iter::repeat_with(dash).take(9));
+        close.extend(std::iter::repeat_with(dash).take(10));
         close.push(fmt_secs(z.close_ms / 1e3));
         close.push(format!(
             "file {}, allocated {} = {:.2}x the live keys+values ({} x {} B)",
@@ -1357,7 +1379,7 @@ fn render(r: &SweepReport) -> String {
         ));
         t.add_row(close);
         let mut reopen = vec![k.clone(), "reopen".into()];
-        reopen.extend(std::iter::repeat_with(dash).take(9));
+        reopen.extend(std::iter::repeat_with(dash).take(10));
         reopen.push(fmt_secs(z.reopen_ms / 1e3));
         reopen.push(if z.reopen_clean {
             "clean".into()
@@ -1497,7 +1519,10 @@ fn render(r: &SweepReport) -> String {
          a plain MAP_SHARED file with no store at all: its tail is what the kernel alone \
          costs at that write rate (page faults, dirty-page throttling once `dirty max` \
          nears the limits above). A store row whose tail is far above its plain mmap row's \
-         is a stall mapkv caused. `dirty max` is system-wide."
+         is a stall mapkv caused. `dirty max` is system-wide. `RssAnon max`: this \
+         process's anonymous memory (heap, the store's deltas and copies; not file pages) \
+         at its peak during the loop, and in parentheses above what it was at the start \
+         (the bench's own arrays are there from the start)."
     );
     let _ = writeln!(s, "\nTotal wall time: {:.1} s.", r.wall_secs);
     s
