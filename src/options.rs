@@ -348,8 +348,8 @@ impl Options {
     /// core. At a lower priority they take the CPU the writer leaves free and yield it
     /// when the writer wakes. Nothing is slowed that the writer waits for: when a
     /// checkpoint falls behind, the writer sleeps (`checkpoint_keys`), which gives the
-    /// checkpoint the core. Measured in the README's "Write stalls". Values are capped
-    /// at nice 19; a priority that cannot be lowered is left alone. Defaults to
+    /// checkpoint the core. Measured in `docs/BENCH.md` ("Write stalls"). The value is
+    /// taken at open, from the opening thread's, and capped at nice 19. Defaults to
     /// [`Options::DEFAULT_BACKGROUND_NICE`] (10).
     #[must_use]
     pub fn background_nice(mut self, steps: u8) -> Self {

@@ -199,7 +199,7 @@ impl Inner {
     fn spawn_job(self: &Arc<Self>, w: &mut Writer, plan: JobPlan) -> Result<()> {
         let me = Arc::clone(self);
         let job_plan = plan.clone();
-        match super::threads::spawn("mapkv-checkpoint", self.opts.background_nice, move || {
+        match super::threads::spawn("mapkv-checkpoint", self.thread_nice, move || {
             let r = me.run_job(&job_plan);
             // The checkpoint made the counters exact (it looked up every key's old
             // record): the moment to ask whether automatic compaction is due, which

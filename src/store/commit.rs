@@ -210,7 +210,7 @@ impl Inner {
             let _ = done.join();
         }
         let inner = Arc::clone(self);
-        *slot = super::threads::spawn("mapkv-compact", self.opts.background_nice, move || {
+        *slot = super::threads::spawn("mapkv-compact", self.thread_nice, move || {
             // Writes made during a compaction are copied with it, dead ones too:
             // compact again while the threshold is still crossed. (A cap of three
             // in a row left a store whose writer had stopped far above it, since

@@ -66,7 +66,7 @@ impl Inner {
             return;
         };
         let f = Arc::clone(&filter);
-        let spawned = super::threads::spawn("mapkv-filter", self.opts.background_nice, move || {
+        let spawned = super::threads::spawn("mapkv-filter", self.thread_nice, move || {
             build(&me, &f);
         });
         if spawned.is_err() {

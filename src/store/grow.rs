@@ -101,11 +101,9 @@ impl Inner {
             };
             // Unmapping takes time (page tables): not under the state lock, and not on
             // the writer's thread either if a thread can be had.
-            if let Err(e) =
-                super::threads::spawn("mapkv-unmap", self.opts.background_nice, move || {
-                    drop(old);
-                })
-            {
+            if let Err(e) = super::threads::spawn("mapkv-unmap", self.thread_nice, move || {
+                drop(old);
+            }) {
                 let _ = e;
             }
             w.prefaulted = 0;

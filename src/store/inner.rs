@@ -78,6 +78,9 @@ pub(crate) struct Inner {
     /// read before a rebuild may be half-rewritten, so a compaction snapshot that saw
     /// one starts over.
     pub(super) rebuilds: AtomicU64,
+    /// The nice value of the store's own threads (see `Options::background_nice`): that
+    /// many steps below the thread that opened the store. `None`: left as inherited.
+    pub(super) thread_nice: Option<i32>,
     /// Work for the background thread, and its stop flag.
     pub(super) background: Mutex<Background>,
     pub(super) background_cv: Condvar,
@@ -113,6 +116,8 @@ impl Inner {
     ) -> Self {
         let end = writer.end;
         let copy_on_write = writer.file.copy_on_write_fs();
+        // On the thread that opens the store.
+        let thread_nice = super::threads::nice_below_this_thread(opts.background_nice);
         Inner {
             path,
             opts,
@@ -145,6 +150,7 @@ impl Inner {
             bytes_synced: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             rebuilds: AtomicU64::new(0),
+            thread_nice,
             background: Mutex::new(Background::default()),
             background_cv: Condvar::new(),
             ahead: Mutex::new(None),

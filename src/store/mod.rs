@@ -142,7 +142,7 @@ impl Store {
         if slot.is_none() && !self.inner.opts.read_only {
             let inner = Arc::clone(&self.inner);
             *slot = Some(
-                threads::spawn("mapkv-background", inner.opts.background_nice, move || {
+                threads::spawn("mapkv-background", inner.thread_nice, move || {
                     background(&inner, interval);
                 })
                 .map_err(|e| Error::io("spawn background thread", e))?,

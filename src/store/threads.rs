@@ -7,20 +7,25 @@
 
 use std::thread::JoinHandle;
 
-/// Starts `f` on a thread named `name`, `nice` steps below the priority of the thread
-/// that starts it (Linux keeps a nice value per thread; capped at 19). A priority that
-/// cannot be lowered is left as it is.
+/// The nice value `steps` below this thread's (capped at 19), or `None` for 0 steps.
+/// Taken once, on the thread that opens the store: threads the store's own threads start
+/// (a compaction starting a checkpoint) get the same value, not one lower again.
+pub(super) fn nice_below_this_thread(steps: i32) -> Option<i32> {
+    (steps > 0).then(|| current_nice().saturating_add(steps).min(19))
+}
+
+/// Starts `f` on a thread named `name`, at nice value `nice` if given (see
+/// [`nice_below_this_thread`]). A priority that cannot be set is left as it is.
 pub(super) fn spawn<T: Send + 'static>(
     name: &str,
-    nice: i32,
+    nice: Option<i32>,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::io::Result<JoinHandle<T>> {
-    let base = current_nice();
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            if nice > 0 {
-                set_nice(base.saturating_add(nice).min(19));
+            if let Some(n) = nice {
+                set_nice(n);
             }
             f()
         })
@@ -41,7 +46,8 @@ fn current_nice() -> i32 {
     }
 }
 
-/// Sets this thread's nice value (best effort: raising it needs no privilege).
+/// Sets this thread's nice value (best effort: raising it needs no privilege, lowering
+/// it does).
 fn set_nice(n: i32) {
     // SAFETY: setpriority with who = 0 changes only the calling thread's nice value on
     // Linux; it touches no memory of ours.
