@@ -782,3 +782,47 @@ fn the_stores_own_threads_run_at_the_lower_priority_options_ask_for() {
         s.close().unwrap();
     }
 }
+
+/// Regression: a thread of the store started from a thread at a lower priority (an
+/// automatic compaction starting a checkpoint, or here an application thread that
+/// lowered its own) ran another `background_nice` steps lower. The value is taken once,
+/// from the thread that opened the store.
+#[test]
+#[allow(unsafe_code)]
+fn the_stores_threads_nice_is_relative_to_the_opening_thread() {
+    let base = this_thread_nice();
+    let (_dir, path) = tmp();
+    let s = Arc::new(
+        Store::open(
+            &path,
+            Options::default()
+                .durability(Durability::None)
+                .background_nice(2),
+        )
+        .unwrap(),
+    );
+    let writer = Arc::clone(&s);
+    std::thread::spawn(move || {
+        // SAFETY: setpriority with who = 0 changes only this thread's nice value.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, (base + 5).min(19) as i32) };
+        assert_eq!(rc, 0, "raising a thread's nice value needs no privilege");
+        // The first write starts the store's background thread, from this thread.
+        writer.put(b"k", b"v").unwrap();
+    })
+    .join()
+    .unwrap();
+    let want = (base + 2).min(19);
+    let mut seen = Vec::new();
+    for _ in 0..200 {
+        seen = nices_of_threads("mapkv-backgroun");
+        if seen.contains(&want) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        seen.contains(&want),
+        "wanted a background thread at nice {want} (opening thread {base} + 2), saw {seen:?}"
+    );
+    s.close_shared().unwrap();
+}
