@@ -569,8 +569,11 @@ fn watched<T>(path: &Path, start: Instant, body: impl FnOnce() -> T) -> (T, Watc
             let probe = me.as_deref().and_then(SleepProbe::open);
             let mut last = std::fs::metadata(path).ok().map(|m| (m.ino(), m.len()));
             let mut tick = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                if tick.is_multiple_of(10) {
+            // One round at least, and one more after the loop ends, so that a loop
+            // shorter than a sampling period still has its memory and dirty pages seen.
+            loop {
+                let last_round = stop.load(Ordering::Relaxed);
+                if last_round || tick.is_multiple_of(10) {
                     if let Some((d, wb)) = meminfo_dirty() {
                         w.dirty_max_kb = Some(w.dirty_max_kb.unwrap_or(0).max(d));
                         w.writeback_max_kb = Some(w.writeback_max_kb.unwrap_or(0).max(wb));
@@ -617,9 +620,11 @@ fn watched<T>(path: &Path, start: Instant, body: impl FnOnce() -> T) -> (T, Watc
                     }
                     last = Some(now);
                 }
+                if last_round {
+                    break w;
+                }
                 std::thread::sleep(Duration::from_millis(1));
             }
-            w
         });
         let out = body();
         stop.store(true, Ordering::Relaxed);
@@ -1609,5 +1614,20 @@ mod tests {
         assert_eq!(l.slowest[0].runq_ns, Some(10_000_000));
         let ops: Vec<u64> = l.slowest.iter().map(|s| s.op).collect();
         assert_eq!(ops, [10_000, 9_999, 9_998, 9_997, 9_996]);
+    }
+
+    /// A loop that ends before the sampler's first look still gets its memory and dirty
+    /// pages sampled (a 1k-key sweep on CI once reported no RssAnon peak).
+    #[test]
+    fn a_loop_shorter_than_one_sample_is_still_sampled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for _ in 0..20 {
+            let ((), w) = watched(dir.path(), Instant::now(), || ());
+            assert!(
+                w.rss_anon_start_kb.is_some() && w.rss_anon_max_kb.is_some_and(|m| m > 0),
+                "{w:?}"
+            );
+            assert!(w.dirty_max_kb.is_some(), "{w:?}");
+        }
     }
 }
