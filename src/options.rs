@@ -141,7 +141,7 @@ impl AutoCompact {
     /// off.
     ///
     /// Memory: a compaction holds the live records' offsets (8 bytes per live key) and
-    /// the new index's entries (24 bytes per live key), a copy of the frozen delta and
+    /// the new index's entries (16 bytes per live key), a copy of the frozen delta and
     /// one of the writes since the last checkpoint (each up to 4x `checkpoint_keys`
     /// keys, 23-46 bytes per key), and the delta of the writes it catches up with (23-46
     /// bytes per key written meanwhile). Measured peak `RssAnon` above the loop's start

@@ -586,8 +586,9 @@ fn build(
         let log_end = log_start + live_bytes;
         let alloc = page_up(log_end) + PAGE;
         fh.allocate(0, alloc)?;
-        // Records, in 1 MiB chunks; remember (bucket, hash, new offset) for the index.
-        let mut entries: Vec<(u64, u64, u64)> = Vec::with_capacity(offsets.len());
+        // Records, in 1 MiB chunks; remember (hash, new offset) for the index: 16 bytes
+        // a key (a bucket is the hash's low bits, so it need not be kept).
+        let mut entries: Vec<(u64, u64)> = Vec::with_capacity(offsets.len());
         let mut buf = Vec::with_capacity(1 << 20);
         let mut pos = log_start;
         let mut chunk_start = log_start;
@@ -602,7 +603,7 @@ fn build(
                 .read(r.val_off(), u64::from(r.val_len))
                 .ok_or(Error::corrupt(off, "record outside the file"))?;
             let h = crate::index::key_hash(seed, key);
-            entries.push((bucket_of(h, buckets), h, pos));
+            entries.push((h, pos));
             encode_record(&mut buf, seed, pos, r.kind, 0, key, val, 0);
             pos += r.len();
             if buf.len() >= 1 << 20 {
@@ -613,18 +614,20 @@ fn build(
             }
         }
         fh.write_at(&buf, chunk_start)?;
-        entries.sort_unstable();
+        entries.sort_unstable_by_key(|&(h, pos)| (bucket_of(h, buckets), h, pos));
         let mut full = false;
         let mut next = 0;
         let write_empty = |at: u64, bytes: &[u8]| fh.write_at(bytes, index.bucket_off(at));
-        for (i, group) in entries.chunk_by(|a, b| a.0 == b.0).enumerate() {
+        let bucket = |e: &(u64, u64)| bucket_of(e.0, buckets);
+        for (i, group) in entries.chunk_by(|a, b| bucket(a) == bucket(b)).enumerate() {
             if i % 1024 == 0 {
                 inner.check_not_closing()?;
             }
-            fill_empty(next, group[0].0, write_empty)?;
-            next = group[0].0 + 1;
+            let b = bucket(&group[0]);
+            fill_empty(next, b, write_empty)?;
+            next = b + 1;
             let mut bb = BucketBuf::empty();
-            for &(_, h, o) in group {
+            for &(h, o) in group {
                 if bb.upsert(h, o, None) == Err(BucketFull) {
                     full = true;
                     break;
@@ -634,7 +637,7 @@ fn build(
                 break;
             }
             bb.seal();
-            fh.write_at(&bb.bytes[..], index.bucket_off(group[0].0))?;
+            fh.write_at(&bb.bytes[..], index.bucket_off(b))?;
         }
         if !full {
             fill_empty(next, buckets, write_empty)?;
