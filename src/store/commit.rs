@@ -238,15 +238,6 @@ impl Inner {
         Ok(())
     }
 
-    /// `Error::Closed` once a close has begun: what a compaction or a backup checks
-    /// between pieces of its copy, so that a close does not wait for the rest of it.
-    pub(crate) fn check_not_closing(&self) -> Result<()> {
-        if self.closing.load(Ordering::Acquire) {
-            return Err(Error::Closed);
-        }
-        Ok(())
-    }
-
     /// `Error::Reentrant` if this thread is running a `Store::update` closure of this
     /// store, i.e. holds its writer mutex.
     pub(super) fn check_not_in_update(&self) -> Result<()> {

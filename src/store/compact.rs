@@ -87,8 +87,6 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
     inner.check_not_poisoned()?;
     // One compaction at a time (its temporary file has one name).
     let _one = inner.compacting.lock();
-    // Each step below gives up (`Error::Closed`) at its next piece once a close has begun.
-    inner.check_not_closing()?;
     // 1. A snapshot of the live records and the log end it covers, without holding a
     // lock for longer than a piece of a copy. A failed checkpoint's frozen delta is read
     // like any frozen delta (compaction is a repair too).
@@ -133,7 +131,6 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
     let _no_checkpoints = inner.hold_checkpoints();
     let mut tries = 0;
     let mut w = loop {
-        inner.check_not_closing().map_err(fail)?;
         let w = inner.writer.lock();
         let running = w.job.as_ref().is_some_and(|j| !j.thread.is_finished());
         let behind = w.end.saturating_sub(copied);
@@ -256,7 +253,6 @@ fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
     let (map, e0, recent_from, frozen_end, index, rebuilds, hint) = loop {
         let mut w = inner.writer.lock();
         inner.check_open()?;
-        inner.check_not_closing()?;
         {
             let st = inner.state.read();
             let hint = usize::try_from(st.counters.live_keys.min(1 << 20)).unwrap_or(0);
@@ -318,7 +314,6 @@ fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
     if let Some(fend) = frozen_end {
         let mut cursor = 0;
         loop {
-            inner.check_not_closing()?;
             let st = inner.state.read();
             // Gone (its checkpoint finished: the buckets hold its entries now), or
             // replaced by the next one: what was copied is enough (see above).
@@ -341,7 +336,6 @@ fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
     };
     let deltas = [&recent, &frozen];
     let offsets = super::iter::collect_live(&map, &deltas, Some(index.buckets), hint, |b| {
-        inner.check_not_closing()?;
         let off = index.bucket_off(b);
         let _st = inner.state.read();
         map.read(off, crate::format::BUCKET_SIZE as u64)
@@ -386,7 +380,6 @@ fn recent_writes(map: &Mapping, seed: u64, from: u64, to: u64) -> Result<crate::
 /// `copied` (see [`catch_up`]) and syncs it, so that the final sync, under the mutex, has
 /// only the last round's writes to wait for. Returns the bytes the round covered.
 fn catch_up_round(inner: &Inner, b: &mut Built, copied: &mut u64, tmp: &Path) -> Result<u64> {
-    inner.check_not_closing()?;
     let (map, end) = {
         let st = inner.state.read();
         (Arc::clone(&st.map), st.map.published())
@@ -607,7 +600,6 @@ fn build(
             encode_record(&mut buf, seed, pos, r.kind, 0, key, val, 0);
             pos += r.len();
             if buf.len() >= 1 << 20 {
-                inner.check_not_closing()?;
                 fh.write_at(&buf, chunk_start)?;
                 chunk_start = pos;
                 buf.clear();
@@ -619,10 +611,7 @@ fn build(
         let mut next = 0;
         let write_empty = |at: u64, bytes: &[u8]| fh.write_at(bytes, index.bucket_off(at));
         let bucket = |e: &(u64, u64)| bucket_of(e.0, buckets);
-        for (i, group) in entries.chunk_by(|a, b| bucket(a) == bucket(b)).enumerate() {
-            if i % 1024 == 0 {
-                inner.check_not_closing()?;
-            }
+        for group in entries.chunk_by(|a, b| bucket(a) == bucket(b)) {
             let b = bucket(&group[0]);
             fill_empty(next, b, write_empty)?;
             next = b + 1;

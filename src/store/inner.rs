@@ -57,10 +57,6 @@ pub(crate) struct Inner {
     /// Set (under the writer mutex) by `Store::close_shared`/`close`: every later call
     /// fails with `Error::Closed`.
     pub(super) closed: AtomicBool,
-    /// Set first thing by a close, before it waits for anything: a running compaction or
-    /// backup gives up at its next piece (see `Inner::check_not_closing`), so that close
-    /// takes milliseconds, not the rest of a copy of the whole store.
-    pub(super) closing: AtomicBool,
     /// `SyncState::durable_end`, readable without the sync mutex: the durable watermark
     /// that new records carry (see `format::durable_mark`).
     pub(super) durable_hint: AtomicU64,
@@ -146,7 +142,6 @@ impl Inner {
             compactions: AtomicU64::new(0),
             last_error: Mutex::new(None),
             closed: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
             durable_hint: AtomicU64::new(end),
             copy_on_write,
             size_epoch: AtomicU64::new(0),

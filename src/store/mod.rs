@@ -453,11 +453,9 @@ impl Store {
     /// records, a right-sized index) and a real copy (its own blocks, written record by
     /// record, never a reflink). Works in a reader too.
     ///
-    /// Cost to the writer: no lock is held for longer than a piece of a copy. In the
-    /// writer's process the live records are listed as compaction lists them (a bucket
-    /// or a piece of the in-memory index at a time, under the shared state lock); in a
-    /// reader, from the view it holds. The copying reads a mapping that stays valid
-    /// whatever the writer does, and takes no lock.
+    /// Cost to the writer: the state lock is held (shared) while the live records are
+    /// listed from the index, as [`Store::iter`] does; the copying reads a mapping that
+    /// stays valid whatever the writer does, and takes no lock.
     ///
     /// Atomic: the copy is built under a temporary name next to `path`, synced, then
     /// linked to `path`; after a crash `path` is either absent or complete.
@@ -465,9 +463,7 @@ impl Store {
     /// # Errors
     /// An I/O error if `path` exists (a backup never overwrites anything), or on a full
     /// disk (the partial copy is removed); [`Error::Corrupt`] if a live record fails its
-    /// checksum (the damage is reported, not copied); [`Error::Closed`] if the store is
-    /// closed, or a close begins on another thread meanwhile (the copy stops at its
-    /// next piece and is removed).
+    /// checksum (the damage is reported, not copied).
     ///
     /// I/O errors name the copy's path; a damaged record names this store's.
     pub fn backup(&self, path: impl AsRef<Path>) -> Result<()> {
@@ -516,14 +512,8 @@ impl Store {
     /// Rewrites the live records into a fresh file and switches to it atomically,
     /// reclaiming the space of overwritten and deleted records and of old index regions.
     ///
-    /// A close (on another thread) does not wait for a compaction to finish: the
-    /// compaction stops at its next piece, removes its temporary file, and returns
-    /// [`Error::Closed`]; an automatic one starts again when a later session's write
-    /// finds the threshold still crossed.
-    ///
     /// # Errors
-    /// I/O errors; the store is unchanged if compaction fails. [`Error::Closed`] as
-    /// above.
+    /// I/O errors; the store is unchanged if compaction fails.
     pub fn compact(&self) -> Result<()> {
         let r = self
             .inner
@@ -687,9 +677,8 @@ impl Store {
     /// reports the error that dropping the last clone would lose.
     ///
     /// Writes in progress on other threads finish first (a write that returned `Ok` is
-    /// in the store, with the durability of its policy); a compaction or backup in
-    /// progress stops at its next piece (see [`Store::compact`]); the store is then
-    /// checkpointed, synced and marked clean, so the next open costs O(1). From then on every call
+    /// in the store, with the durability of its policy); the store is then checkpointed,
+    /// synced and marked clean, so the next open costs O(1). From then on every call
     /// through any clone fails with [`Error::Closed`]: writes, reads (`get`,
     /// `contains_key`, `iter`, `follow`, ...), `flush`, and `close_shared` itself.
     /// The calls that cannot fail ([`Store::len`], [`Store::stats`], [`Store::path`])
@@ -736,10 +725,6 @@ impl Store {
     fn shutdown(&self) -> Result<()> {
         let inner = &*self.inner;
         inner.check_not_in_update()?;
-        // A running compaction (or backup) gives up at its next piece: its temporary
-        // file goes, the store stays as it was, and the next write that finds the
-        // threshold crossed starts it again. Finishing it could take a minute at 20M keys.
-        inner.closing.store(true, Ordering::Release);
         // Stop the background thread, and any that a racing first write starts later.
         inner.background.lock().stop = true;
         inner.background_cv.notify_all();
@@ -747,8 +732,7 @@ impl Store {
         if let Some(t) = thread {
             let _ = t.join();
         }
-        // An automatic compaction ends first (it holds the store open); it gives up at
-        // its next piece.
+        // An automatic compaction finishes first (it holds the store open).
         let compactor = inner.auto_compactor.lock().take();
         if let Some(t) = compactor {
             let _ = t.join();
