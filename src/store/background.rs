@@ -70,10 +70,7 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                 // A hint: the sync that follows reports any write-back error.
                 let _ = file.start_writeback(at, piece);
                 at += piece;
-                let more = inner.background.lock().prefault.take();
-                if let Some((map, from, to)) = more {
-                    map.prefault_write(from, to - from);
-                }
+                inner.urgent_work();
             }
         }
         if let (Some(every), Some(n)) = (every, next) {
@@ -91,6 +88,23 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
 const RESOLVE_PIECE: usize = 256;
 
 impl Inner {
+    /// Between pieces of longer work on the background thread: the work a writer may
+    /// soon wait for, the allocation of the next growth step and the prefault ahead of
+    /// the tail. (Resolving counters during a long overwrite can go on for seconds; the
+    /// writer then ran out of allocated space and grew the file itself.)
+    fn urgent_work(&self) {
+        let (prefault, allocate) = {
+            let mut bg = self.background.lock();
+            (bg.prefault.take(), bg.allocate.take())
+        };
+        if let Some((map, from, to)) = prefault {
+            map.prefault_write(from, to - from);
+        }
+        if let Some((file, from, to)) = allocate {
+            self.allocate_ahead(&file, from, to);
+        }
+    }
+
     /// Looks up the old records of the delta's unresolved keys (see
     /// `State::resolve_current`), a piece per exclusive state lock, keeping the log tail
     /// prefaulted in between as asked. On the background thread, and after a
@@ -104,10 +118,7 @@ impl Inner {
                 }
                 st.resolve_current(RESOLVE_PIECE);
             }
-            let more = self.background.lock().prefault.take();
-            if let Some((map, from, to)) = more {
-                map.prefault_write(from, to - from);
-            }
+            self.urgent_work();
         }
         self.resolve_asked
             .store(false, std::sync::atomic::Ordering::Release);

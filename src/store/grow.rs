@@ -71,8 +71,16 @@ impl Inner {
         }
         let mut new_len = self.take_ahead(&w.file).max(w.alloc);
         if new_len < need {
-            let step = growth_step(w.alloc, self.state.read().counters.live_bytes);
-            let want = page_up(need.max(w.alloc + step));
+            // The background thread is still allocating the step it was asked for: take
+            // a piece of it (the thread goes on with the rest), not the whole step,
+            // which at 20M keys is hundreds of megabytes and kept a put waiting 21-32 ms.
+            // Else (a write larger than the window, or nothing asked) a whole step.
+            let step = if w.ahead_asked > new_len {
+                ALLOCATE_PIECE
+            } else {
+                growth_step(w.alloc, self.state.read().counters.live_bytes)
+            };
+            let want = page_up(need.max(new_len + step));
             if let Err(e) = w.file.allocate(new_len, want - new_len) {
                 // The step may not fit on a nearly full disk; the exact need may.
                 let exact = page_up(need);
@@ -150,6 +158,10 @@ impl Inner {
             }
             at += piece;
             *self.ahead.lock() = Some((Arc::clone(file), at));
+            let more = self.background.lock().prefault.take();
+            if let Some((map, from, to)) = more {
+                map.prefault_write(from, to - from);
+            }
         }
     }
 
