@@ -197,6 +197,39 @@ impl Inner {
         c.log_bytes >= ac.min_log_bytes && dead as f64 > ac.dead_ratio * c.log_bytes as f64
     }
 
+    /// At close, before the store is marked closed: if automatic compaction is on and
+    /// the dead share is past its threshold once every write is counted (the running
+    /// checkpoint finished, the delta's old records looked up), compacts on this thread.
+    /// Writes count their own records as live until a checkpoint or the background
+    /// thread looks up what they replaced, so a store closed right after overwriting
+    /// its keys often had no compaction started yet: 1M keys written and overwritten
+    /// once were left at 2.57x their size instead of 1.43x. A failed compaction is
+    /// noted (`Stats::maintenance.last_error`); the close goes on.
+    pub(super) fn compact_if_due_at_close(&self) {
+        if self.opts.read_only
+            || self.opts.auto_compact.is_none()
+            || self.closed.load(Ordering::Acquire)
+            || self.poisoned.load(Ordering::Acquire)
+        {
+            return;
+        }
+        {
+            let mut w = self.writer.lock();
+            if self.finish_job(&mut w).is_err() {
+                return;
+            }
+        }
+        self.resolve_backlog();
+        if !self.compaction_due() {
+            return;
+        }
+        if let Err(e) = super::compact::compact(self) {
+            if !matches!(e, Error::Closed) {
+                self.note_error(&e);
+            }
+        }
+    }
+
     /// Starts a compaction on a thread of its own unless one is running: the write that
     /// crossed the threshold returns at once, and writers go on during the copy. The
     /// write is applied (and durable as its policy promised) whatever the compaction

@@ -677,8 +677,13 @@ impl Store {
     /// reports the error that dropping the last clone would lose.
     ///
     /// Writes in progress on other threads finish first (a write that returned `Ok` is
-    /// in the store, with the durability of its policy); the store is then checkpointed,
-    /// synced and marked clean, so the next open costs O(1). From then on every call
+    /// in the store, with the durability of its policy). A running automatic compaction
+    /// finishes, and if the share of dead bytes is past
+    /// [`Options::auto_compact`](crate::Options::auto_compact)'s threshold once every
+    /// write is counted, the store is compacted now (so a store closed right after
+    /// overwriting its keys does not keep the dead copies until its next session; this
+    /// takes as long as a compaction, about 2 s for 1M keys). The store is then
+    /// checkpointed, synced and marked clean, so the next open costs O(1). From then on every call
     /// through any clone fails with [`Error::Closed`]: writes, reads (`get`,
     /// `contains_key`, `iter`, `follow`, ...), `flush`, and `close_shared` itself.
     /// The calls that cannot fail ([`Store::len`], [`Store::stats`], [`Store::path`])
@@ -737,6 +742,7 @@ impl Store {
         if let Some(t) = compactor {
             let _ = t.join();
         }
+        inner.compact_if_due_at_close();
         if inner.opts.read_only {
             if inner.closed.swap(true, Ordering::AcqRel) {
                 return Err(Error::Closed);
