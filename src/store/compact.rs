@@ -160,7 +160,8 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
         let st = inner.state.read();
         (Arc::clone(&st.map), w.end)
     };
-    let built = catch_up(&mut built, inner.seed, &map, copied, end)
+    // Not folded: the writers wait for this one.
+    let built = catch_up(&mut built, inner.seed, &map, copied, end, false)
         .and_then(|()| seal(inner, built, &tmp))
         .map_err(fail)?;
     // No sync may be in flight across the switch: a sync of the old file finishing after
@@ -385,7 +386,9 @@ fn catch_up_round(inner: &Inner, b: &mut Built, copied: &mut u64, tmp: &Path) ->
         (Arc::clone(&st.map), st.map.published())
     };
     let n = end.saturating_sub(*copied);
-    catch_up(b, inner.seed, &map, *copied, end)?;
+    let folds = b.folds;
+    catch_up(b, inner.seed, &map, *copied, end, true)?;
+    inner.folds.fetch_add(b.folds - folds, Ordering::Relaxed);
     *copied = end;
     if n > 0 {
         b.file.sync_data()?;
@@ -399,9 +402,44 @@ fn catch_up_round(inner: &Inner, b: &mut Built, copied: &mut u64, tmp: &Path) ->
 /// whole. They lie past the new file's checkpoint, so they also go into the new file's
 /// index delta and counters, as recovery would replay them: the switch installs that
 /// delta instead of replaying them while writers wait.
-fn catch_up(b: &mut Built, seed: u64, old: &Mapping, from: u64, to: u64) -> Result<()> {
+///
+/// In pieces of about [`CATCH_UP_PIECE`] of the old log, each written before the next is
+/// read: a first round at 20M keys covers gigabytes of writes made during the copy, and
+/// re-encoding them all in memory first made compaction's memory grow with them.
+fn catch_up(b: &mut Built, seed: u64, old: &Mapping, from: u64, to: u64, fold: bool) -> Result<()> {
+    let mut at = from;
+    let mut piece = CATCH_UP_PIECE;
+    while at < to {
+        let piece_to = to.min(at.saturating_add(piece));
+        let end = catch_up_piece(b, seed, old, at, piece_to)?;
+        if end > at {
+            at = end;
+            piece = CATCH_UP_PIECE;
+            if fold && b.fold_at.is_some_and(|n| b.delta.len() > n) {
+                fold_delta(b)?;
+            }
+        } else if piece_to < to {
+            // A write (a large value, a batch) or a jump over an index region reaches
+            // past the piece: a larger one.
+            piece = piece.saturating_mul(2);
+        } else {
+            return Err(Error::corrupt(
+                at,
+                "log changed under compaction's catch-up",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Old log bytes a catch-up piece covers (see [`catch_up`]).
+const CATCH_UP_PIECE: u64 = 16 << 20;
+
+/// One piece of [`catch_up`]: the complete writes of `from..to`, copied. Returns where
+/// they end (`to` unless a write reaches past it, which the next piece then copies).
+fn catch_up_piece(b: &mut Built, seed: u64, old: &Mapping, from: u64, to: u64) -> Result<u64> {
     if to <= from {
-        return Ok(());
+        return Ok(from);
     }
     let mut buf = Vec::new();
     let mut pos = b.log_end;
@@ -440,7 +478,7 @@ fn catch_up(b: &mut Built, seed: u64, old: &Mapping, from: u64, to: u64) -> Resu
             }
         }
     });
-    if let Some(at) = missing.or((end.valid_end != to).then_some(end.valid_end)) {
+    if let Some(at) = missing {
         return Err(Error::corrupt(
             at,
             "log changed under compaction's catch-up",
@@ -453,7 +491,7 @@ fn catch_up(b: &mut Built, seed: u64, old: &Mapping, from: u64, to: u64) -> Resu
     }
     b.file.write_at(&buf, b.log_end)?;
     b.log_end = pos;
-    Ok(())
+    Ok(end.valid_end)
 }
 
 /// Finishes a compaction file after its last catch-up: `origin_end` and the live area
@@ -544,9 +582,106 @@ struct Built {
     /// The caught-up writes (see [`Compacted::delta`]).
     delta: Delta,
     /// Where runs of caught-up records start: (offset here, offset in the old log).
-    /// Records are copied in log order, so one entry covers a run of them.
+    /// Records are copied in log order, so one entry covers a run of them. Only those
+    /// of the records in `delta` are needed (to compare keys with).
     runs: Vec<(u64, u64)>,
+    /// Fold `delta` into the index once it holds more keys than this (see
+    /// [`fold_delta`]); `None` once a fold found a bucket too full.
+    fold_at: Option<usize>,
+    /// A read-only mapping of this file for [`fold_delta`], kept from one fold to the
+    /// next (mapping and unmapping it each time would take the address-space lock that
+    /// the writer's page faults wait for).
+    view: Option<Mapping>,
+    /// Folds done so far.
+    folds: u64,
 }
+
+/// Folds the caught-up writes in `b.delta` into the compaction file's own index buckets
+/// and records a checkpoint at `b.log_end` there, then empties the delta: what a
+/// checkpoint does for the store, done for a file nobody else sees yet. So the delta,
+/// which the switch installs as the store's, holds at most `Built::fold_at` keys
+/// (4x `checkpoint_keys`) however many writes the compaction catches up with: at 20M
+/// keys a compaction used to carry millions of them (gigabytes of memory), and the
+/// first checkpoint after the switch had to write them all.
+///
+/// The file is not the store's until the rename, and is synced before it, so the order
+/// of these writes does not matter for a crash. If a bucket would overflow (many new
+/// keys came in while the file was built for fewer), nothing is written and the delta
+/// keeps growing, as before: folding stops for this compaction.
+fn fold_delta(b: &mut Built) -> Result<()> {
+    if b.view.as_ref().is_none_or(|v| v.reserved() < b.alloc) {
+        b.view = Some(Mapping::new(&b.file, reservation(b.alloc), 0, false)?);
+    }
+    let Some(map) = b.view.take() else {
+        return Ok(());
+    };
+    // Everything up to the log end is written (and allocated): readable.
+    map.follow_to(b.log_end);
+    let mut entries = crate::index::sort_by_bucket(b.delta.entries(), b.index.buckets);
+    let mut gone = crate::state::Resolved::default();
+    if !Inner::resolve_in_place(&map, b.index, &mut entries, &mut gone)? {
+        b.fold_at = None;
+        return Ok(());
+    }
+    let bucket = |e: &crate::index::DeltaEntry| bucket_of(e.hash, b.index.buckets);
+    let mut run: Vec<u8> = Vec::new();
+    let mut run_first = 0u64;
+    for group in entries.chunk_by(|x, y| bucket(x) == bucket(y)) {
+        let nb = bucket(&group[0]);
+        let off = b.index.bucket_off(nb);
+        let bytes = map
+            .read(off, crate::format::BUCKET_SIZE as u64)
+            .ok_or(Error::corrupt(off, "index bucket outside the file"))?;
+        let mut buf = BucketBuf::from_bytes(bytes);
+        for &e in group {
+            // Settled by `resolve_in_place`: nothing more is counted.
+            let mut none = crate::state::Resolved::default();
+            Inner::apply_entry(&map, &mut buf, e, &mut none).map_err(|e| match e {
+                super::buckets::ApplyError::Full => {
+                    Error::Unsupported("internal: a bucket overflowed after fitting")
+                }
+                super::buckets::ApplyError::Other(e) => e,
+            })?;
+        }
+        buf.seal();
+        let contiguous = run_first + (run.len() / crate::format::BUCKET_SIZE) as u64 == nb;
+        if !run.is_empty() && (!contiguous || run.len() >= FOLD_RUN) {
+            b.file.write_at(&run, b.index.bucket_off(run_first))?;
+            run.clear();
+        }
+        if run.is_empty() {
+            run_first = nb;
+        }
+        run.extend_from_slice(&buf.bytes[..]);
+    }
+    if !run.is_empty() {
+        b.file.write_at(&run, b.index.bucket_off(run_first))?;
+    }
+    b.view = Some(map);
+    gone.take_from(&mut b.counters);
+    let c = &b.counters;
+    b.ckpt = CheckpointInfo {
+        seq: b.ckpt.seq + 1,
+        log_end: b.log_end,
+        live_keys: c.live_keys,
+        live_bytes: c.live_bytes,
+        log_bytes: c.log_bytes,
+        dead_index_bytes: c.dead_index_bytes,
+        ..b.ckpt
+    };
+    let slot = (b.ckpt.seq % 2) as usize;
+    b.file.write_at(
+        &encode_checkpoint(b.info.seed, &b.ckpt),
+        checkpoint_off(slot),
+    )?;
+    b.delta = Delta::default();
+    b.runs = Vec::new();
+    b.folds += 1;
+    Ok(())
+}
+
+/// Bytes of consecutive buckets a fold writes with one `pwrite`.
+const FOLD_RUN: usize = 1 << 20;
 
 fn build(
     inner: &Inner,
@@ -685,6 +820,9 @@ fn build(
             ckpt,
             delta: Delta::default(),
             runs: Vec::new(),
+            fold_at: Some(inner.opts.checkpoint_keys.saturating_mul(4)),
+            view: None,
+            folds: 0,
         });
     }
 }
@@ -808,6 +946,6 @@ fn copy_for_backup(inner: &Inner, f: std::fs::File, tmp: &Path) -> Result<()> {
         let st = inner.state.read();
         (Arc::clone(&st.map), st.map.published())
     };
-    catch_up(&mut built, inner.seed, &map, copied, end)?;
+    catch_up(&mut built, inner.seed, &map, copied, end, true)?;
     seal(inner, built, tmp).map(drop)
 }

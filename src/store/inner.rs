@@ -52,6 +52,9 @@ pub(crate) struct Inner {
     pub(super) poisoned: AtomicBool,
     /// Compactions finished since open.
     pub(super) compactions: AtomicU64,
+    /// Times a compaction folded the writes it caught up with into its new file's index
+    /// (see `compact::fold_delta`), since open.
+    pub(super) folds: AtomicU64,
     /// The last error background maintenance met (see `MaintenanceStats::last_error`).
     pub(super) last_error: Mutex<Option<String>>,
     /// Set (under the writer mutex) by `Store::close_shared`/`close`: every later call
@@ -140,6 +143,7 @@ impl Inner {
             sync_cv: Condvar::new(),
             poisoned: AtomicBool::new(false),
             compactions: AtomicU64::new(0),
+            folds: AtomicU64::new(0),
             last_error: Mutex::new(None),
             closed: AtomicBool::new(false),
             durable_hint: AtomicU64::new(end),
