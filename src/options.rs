@@ -143,8 +143,10 @@ impl AutoCompact {
     /// Memory: a compaction holds the live records' offsets (8 bytes per live key) and
     /// the new index's entries (16 bytes per live key), a copy of the frozen delta and
     /// one of the writes since the last checkpoint (each up to 4x `checkpoint_keys`
-    /// keys, 23-46 bytes per key), and the delta of the writes it catches up with (23-46
-    /// bytes per key written meanwhile). Measured peak `RssAnon` above the loop's start
+    /// keys, 23-46 bytes per key), and the delta of the writes it catches up with
+    /// (23-46 bytes per key, folded into the new file's index whenever it passes 4x
+    /// `checkpoint_keys` keys, plus one 16 MiB piece of the old log re-encoded at a
+    /// time). Measured peak `RssAnon` above the loop's start
     /// (`mapkv bench --sweep 1m`, which reports it for every size): +80 MiB while 1M
     /// keys are overwritten with a compaction running, +41 MiB while they are first
     /// written (checkpoints only).
@@ -287,7 +289,9 @@ impl Options {
     /// Compact automatically when dead bytes exceed `dead_ratio` of the log and the log
     /// is at least `min_log_bytes` long. The write that crosses the threshold starts the
     /// compaction on a thread of its own and returns; writers and readers go on while it
-    /// copies (writers pause only for its last catch-up and the switch). Defaults to
+    /// copies (writers pause only for its last catch-up and the switch). A close waits
+    /// for a running one, and compacts itself if the threshold is crossed once every
+    /// write is counted (see [`Store::close`](crate::Store::close)). Defaults to
     /// [`AutoCompact::DEFAULT`] (25% of at least 64 MiB); see there for the trade-off.
     /// A `dead_ratio` outside (0, 1) (or NaN) is [`Error::InvalidOption`] at open.
     ///
