@@ -248,6 +248,14 @@ const FEW_WRITES: u64 = 16;
 /// rebuild, the repair of a failed checkpoint).
 const SNAPSHOT_TRIES: usize = 4;
 
+/// Room for the live records' offsets: the live key count (each takes at least a
+/// record header of the log, which bounds a damaged count), so the list is not grown
+/// by doubling, which left it up to twice its size (at 20M keys, 268 MB for 160).
+fn offsets_hint(st: &crate::state::State) -> usize {
+    let most = st.map.published() / crate::format::RECORD_HEADER as u64;
+    usize::try_from(st.counters.live_keys.min(most)).unwrap_or(0)
+}
+
 /// One attempt of [`snapshot`]: `None` if the index was rebuilt meanwhile.
 fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
     let me = inner.me.get().and_then(std::sync::Weak::upgrade);
@@ -256,7 +264,7 @@ fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
         inner.check_open()?;
         {
             let st = inner.state.read();
-            let hint = usize::try_from(st.counters.live_keys.min(1 << 20)).unwrap_or(0);
+            let hint = offsets_hint(&st);
             if st.delta_only {
                 // No trusted buckets: the delta is the index. Rare (a rebuild in progress).
                 let offsets = super::iter::collect_live(&st.map, &[&st.delta], None, hint, |_| {
@@ -299,7 +307,7 @@ fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
             std::thread::sleep(std::time::Duration::from_millis(1));
             continue;
         }
-        let hint = usize::try_from(st.counters.live_keys.min(1 << 20)).unwrap_or(0);
+        let hint = offsets_hint(&st);
         break (
             Arc::clone(&st.map),
             w.end,
