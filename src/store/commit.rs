@@ -206,8 +206,10 @@ impl Inner {
     /// once were left at 2.57x their size instead of 1.43x. A failed compaction is
     /// noted (`Stats::maintenance.last_error`); the close goes on.
     pub(super) fn compact_if_due_at_close(&self) {
+        // Not while a panic unwinds through a drop: close as quickly as possible then.
         if self.opts.read_only
             || self.opts.auto_compact.is_none()
+            || std::thread::panicking()
             || self.closed.load(Ordering::Acquire)
             || self.poisoned.load(Ordering::Acquire)
         {
@@ -236,7 +238,10 @@ impl Inner {
     /// does; a failure that matters poisons the store, and the next write reports it.
     pub(super) fn start_auto_compaction(self: &Arc<Self>) {
         let mut slot = self.auto_compactor.lock();
-        if slot.as_ref().is_some_and(|h| !h.is_finished()) || self.closed.load(Ordering::Acquire) {
+        if slot.as_ref().is_some_and(|h| !h.is_finished())
+            || self.closing.load(Ordering::Acquire)
+            || self.closed.load(Ordering::Acquire)
+        {
             return;
         }
         if let Some(done) = slot.take() {

@@ -60,6 +60,9 @@ pub(crate) struct Inner {
     /// Set (under the writer mutex) by `Store::close_shared`/`close`: every later call
     /// fails with `Error::Closed`.
     pub(super) closed: AtomicBool,
+    /// Set first thing by a close: no automatic compaction starts from then on (the
+    /// close runs one itself if it is due, see `Inner::compact_if_due_at_close`).
+    pub(super) closing: AtomicBool,
     /// `SyncState::durable_end`, readable without the sync mutex: the durable watermark
     /// that new records carry (see `format::durable_mark`).
     pub(super) durable_hint: AtomicU64,
@@ -146,6 +149,7 @@ impl Inner {
             folds: AtomicU64::new(0),
             last_error: Mutex::new(None),
             closed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             durable_hint: AtomicU64::new(end),
             copy_on_write,
             size_epoch: AtomicU64::new(0),

@@ -730,6 +730,17 @@ impl Store {
     fn shutdown(&self) -> Result<()> {
         let inner = &*self.inner;
         inner.check_not_in_update()?;
+        // No automatic compaction starts from here on (a checkpoint ending meanwhile would
+        // start one, to copy the store again after the one below). A running one
+        // finishes first (it holds the store open); then one that is due runs on this
+        // thread, while the background thread still keeps `Periodic`'s promise for
+        // writes other threads make meanwhile.
+        inner.closing.store(true, Ordering::Release);
+        let compactor = inner.auto_compactor.lock().take();
+        if let Some(t) = compactor {
+            let _ = t.join();
+        }
+        inner.compact_if_due_at_close();
         // Stop the background thread, and any that a racing first write starts later.
         inner.background.lock().stop = true;
         inner.background_cv.notify_all();
@@ -737,12 +748,6 @@ impl Store {
         if let Some(t) = thread {
             let _ = t.join();
         }
-        // An automatic compaction finishes first (it holds the store open).
-        let compactor = inner.auto_compactor.lock().take();
-        if let Some(t) = compactor {
-            let _ = t.join();
-        }
-        inner.compact_if_due_at_close();
         if inner.opts.read_only {
             if inner.closed.swap(true, Ordering::AcqRel) {
                 return Err(Error::Closed);

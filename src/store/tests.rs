@@ -691,3 +691,43 @@ fn a_compaction_folds_the_writes_it_catches_up_with_into_its_index() {
         );
     }
 }
+
+/// Once a close has begun, no automatic compaction starts: a checkpoint that ends during
+/// the close (it finds the threshold crossed) would otherwise start one that copies the
+/// store again after the compaction the close runs itself.
+#[test]
+fn no_automatic_compaction_starts_once_a_close_has_begun() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options::default()
+        .durability(Durability::None)
+        .auto_compact(0.25, 1 << 20);
+    let store = Store::open(dir.path().join("s.mkv"), opts).expect("open");
+    for round in 0..3u32 {
+        for i in 0..20_000u32 {
+            store
+                .put(i.to_le_bytes(), format!("{round} {i}").repeat(8))
+                .expect("put");
+        }
+    }
+    let _ = store.len(); // settles the counters
+    assert!(
+        store.inner.compaction_due(),
+        "setup: the threshold is crossed"
+    );
+    // A close begins; the compaction that is running finishes.
+    store.inner.closing.store(true, Ordering::Release);
+    let running = store.inner.auto_compactor.lock().take();
+    if let Some(t) = running {
+        t.join().expect("compaction thread");
+    }
+    let due = store.inner.compaction_due();
+    let me = store.inner.me.get().and_then(std::sync::Weak::upgrade);
+    let me = me.expect("the store's own reference");
+    me.start_auto_compaction();
+    assert!(
+        store.inner.auto_compactor.lock().is_none(),
+        "a compaction started during a close (due: {due})"
+    );
+    drop(me);
+    store.close().expect("close");
+}
