@@ -399,7 +399,11 @@ fn catch_up_round(inner: &Inner, b: &mut Built, copied: &mut u64, tmp: &Path) ->
     inner.folds.fetch_add(b.folds - folds, Ordering::Relaxed);
     *copied = end;
     let zeroed = zero_ahead(b, n)?;
-    if n > 0 || zeroed {
+    // The header and live area say where the log ends now, with this round's sync: if
+    // no write comes in before the last round, the seal under the writer mutex has
+    // nothing to write or sync (it took 20 ms there at 20M keys).
+    let marked = mark_end(inner, b)?;
+    if n > 0 || zeroed || marked {
         b.file.sync_data()?;
         inner.notify_path(tmp, SyncEvent::File);
     }
@@ -530,14 +534,23 @@ fn catch_up_piece(b: &mut Built, seed: u64, old: &Mapping, from: u64, to: u64) -
     Ok(end.valid_end)
 }
 
+/// Sets the compaction file's `origin_end` and live area (committed and durable end) to
+/// its log end, unless they say so already; true if it wrote (a sync must follow).
+fn mark_end(inner: &Inner, b: &mut Built) -> Result<bool> {
+    if b.log_end == b.info.origin_end {
+        return Ok(false);
+    }
+    b.info.origin_end = b.log_end;
+    b.file.write_at(&encode_static(&b.info), 0)?;
+    b.live.store(LIVE_COMMITTED_OFF, b.log_end);
+    b.live.store_durable(inner.seed, b.log_end);
+    Ok(true)
+}
+
 /// Finishes a compaction file after its last catch-up: `origin_end` and the live area
 /// say where its log ends now; synced; mapped.
 fn seal(inner: &Inner, mut b: Built, tmp: &std::path::Path) -> Result<Compacted> {
-    if b.log_end != b.info.origin_end {
-        b.info.origin_end = b.log_end;
-        b.file.write_at(&encode_static(&b.info), 0)?;
-        b.live.store(LIVE_COMMITTED_OFF, b.log_end);
-        b.live.store_durable(inner.seed, b.log_end);
+    if mark_end(inner, &mut b)? {
         b.file.sync_data()?;
         inner.notify_path(tmp, SyncEvent::File);
     }
