@@ -147,9 +147,10 @@ impl AutoCompact {
     /// (23-46 bytes per key, folded into the new file's index whenever it passes 4x
     /// `checkpoint_keys` keys, plus one 16 MiB piece of the old log re-encoded at a
     /// time). Measured peak `RssAnon` above the loop's start
-    /// (`mapkv bench --sweep 1m`, which reports it for every size): +80 MiB while 1M
-    /// keys are overwritten with a compaction running, +41 MiB while they are first
-    /// written (checkpoints only).
+    /// (`mapkv bench --sweep 1m,20m`, which reports it for every size): +79 MiB while 1M
+    /// keys are overwritten with a compaction running, +47 MiB while they are first
+    /// written (checkpoints only); at 20M keys +145 MiB overwriting and +397 MiB filling
+    /// (a compaction ran then, and its snapshot is the O(live keys) part).
     pub const DEFAULT: AutoCompact = AutoCompact {
         dead_ratio: 0.25,
         min_log_bytes: 64 << 20,
