@@ -437,6 +437,16 @@ impl Inner {
                 if !Self::resolve_in_place(&map, geom, &mut entries, &mut gone)? {
                     let mut after = frozen_counters;
                     gone.take_from(&mut after);
+                    // The writer claims the larger region under its mutex: allocate
+                    // its space from here first, so that claim finds it allocated
+                    // (at 50M keys, allocating a 2 GiB region there kept a put
+                    // waiting 3.47 s).
+                    let region = crate::state::IndexGeom {
+                        buckets: super::reindex::buckets_for(after.live_keys)
+                            .max(plan.old.buckets * 2),
+                        ..plan.old
+                    };
+                    self.allocate_for(&plan.file, region.bytes());
                     return Ok(JobEnd::NeedsGrowth(after.live_keys));
                 }
                 let mut after = frozen_counters;

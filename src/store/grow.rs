@@ -134,6 +134,18 @@ impl Inner {
         self.background_cv.notify_all();
     }
 
+    /// Allocates `bytes` more of `file` past what it holds (and what was allocated
+    /// ahead), off the writer's path, publishing them as allocated ahead: for an index
+    /// region the writer is about to claim. Best effort: the writer allocates what is
+    /// missing, and reports a full disk.
+    pub(super) fn allocate_for(&self, file: &Arc<FileHandle>, bytes: u64) {
+        let from = self
+            .take_ahead(file)
+            .max(file.len().unwrap_or(0))
+            .max(page_up(self.state.read().map.published()));
+        self.allocate_ahead(file, from, page_up(from + bytes) + ASK_AHEAD);
+    }
+
     /// What the background thread allocated of this file (0 if nothing).
     fn take_ahead(&self, file: &Arc<FileHandle>) -> u64 {
         match &*self.ahead.lock() {
@@ -142,8 +154,8 @@ impl Inner {
         }
     }
 
-    /// On the background thread: allocates `[from, to)` of `file` in pieces, publishing
-    /// each in `ahead`. Stops at the first failure (the writer then allocates itself and
+    /// On the background thread (or a checkpoint's, see [`Inner::allocate_for`]):
+    /// allocates `[from, to)` of `file` in pieces, publishing each in `ahead`. Stops at the first failure (the writer then allocates itself and
     /// reports the error).
     pub(super) fn allocate_ahead(&self, file: &Arc<FileHandle>, from: u64, to: u64) {
         let mut at = from;
@@ -157,7 +169,19 @@ impl Inner {
                 return;
             }
             at += piece;
-            *self.ahead.lock() = Some((Arc::clone(file), at));
+            let old = {
+                let mut ahead = self.ahead.lock();
+                // Two allocators (the background thread, a checkpoint before a growth)
+                // may run at once: the furthest end of either stands.
+                let to = match &*ahead {
+                    Some((f, to)) if Arc::ptr_eq(f, file) => at.max(*to),
+                    _ => at,
+                };
+                ahead.replace((Arc::clone(file), to))
+            };
+            // A handle of a file that compaction replaced may be the last one: closing
+            // it frees the file's blocks, which must not happen under the lock.
+            drop(old);
             let more = self.background.lock().prefault.take();
             if let Some((map, from, to)) = more {
                 map.prefault_write(from, to - from);
