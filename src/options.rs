@@ -145,7 +145,7 @@ impl AutoCompact {
     /// one of the writes since the last checkpoint (each up to 4x `checkpoint_keys`
     /// keys, 23-46 bytes per key), and the delta of the writes it catches up with
     /// (23-46 bytes per key, folded into the new file's index whenever it passes 4x
-    /// `checkpoint_keys` keys, plus one 16 MiB piece of the old log re-encoded at a
+    /// `checkpoint_keys` keys or 8 per bucket of that index, whichever is more, plus one 16 MiB piece of the old log re-encoded at a
     /// time). Measured peak `RssAnon` above the loop's start
     /// (`mapkv bench --sweep 1m,20m`, which reports it for every size): +79 MiB while 1M
     /// keys are overwritten with a compaction running, +47 MiB while they are first

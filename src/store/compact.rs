@@ -119,7 +119,7 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
     drop(offsets);
     // 3. Catch up with the writes made meanwhile, round after round, without the lock.
     for _ in 0..CATCH_UP_ROUNDS {
-        let n = catch_up_round(inner, &mut built, &mut copied, &tmp).map_err(fail)?;
+        let n = catch_up_round(inner, &mut built, &mut copied, &tmp, true).map_err(fail)?;
         if n <= FINAL_CATCH_UP {
             break;
         }
@@ -144,7 +144,10 @@ pub(crate) fn compact(inner: &Inner) -> Result<()> {
             // Writes came in while the checkpoint finished: another round without the
             // mutex, so the last one (under it) stays short.
             tries += 1;
-            catch_up_round(inner, &mut built, &mut copied, &tmp).map_err(fail)?;
+            // Not folded: the writers' checkpoints are held meanwhile, so their delta
+            // grows towards its hard limit while this round runs (a fold here, at 100M
+            // keys, kept the writer waiting for minutes).
+            catch_up_round(inner, &mut built, &mut copied, &tmp, false).map_err(fail)?;
         }
     };
     if let Err(e) = inner.check_open() {
@@ -388,14 +391,20 @@ fn recent_writes(map: &Mapping, seed: u64, from: u64, to: u64) -> Result<crate::
 /// One catch-up round without the writer mutex: copies what the old log gained since
 /// `copied` (see [`catch_up`]) and syncs it, so that the final sync, under the mutex, has
 /// only the last round's writes to wait for. Returns the bytes the round covered.
-fn catch_up_round(inner: &Inner, b: &mut Built, copied: &mut u64, tmp: &Path) -> Result<u64> {
+fn catch_up_round(
+    inner: &Inner,
+    b: &mut Built,
+    copied: &mut u64,
+    tmp: &Path,
+    fold: bool,
+) -> Result<u64> {
     let (map, end) = {
         let st = inner.state.read();
         (Arc::clone(&st.map), st.map.published())
     };
     let n = end.saturating_sub(*copied);
     let folds = b.folds;
-    catch_up(b, inner.seed, &map, *copied, end, true)?;
+    catch_up(b, inner.seed, &map, *copied, end, fold)?;
     inner.folds.fetch_add(b.folds - folds, Ordering::Relaxed);
     *copied = end;
     let zeroed = zero_ahead(b, n)?;
@@ -651,7 +660,7 @@ struct Built {
 /// and records a checkpoint at `b.log_end` there, then empties the delta: what a
 /// checkpoint does for the store, done for a file nobody else sees yet. So the delta,
 /// which the switch installs as the store's, holds at most `Built::fold_at` keys
-/// (4x `checkpoint_keys`) however many writes the compaction catches up with: at 20M
+/// (see [`fold_at`]) however many writes the compaction catches up with: at 20M
 /// keys a compaction used to carry millions of them (gigabytes of memory), and the
 /// first checkpoint after the switch had to write them all.
 ///
@@ -729,6 +738,16 @@ fn fold_delta(b: &mut Built) -> Result<()> {
     b.runs = Vec::new();
     b.folds += 1;
     Ok(())
+}
+
+/// Caught-up keys past which [`fold_delta`] runs: 4x `checkpoint_keys` (what the writer's
+/// own delta may reach), or 8 keys per bucket of the new index if that is more. A fold
+/// reads and rewrites most buckets whatever its size, so in a large index it must carry
+/// many keys per bucket to be worth it: at 100M keys (a 4 GiB index), folds of 1.8M keys
+/// each re-read the index from disk while the page cache could not hold both files.
+fn fold_at(checkpoint_keys: usize, buckets: u64) -> usize {
+    let per_bucket = usize::try_from(buckets.saturating_mul(8)).unwrap_or(usize::MAX);
+    checkpoint_keys.saturating_mul(4).max(per_bucket)
 }
 
 /// Bytes of consecutive buckets a fold writes with one `pwrite`.
@@ -871,7 +890,7 @@ fn build(
             ckpt,
             delta: Delta::default(),
             runs: Vec::new(),
-            fold_at: Some(inner.opts.checkpoint_keys.saturating_mul(4)),
+            fold_at: Some(fold_at(inner.opts.checkpoint_keys, buckets)),
             view: None,
             folds: 0,
             zeroed: 0,
