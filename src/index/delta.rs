@@ -329,7 +329,7 @@ pub(crate) struct Delta {
     first: Table,
     more: IdMap<Vec<u64>>,
     len: usize,
-    unresolved: Vec<u64>,
+    unresolved: std::collections::VecDeque<u64>,
     /// Set once a checkpoint has taken every entry's old state into the counters: the
     /// per-entry marks no longer count.
     all_resolved: bool,
@@ -348,7 +348,7 @@ impl Delta {
     pub(crate) fn clear(&mut self) {
         self.first = Table::default();
         self.more = IdMap::default();
-        self.unresolved = Vec::new();
+        self.unresolved = std::collections::VecDeque::new();
         self.len = 0;
         self.all_resolved = false;
     }
@@ -361,7 +361,7 @@ impl Delta {
         for v in self.first.values_mut().chain(more) {
             *v &= !UNRESOLVED_TAG;
         }
-        self.unresolved = Vec::new();
+        self.unresolved = std::collections::VecDeque::new();
     }
 
     /// Marks every entry resolved (their old states were taken into the counters), and
@@ -369,7 +369,7 @@ impl Delta {
     /// cleared.
     pub(crate) fn mark_all_resolved(&mut self) {
         self.all_resolved = true;
-        self.unresolved = Vec::new();
+        self.unresolved = std::collections::VecDeque::new();
     }
 
     /// The newest records of all keys with this hash: (offset, is a delete).
@@ -422,7 +422,7 @@ impl Delta {
         }
         self.len += 1;
         if fresh & UNRESOLVED_TAG != 0 {
-            self.unresolved.push(hash);
+            self.unresolved.push_back(hash);
         }
         None
     }
@@ -444,13 +444,20 @@ impl Delta {
         self.unresolved.len()
     }
 
-    /// Takes up to `max` hashes off the unresolved queue, ordered by `order` so that their
-    /// lookups walk the index in order.
+    /// Takes up to `max` hashes off the unresolved queue, oldest first (the ones
+    /// [`Delta::peek_unresolved`] shows), ordered by `order` so that their lookups walk
+    /// the index in order.
     pub(crate) fn take_unresolved(&mut self, max: usize, order: impl Fn(u64) -> u64) -> Vec<u64> {
-        let at = self.unresolved.len().saturating_sub(max);
-        let mut out = self.unresolved.split_off(at);
+        let n = max.min(self.unresolved.len());
+        let mut out: Vec<u64> = self.unresolved.drain(..n).collect();
         out.sort_unstable_by_key(|&h| order(h));
         out
+    }
+
+    /// The hashes the next [`Delta::take_unresolved`] of `max` takes (unless it is
+    /// cleared meanwhile): to prefetch their buckets before taking a lock.
+    pub(crate) fn peek_unresolved(&self, max: usize) -> impl Iterator<Item = u64> + '_ {
+        self.unresolved.iter().take(max).copied()
     }
 
     /// Marks every unresolved entry with this hash resolved and pushes its offset to `out`.

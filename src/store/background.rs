@@ -111,6 +111,23 @@ impl Inner {
     /// compaction's switch.
     pub(super) fn resolve_backlog(&self) {
         loop {
+            // The buckets of the next piece are read in first, with no lock held: the
+            // lookups below run under the exclusive state lock, and an index that the
+            // page cache does not hold (100M keys beside a compaction) made each of
+            // them a disk read there while the writer waited.
+            let next = {
+                let st = self.state.read();
+                let geom = st.index;
+                let offs: Vec<u64> = st
+                    .delta
+                    .peek_unresolved(RESOLVE_PIECE)
+                    .map(|h| geom.bucket_off(crate::format::bucket_of(h, geom.buckets.max(1))))
+                    .collect();
+                (!st.delta_only && !offs.is_empty()).then(|| (Arc::clone(&st.map), offs))
+            };
+            if let Some((map, offs)) = next {
+                map.prefetch(&offs, crate::format::BUCKET_SIZE as u64);
+            }
             {
                 let mut st = self.state.write();
                 if st.delta.unresolved_len() == 0 {
