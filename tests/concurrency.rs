@@ -751,6 +751,21 @@ fn this_thread_nice() -> i64 {
         .expect("nice")
 }
 
+/// The nice values of this process's background threads, polled (for up to a second)
+/// until one has `want`: the thread starts with the first write.
+fn background_nices_until(want: i64) -> Vec<i64> {
+    let mut seen = Vec::new();
+    for _ in 0..200 {
+        // Comm names are cut at 15 bytes.
+        seen = nices_of_threads("mapkv-backgroun");
+        if seen.contains(&want) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    seen
+}
+
 #[test]
 fn the_stores_own_threads_run_at_the_lower_priority_options_ask_for() {
     let base = this_thread_nice();
@@ -765,16 +780,8 @@ fn the_stores_own_threads_run_at_the_lower_priority_options_ask_for() {
         .unwrap();
         // The first write starts the background thread.
         s.put(b"k", b"v").unwrap();
-        // Comm names are cut at 15 bytes.
         let want = (base + i64::from(steps)).min(19);
-        let mut seen = Vec::new();
-        for _ in 0..200 {
-            seen = nices_of_threads("mapkv-backgroun");
-            if seen.contains(&want) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        let seen = background_nices_until(want);
         assert!(
             seen.contains(&want),
             "background_nice({steps}): wanted a background thread at nice {want}, saw {seen:?}"
@@ -812,14 +819,7 @@ fn the_stores_threads_nice_is_relative_to_the_opening_thread() {
     .join()
     .unwrap();
     let want = (base + 2).min(19);
-    let mut seen = Vec::new();
-    for _ in 0..200 {
-        seen = nices_of_threads("mapkv-backgroun");
-        if seen.contains(&want) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let seen = background_nices_until(want);
     assert!(
         seen.contains(&want),
         "wanted a background thread at nice {want} (opening thread {base} + 2), saw {seen:?}"
