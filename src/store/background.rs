@@ -93,15 +93,18 @@ impl Inner {
     /// the tail. (Resolving counters during a long overwrite can go on for seconds; the
     /// writer then ran out of allocated space and grew the file itself.)
     fn urgent_work(&self) {
-        let (prefault, allocate) = {
-            let mut bg = self.background.lock();
-            (bg.prefault.take(), bg.allocate.take())
-        };
-        if let Some((map, from, to)) = prefault {
-            map.prefault_write(from, to - from);
-        }
+        self.prefault_asked();
+        let allocate = self.background.lock().allocate.take();
         if let Some((file, from, to)) = allocate {
             self.allocate_ahead(&file, from, to);
+        }
+    }
+
+    /// Prefaults the window ahead of the tail that the writer asked for, if it did.
+    pub(super) fn prefault_asked(&self) {
+        let asked = self.background.lock().prefault.take();
+        if let Some((map, from, to)) = asked {
+            map.prefault_write(from, to - from);
         }
     }
 

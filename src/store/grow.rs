@@ -155,8 +155,9 @@ impl Inner {
     }
 
     /// On the background thread (or a checkpoint's, see [`Inner::allocate_for`]):
-    /// allocates `[from, to)` of `file` in pieces, publishing each in `ahead`. Stops at the first failure (the writer then allocates itself and
-    /// reports the error).
+    /// allocates `[from, to)` of `file` in pieces, publishing each in `ahead`, and
+    /// prefaults as asked in between. Stops at the first failure (the writer then
+    /// allocates itself and reports the error).
     pub(super) fn allocate_ahead(&self, file: &Arc<FileHandle>, from: u64, to: u64) {
         let mut at = from;
         while at < to {
@@ -182,10 +183,7 @@ impl Inner {
             // A handle of a file that compaction replaced may be the last one: closing
             // it frees the file's blocks, which must not happen under the lock.
             drop(old);
-            let more = self.background.lock().prefault.take();
-            if let Some((map, from, to)) = more {
-                map.prefault_write(from, to - from);
-            }
+            self.prefault_asked();
         }
     }
 
