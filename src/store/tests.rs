@@ -709,11 +709,9 @@ fn no_automatic_compaction_starts_once_a_close_has_begun() {
                 .expect("put");
         }
     }
-    let _ = store.len(); // settles the counters
-    assert!(
-        store.inner.compaction_due(),
-        "setup: the threshold is crossed"
-    );
+    // (`start_auto_compaction` does not ask whether one is due: its callers do. An
+    // automatic compaction may already have run during the writes, so the threshold is
+    // not asserted here; the guard below must hold either way.)
     // A close begins; the compaction that is running finishes.
     store.inner.closing.store(true, Ordering::Release);
     let running = store.inner.auto_compactor.lock().take();
