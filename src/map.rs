@@ -531,6 +531,34 @@ impl Mapping {
         }
     }
 
+    /// Hints the CPU to fetch the cache lines of `[off, off + len)` (at most four) for
+    /// reading: a lookup that learns a record's offset asks for the record's lines at
+    /// once, so their misses overlap instead of each waiting for the header that says
+    /// where the next one is. A hint only: lines past the published end are skipped,
+    /// and nothing happens off x86-64.
+    #[inline]
+    pub(crate) fn prefetch_lines(&self, off: u64, len: u64) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let end = off.saturating_add(len).min(self.published());
+            let mut at = off & !63;
+            for _ in 0..4 {
+                if at >= end {
+                    break;
+                }
+                let p = self.raw.as_ptr().wrapping_add(at as usize).cast::<i8>();
+                // SAFETY: a prefetch is a hint that never faults and never reads or
+                // writes memory as far as the program can observe; `p` is inside the
+                // published range of the mapping anyway (`at < end <= published`).
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
+                at += 64;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (off, len);
+    }
+
     /// `msync(MS_SYNC)` of the pages covering `[off, off + len)`.
     pub(crate) fn sync_range(&self, off: u64, len: u64) -> Result<()> {
         let end = (off + len).min(self.reserved);
