@@ -98,6 +98,13 @@ pub(crate) struct Inner {
     /// The background thread was asked to resolve the delta's backlog and has not
     /// finished (writers ask once, without taking its mutex on every write).
     pub(super) resolve_asked: std::sync::atomic::AtomicBool,
+    /// The last piece of counter resolution found the index buckets out of memory (its
+    /// lookups were slow): the next pieces read their buckets in before locking.
+    pub(super) index_cold: std::sync::atomic::AtomicBool,
+    /// Pieces of counter resolution done by `resolve_backlog`, and how many of them
+    /// read their buckets in ahead (for tests and diagnosis).
+    pub(super) resolved_pieces: AtomicU64,
+    pub(super) prefetched_pieces: AtomicU64,
     /// Taken around what holds the store file's inode lock for long (allocation ahead,
     /// punching retired index regions) and, before the state lock, around the bucket
     /// writes made under it: a `pwrite` under the state lock must not queue behind an
@@ -164,6 +171,9 @@ impl Inner {
             ahead: Mutex::new(None),
             space_gate: Mutex::new(()),
             resolve_asked: std::sync::atomic::AtomicBool::new(false),
+            index_cold: std::sync::atomic::AtomicBool::new(false),
+            resolved_pieces: AtomicU64::new(0),
+            prefetched_pieces: AtomicU64::new(0),
             region_holds: std::sync::atomic::AtomicUsize::new(0),
             checkpoint_holds: std::sync::atomic::AtomicUsize::new(0),
             recovery: Mutex::new(RecoveryReport::default()),
