@@ -508,6 +508,39 @@ impl Mapping {
         }
     }
 
+    /// The mapping's address (tests look its pages up in `/proc/self/pagemap`).
+    #[cfg(test)]
+    pub(crate) fn base_addr(&self) -> usize {
+        self.raw.as_ptr() as usize
+    }
+
+    /// Drops this process's page-table entries for the pages inside `[off, off + len)`
+    /// (`MADV_DONTNEED`): the pages stay in the page cache, dirty ones stay dirty, and
+    /// the next access maps them again. Done before write-back of a range the writer has
+    /// left behind: write-back write-protects each page still mapped writable with a TLB
+    /// flush of its own, an IPI to every other CPU running this process's threads (a VM
+    /// exit each here), where dropping the entries flushes once for the range. Best
+    /// effort.
+    pub(crate) fn release_pages(&self, off: u64, len: u64) {
+        let start = crate::format::page_up(off);
+        let end = crate::format::page_down(off.saturating_add(len).min(self.reserved));
+        if end > start {
+            // SAFETY: this is a `MAP_SHARED` mapping of a file. `MADV_DONTNEED` on such a
+            // mapping only removes page-table entries (moving their dirty bits to the
+            // page-cache pages); it neither discards nor changes the file's pages, so
+            // every byte reads the same before and after, and a slice borrowed into the
+            // range stays valid (its next access faults the same page back in). It would
+            // zero a private or anonymous mapping, which this never is.
+            let _ = unsafe {
+                self.raw.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start as usize,
+                    (end - start) as usize,
+                )
+            };
+        }
+    }
+
     /// Reads the pages at `offs` (each `len` bytes) into the page cache and maps them:
     /// `MADV_WILLNEED` for all first (their reads go to the disk together), then
     /// `MADV_POPULATE_READ` for each, which waits for them. For a thread that is about

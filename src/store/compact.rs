@@ -937,6 +937,7 @@ impl Inner {
         w.dirty_marked = false;
         w.prefaulted = 0;
         w.written_back = c.log_end;
+        self.released_to.store(c.log_end, Ordering::Release);
         w.zeroed = c.log_end;
         // The state lock is never taken while holding the sync mutex (stats() takes them
         // the other way round).

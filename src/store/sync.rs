@@ -49,11 +49,17 @@ impl Inner {
     pub(crate) fn sync_file(&self, file: &FileHandle) -> Result<()> {
         // The published end, then the growth epoch: a growth bumps the epoch before it
         // publishes anything in the new space, so this epoch covers `end`.
-        let (end, writes, live) = {
+        let (end, writes, live, map) = {
             let st = self.state.read();
-            (st.map.published(), st.writes, Arc::clone(&st.live))
+            (
+                st.map.published(),
+                st.writes,
+                Arc::clone(&st.live),
+                Arc::clone(&st.map),
+            )
         };
         let epoch = self.size_epoch.load(Ordering::Acquire);
+        self.release_behind(&map, end);
         if let Err(e) = file.sync_data() {
             return self.poison(e);
         }
@@ -162,6 +168,7 @@ impl Inner {
                     self.file_gen.load(Ordering::Acquire),
                 )
             };
+            self.release_behind(&map, target);
             let r = if epoch != synced_epoch {
                 file.sync_data().map(|()| SyncEvent::File)
             } else {
