@@ -499,12 +499,17 @@ impl Mapping {
     }
 
     /// Prefaults `[off, off + len)` writable (`MADV_POPULATE_WRITE`), so the first appends
-    /// there take no write fault. Best effort (older kernels lack it).
+    /// there take no write fault. Best effort (older kernels lack it). Whole pages below
+    /// the published end are skipped: they hold records already, and a window asked for
+    /// while it was ahead of the tail may run after the tail passed it, when faulting
+    /// its pages in writable would undo their release (`Mapping::release_pages`).
     pub(crate) fn prefault_write(&self, off: u64, len: u64) {
-        if self.writable && off + len <= self.reserved && len > 0 {
-            let _ = self
-                .raw
-                .advise_range(Advice::PopulateWrite, off as usize, len as usize);
+        let end = off.saturating_add(len);
+        let off = off.max(crate::format::page_down(self.published()));
+        if self.writable && end <= self.reserved && end > off {
+            let _ =
+                self.raw
+                    .advise_range(Advice::PopulateWrite, off as usize, (end - off) as usize);
         }
     }
 
