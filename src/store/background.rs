@@ -1,6 +1,7 @@
 //! The background thread: allocation and prefaulting ahead of the tail, write-back
 //! behind it, and the periodic syncs of `Periodic` and `Async`.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::inner::{Background, Inner, Writer};
@@ -64,11 +65,14 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
             // In pieces, prefaulting in between as asked: submitting write-back takes
             // milliseconds per step, long enough for a fast writer to run past a
             // prefault window it waits for.
-            let map = Arc::clone(&inner.state.read().map);
+            let (map, gen) = {
+                let st = inner.state.read();
+                (Arc::clone(&st.map), inner.file_gen.load(Ordering::Acquire))
+            };
             let mut at = from;
             while at < to {
                 let piece = (to - at).min(WRITEBACK_PIECE);
-                inner.release_behind(&map, at + piece);
+                inner.release_behind(&map, gen, at + piece);
                 // A hint: the sync that follows reports any write-back error.
                 let _ = file.start_writeback(at, piece);
                 at += piece;
@@ -111,18 +115,22 @@ impl Inner {
     /// VM): those took a third of all the store's CPU time in a 1M-key fill, and a 1M-key
     /// fill went from 1.06-1.15M to 1.44-1.77M puts/s without them. Reads of those pages
     /// map them again (a minor fault per page). Only where appends go through the
-    /// mapping: `pwrite` leaves no writable entries behind.
-    pub(super) fn release_behind(&self, map: &crate::map::Mapping, upto: u64) {
+    /// mapping: `pwrite` leaves no writable entries behind. `map` belongs to file
+    /// generation `gen`; a map of a file that compaction has replaced since is left
+    /// alone (its offsets would hold the new file's mark back).
+    pub(super) fn release_behind(&self, map: &crate::map::Mapping, gen: u64, upto: u64) {
         if !self.appends_through_mapping() {
             return;
         }
         let upto = upto.min(map.published() & !(TAIL_FOLIO - 1));
-        let from = self
-            .released_to
-            .fetch_max(upto, std::sync::atomic::Ordering::AcqRel);
-        if upto > from {
-            map.release_pages(from, upto - from);
-        }
+        let from = {
+            let mut mark = self.released_to.lock();
+            if mark.0 != gen || upto <= mark.1 {
+                return;
+            }
+            std::mem::replace(&mut mark.1, upto)
+        };
+        map.release_pages(from, upto - from);
     }
 
     /// Between pieces of longer work on the background thread: the work a writer may

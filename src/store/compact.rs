@@ -937,7 +937,7 @@ impl Inner {
         w.dirty_marked = false;
         w.prefaulted = 0;
         w.written_back = c.log_end;
-        self.released_to.store(c.log_end, Ordering::Release);
+        *self.released_to.lock() = (self.file_gen.load(Ordering::Acquire), c.log_end);
         w.zeroed = c.log_end;
         // The state lock is never taken while holding the sync mutex (stats() takes them
         // the other way round).

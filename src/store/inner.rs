@@ -98,9 +98,10 @@ pub(crate) struct Inner {
     /// The background thread was asked to resolve the delta's backlog and has not
     /// finished (writers ask once, without taking its mutex on every write).
     pub(super) resolve_asked: std::sync::atomic::AtomicBool,
-    /// The log below this offset has had its pages released from this process's
-    /// mapping since the writer last wrote them (see `Inner::release_behind`).
-    pub(super) released_to: AtomicU64,
+    /// The file generation (`file_gen`) and the log offset below which this process's
+    /// mapping of that file had its pages released since the writer wrote them (see
+    /// `Inner::release_behind`).
+    pub(super) released_to: Mutex<(u64, u64)>,
     /// The last piece of counter resolution found the index buckets out of memory (its
     /// lookups were slow): the next pieces read their buckets in before locking.
     pub(super) index_cold: std::sync::atomic::AtomicBool,
@@ -174,7 +175,7 @@ impl Inner {
             ahead: Mutex::new(None),
             space_gate: Mutex::new(()),
             resolve_asked: std::sync::atomic::AtomicBool::new(false),
-            released_to: AtomicU64::new(end),
+            released_to: Mutex::new((0, end)),
             index_cold: std::sync::atomic::AtomicBool::new(false),
             resolved_pieces: AtomicU64::new(0),
             prefetched_pieces: AtomicU64::new(0),

@@ -49,17 +49,18 @@ impl Inner {
     pub(crate) fn sync_file(&self, file: &FileHandle) -> Result<()> {
         // The published end, then the growth epoch: a growth bumps the epoch before it
         // publishes anything in the new space, so this epoch covers `end`.
-        let (end, writes, live, map) = {
+        let (end, writes, live, map, gen) = {
             let st = self.state.read();
             (
                 st.map.published(),
                 st.writes,
                 Arc::clone(&st.live),
                 Arc::clone(&st.map),
+                self.file_gen.load(Ordering::Acquire),
             )
         };
         let epoch = self.size_epoch.load(Ordering::Acquire);
-        self.release_behind(&map, end);
+        self.release_behind(&map, gen, end);
         if let Err(e) = file.sync_data() {
             return self.poison(e);
         }
@@ -168,7 +169,7 @@ impl Inner {
                     self.file_gen.load(Ordering::Acquire),
                 )
             };
-            self.release_behind(&map, target);
+            self.release_behind(&map, sampled_gen, target);
             let r = if epoch != synced_epoch {
                 file.sync_data().map(|()| SyncEvent::File)
             } else {

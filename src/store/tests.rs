@@ -837,3 +837,68 @@ fn a_sync_leaves_no_page_behind_the_tail_mapped() {
     );
     store.close().expect("close");
 }
+
+/// Regression: the mark below which log pages were released was a bare offset. A
+/// release still running for the file a compaction had just replaced (the background
+/// thread holds that file's mapping while it works through a range) raised it to an
+/// offset of the old file, far past the new file's log: nothing of the new file was
+/// released until its log got there, and every write-back paid its shootdowns again.
+/// The mark now belongs to a file generation, and a release for another one is ignored.
+#[test]
+fn a_late_release_for_a_replaced_file_holds_nothing_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("late.mkv");
+    let store = Store::open(
+        &path,
+        Options::default()
+            .durability(Durability::None)
+            .checkpoint_keys(1_000_000)
+            .auto_compact_off(),
+    )
+    .expect("open");
+    let value = [6u8; 100];
+    for _ in 0..4 {
+        for i in 0..50_000u32 {
+            store.put(i.to_le_bytes(), value).expect("put");
+        }
+    }
+    let (old_map, old_gen) = {
+        let st = store.inner.state.read();
+        (
+            Arc::clone(&st.map),
+            store.inner.file_gen.load(Ordering::Acquire),
+        )
+    };
+    store.compact().expect("compact");
+    // The background thread's last piece for the old file, arriving late.
+    store
+        .inner
+        .release_behind(&old_map, old_gen, old_map.published());
+    drop(old_map);
+    for i in 50_000..250_000u32 {
+        store.put(i.to_le_bytes(), value).expect("put");
+    }
+    store.flush().expect("flush");
+    let (base, from, to) = {
+        let st = store.inner.state.read();
+        let end = st.map.published() & !((2 << 20) - 1);
+        (
+            st.map.base_addr(),
+            crate::format::page_up(st.index.bucket_off(st.index.buckets)),
+            end,
+        )
+    };
+    assert!(to > from + (8 << 20), "too little log: {from}..{to}");
+    let pages = ((to - from) / 4096) as usize;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut mapped = pages_mapped(base + from as usize, (to - from) as usize);
+    while mapped * 100 > pages && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        mapped = pages_mapped(base + from as usize, (to - from) as usize);
+    }
+    assert!(
+        mapped * 100 <= pages,
+        "{mapped} of the {pages} log pages behind the tail are still mapped after a sync"
+    );
+    store.close().expect("close");
+}
