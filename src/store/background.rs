@@ -59,7 +59,7 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
             inner.resolve_backlog();
         }
         if let Some((map, from, to)) = prefault {
-            map.prefault_write(from, to - from);
+            inner.prefault(&map, from, to);
         }
         if let Some((file, from, to)) = writeback {
             // In pieces, prefaulting in between as asked: submitting write-back takes
@@ -123,14 +123,15 @@ impl Inner {
             return;
         }
         let upto = upto.min(map.published() & !(TAIL_FOLIO - 1));
-        let from = {
-            let mut mark = self.released_to.lock();
-            if mark.0 != gen || upto <= mark.1 {
-                return;
-            }
-            std::mem::replace(&mut mark.1, upto)
-        };
-        map.release_pages(from, upto - from);
+        // The release happens under the mark's lock: a caller that finds the mark at or
+        // past its range knows the pages are released (a sync after a release that was
+        // only claimed would find them still mapped).
+        let mut mark = self.released_to.lock();
+        if mark.0 != gen || upto <= mark.1 {
+            return;
+        }
+        map.release_pages(mark.1, upto - mark.1);
+        mark.1 = upto;
     }
 
     /// Between pieces of longer work on the background thread: the work a writer may
@@ -149,8 +150,15 @@ impl Inner {
     pub(super) fn prefault_asked(&self) {
         let asked = self.background.lock().prefault.take();
         if let Some((map, from, to)) = asked {
-            map.prefault_write(from, to - from);
+            self.prefault(&map, from, to);
         }
+    }
+
+    /// Prefaults `[from, to)` of `map` writable, never at the same time as a release
+    /// (see `Inner::released_to`).
+    fn prefault(&self, map: &crate::map::Mapping, from: u64, to: u64) {
+        let _mark = self.released_to.lock();
+        map.prefault_write(from, to - from);
     }
 
     /// Looks up the old records of the delta's unresolved keys (see
