@@ -792,6 +792,32 @@ fn pages_mapped(addr: usize, len: usize) -> usize {
         .count()
 }
 
+/// Asserts that, after a sync, at most 1% of the log's pages below the tail's 2 MiB
+/// folio are mapped in this process (the log starts right after the first index
+/// region: tests that use this hold no other region).
+fn assert_log_behind_the_tail_unmapped(store: &Store) {
+    let (base, from, to) = {
+        let st = store.inner.state.read();
+        let start = crate::format::page_up(st.index.bucket_off(st.index.buckets));
+        let end = st.map.published() & !((2 << 20) - 1);
+        (st.map.base_addr(), start, end)
+    };
+    assert!(to > from + (8 << 20), "too little log: {from}..{to}");
+    let pages = ((to - from) / 4096) as usize;
+    let (addr, len) = (base + from as usize, (to - from) as usize);
+    // A release the background thread started may still be under way: a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut mapped = pages_mapped(addr, len);
+    while mapped * 100 > pages && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        mapped = pages_mapped(addr, len);
+    }
+    assert!(
+        mapped * 100 <= pages,
+        "{mapped} of the {pages} log pages behind the tail are still mapped after a sync"
+    );
+}
+
 /// Regression: under `None`, appends dirty the log's pages through the mapping, and
 /// write-back (the background thread's early write-back, a checkpoint's sync, `flush`)
 /// write-protected each of them with a TLB shootdown of its own: an IPI to the other
@@ -815,26 +841,7 @@ fn a_sync_leaves_no_page_behind_the_tail_mapped() {
         store.put(i.to_le_bytes(), value).expect("put");
     }
     store.flush().expect("flush");
-    let (base, from, to) = {
-        let st = store.inner.state.read();
-        let start = crate::format::page_up(st.index.bucket_off(st.index.buckets));
-        let end = st.map.published() & !((2 << 20) - 1);
-        (st.map.base_addr(), start, end)
-    };
-    assert!(to > from + (8 << 20), "too little log: {from}..{to}");
-    let pages = ((to - from) / 4096) as usize;
-    // The background thread may be releasing a range it claimed just before the sync
-    // (the sync then releases only what follows it): give it a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut mapped = pages_mapped(base + from as usize, (to - from) as usize);
-    while mapped * 100 > pages && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        mapped = pages_mapped(base + from as usize, (to - from) as usize);
-    }
-    assert!(
-        mapped * 100 <= pages,
-        "{mapped} of the {pages} log pages behind the tail are still mapped after a sync"
-    );
+    assert_log_behind_the_tail_unmapped(&store);
     store.close().expect("close");
 }
 
@@ -879,26 +886,6 @@ fn a_late_release_for_a_replaced_file_holds_nothing_back() {
         store.put(i.to_le_bytes(), value).expect("put");
     }
     store.flush().expect("flush");
-    let (base, from, to) = {
-        let st = store.inner.state.read();
-        let end = st.map.published() & !((2 << 20) - 1);
-        (
-            st.map.base_addr(),
-            crate::format::page_up(st.index.bucket_off(st.index.buckets)),
-            end,
-        )
-    };
-    assert!(to > from + (8 << 20), "too little log: {from}..{to}");
-    let pages = ((to - from) / 4096) as usize;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut mapped = pages_mapped(base + from as usize, (to - from) as usize);
-    while mapped * 100 > pages && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        mapped = pages_mapped(base + from as usize, (to - from) as usize);
-    }
-    assert!(
-        mapped * 100 <= pages,
-        "{mapped} of the {pages} log pages behind the tail are still mapped after a sync"
-    );
+    assert_log_behind_the_tail_unmapped(&store);
     store.close().expect("close");
 }
