@@ -366,8 +366,7 @@ impl Inner {
         total: u64,
         hash0: u64,
     ) -> Result<u64> {
-        let pwrite = self.copy_on_write
-            || matches!(self.opts.durability, Durability::Always | Durability::Async);
+        let pwrite = !self.appends_through_mapping();
         self.mark_dirty(&mut w)?;
         // The first key's delta slot: fetched while the record is encoded and copied,
         // rather than missed under the state lock.

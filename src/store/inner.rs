@@ -101,6 +101,7 @@ pub(crate) struct Inner {
     /// The file generation (`file_gen`) and the log offset below which this process's
     /// mapping of that file had its pages released since the writer wrote them (see
     /// `Inner::release_behind`).
+    ///
     /// Also held while prefaulting the tail's window: a prefault still running on
     /// another thread when the tail passed its window would fault released pages back
     /// in (a prefault skips only what is published when it starts).

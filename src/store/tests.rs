@@ -730,6 +730,20 @@ fn no_automatic_compaction_starts_once_a_close_has_begun() {
     store.close().expect("close");
 }
 
+/// A new `Durability::None` store at `path` with checkpoints every `checkpoint_keys`
+/// writes, and automatic compaction on or off.
+fn open_unsynced(path: &std::path::Path, checkpoint_keys: usize, auto_compact: bool) -> Store {
+    let opts = Options::default()
+        .durability(Durability::None)
+        .checkpoint_keys(checkpoint_keys);
+    let opts = if auto_compact {
+        opts
+    } else {
+        opts.auto_compact_off()
+    };
+    Store::open(path, opts).expect("open")
+}
+
 /// Regression: the counter resolution read every piece's buckets in with two `madvise`
 /// calls per bucket before taking the state lock, even when the index was resident: a
 /// run of durable group commits (1.6M puts) made 165,000 `madvise` calls in 3 s, a
@@ -739,16 +753,9 @@ fn no_automatic_compaction_starts_once_a_close_has_begun() {
 #[test]
 fn counter_resolution_over_a_resident_index_reads_nothing_ahead() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("warm.mkv");
-    let store = Store::open(
-        &path,
-        // Counter resolution runs in the background when automatic compaction is on
-        // (it needs the counters); this store is far below its minimum size.
-        Options::default()
-            .durability(Durability::None)
-            .checkpoint_keys(40_000),
-    )
-    .expect("open");
+    // Counter resolution runs in the background when automatic compaction is on (it
+    // needs the counters); this store is far below its minimum size.
+    let store = open_unsynced(&dir.path().join("warm.mkv"), 40_000, true);
     // The 40,000th put starts a checkpoint that puts those keys in the buckets.
     for i in 0..45_000u32 {
         store.put(i.to_le_bytes(), [1u8; 20]).expect("put");
@@ -827,15 +834,7 @@ fn assert_log_behind_the_tail_unmapped(store: &Store) {
 #[test]
 fn a_sync_leaves_no_page_behind_the_tail_mapped() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("release.mkv");
-    let store = Store::open(
-        &path,
-        Options::default()
-            .durability(Durability::None)
-            .checkpoint_keys(1_000_000)
-            .auto_compact_off(),
-    )
-    .expect("open");
+    let store = open_unsynced(&dir.path().join("release.mkv"), 1_000_000, false);
     let value = [5u8; 100];
     for i in 0..200_000u32 {
         store.put(i.to_le_bytes(), value).expect("put");
@@ -854,15 +853,7 @@ fn a_sync_leaves_no_page_behind_the_tail_mapped() {
 #[test]
 fn a_late_release_for_a_replaced_file_holds_nothing_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("late.mkv");
-    let store = Store::open(
-        &path,
-        Options::default()
-            .durability(Durability::None)
-            .checkpoint_keys(1_000_000)
-            .auto_compact_off(),
-    )
-    .expect("open");
+    let store = open_unsynced(&dir.path().join("late.mkv"), 1_000_000, false);
     let value = [6u8; 100];
     for _ in 0..4 {
         for i in 0..50_000u32 {
