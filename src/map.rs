@@ -513,6 +513,15 @@ impl Mapping {
         }
     }
 
+    /// Asks the kernel to drop `file`'s clean, unmapped pages from the page cache
+    /// (`POSIX_FADV_DONTNEED`), so the next read of them comes from the disk (tests).
+    #[cfg(test)]
+    pub(crate) fn drop_clean_cache(file: &std::fs::File) {
+        // SAFETY: a plain system call on a descriptor the caller keeps open; it changes
+        // no memory of this process.
+        let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+
     /// The mapping's address (tests look its pages up in `/proc/self/pagemap`).
     #[cfg(test)]
     pub(crate) fn base_addr(&self) -> usize {

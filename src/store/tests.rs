@@ -880,3 +880,36 @@ fn a_late_release_for_a_replaced_file_holds_nothing_back() {
     assert_log_behind_the_tail_unmapped(&store);
     store.close().expect("close");
 }
+
+/// Crash safety of the release: `MADV_DONTNEED` drops the mapping's entries for pages
+/// behind the tail before their sync, and must leave their dirty state with the pages,
+/// or the sync would skip them and the disk would not hold what `flush` promised. After
+/// a flush, the page cache's clean copies are dropped, so every read below comes from
+/// the disk: a page the sync skipped would read as the zeros the file was allocated
+/// with.
+#[test]
+fn pages_released_before_a_sync_reach_the_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("durable.mkv");
+    let store = open_unsynced(&path, 1_000_000, false);
+    let value = |i: u32| format!("value {i} {}", "x".repeat(80));
+    for i in 0..200_000u32 {
+        store.put(i.to_le_bytes(), value(i)).expect("put");
+    }
+    store.flush().expect("flush");
+    assert_log_behind_the_tail_unmapped(&store);
+    let resident = |s: &Store| s.stats().resident_pages;
+    let before = resident(&store);
+    let f = std::fs::File::open(&path).expect("open the file");
+    crate::map::Mapping::drop_clean_cache(&f);
+    let after = resident(&store);
+    assert!(
+        after * 2 < before,
+        "the page cache kept {after} of {before} pages: the reads below would not test the disk"
+    );
+    for i in 0..200_000u32 {
+        let got = store.get(i.to_le_bytes()).expect("get");
+        assert_eq!(got.as_deref(), Some(value(i).as_bytes()), "key {i}");
+    }
+    store.close().expect("close");
+}
