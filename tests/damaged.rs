@@ -911,3 +911,26 @@ fn a_damaged_bucket_is_reported_by_lookups() {
         }
     }
 }
+
+/// Regression (found by the `open_bytes` fuzz target): a reader trusted the committed
+/// end in the file's live area as long as it lay inside the reader's address
+/// reservation, and scanned the log up to it; an end past the end of the file made the
+/// scan read unbacked pages of the mapping, and the process died of SIGBUS. The file
+/// is that fuzz input. Every call must return, with a value or an error.
+#[test]
+fn a_committed_end_past_the_file_is_an_error_for_a_reader_not_a_signal() {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reader_committed_past_eof.mkv");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("past_eof.mkv");
+    std::fs::copy(&fixture, &path).expect("copy the fixture");
+    let store = mapkv::Store::open(&path, mapkv::Options::default().read_only(true))
+        .expect("the reader opens: the damage is found when it follows the writer");
+    let items: Vec<_> = store.iter().take(10_000).collect();
+    assert!(
+        items.iter().any(Result::is_err),
+        "the committed end past the file must be reported"
+    );
+    let _ = store.get(b"k1");
+    let _ = store.len();
+}

@@ -338,14 +338,16 @@ impl Inner {
 
 /// Replays the committed writes in `[from, to)` into the view (recovery in memory).
 fn replay(st: &mut State, from: u64, to: u64) -> Result<()> {
+    // `to` comes from the file (the live area): the mapping reserves far more than the
+    // file holds, and a scan past the file's end would touch unbacked pages (SIGBUS).
+    let len = st.file.len()?;
+    if len < to {
+        return Err(Error::corrupt(
+            to,
+            "the writer's committed end lies past the end of the file",
+        ));
+    }
     if to > st.map.reserved() {
-        let len = st.file.len()?;
-        if len < to {
-            return Err(Error::corrupt(
-                to,
-                "the writer's committed end lies past the end of the file",
-            ));
-        }
         let map = Arc::new(Mapping::new(
             &st.file,
             super::grow::reservation(len),
