@@ -33,6 +33,8 @@
 //!   the file and the in-memory delta of changes since the last checkpoint.
 //! - `state`: the *read view*: a mapping, the index geometry and the deltas, everything a
 //!   lookup needs and nothing of the writer's.
+//! - `resolve`: counter resolution's lookups (what each write replaced), made outside
+//!   the state lock and validated when their outcomes are counted.
 //! - `store`: the [`Store`] handle and its parts: `open` (recovery), `commit` (the write
 //!   path), `sync` (group commit), `grow`, `background`, `checkpoint`, `reindex`,
 //!   `buckets`, `slots`, `counters`, `compact`, `iter`, `verify`, `threads` (the store's
@@ -48,6 +50,7 @@ mod log;
 mod map;
 mod observe;
 mod options;
+mod resolve;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod state;

@@ -256,6 +256,30 @@ fn crc_ok_in(map: &Mapping, seed: u64, rec: &RecordRef) -> bool {
     record_bytes(map, rec.offset).is_some_and(|b| record_crc_ok_in(b, seed, rec))
 }
 
+/// The record at `off` in `map` if it holds `key` (see `State::record_if_key`).
+pub(crate) fn record_if_key_in(
+    map: &Mapping,
+    seed: u64,
+    off: u64,
+    key: &[u8],
+) -> Result<Option<RecordRef>> {
+    // The value's lines are where the header says; asked for now, their misses
+    // overlap the header's instead of following it.
+    map.prefetch_lines(off, RECORD_PREFETCH);
+    let rec = header_in(map, off)?;
+    if rec.kind != KIND_PUT && rec.kind != KIND_DELETE {
+        return Err(Error::corrupt(off, "index points at a non-data record"));
+    }
+    let hit = rec.key_len as usize == key.len() && key_in(map, &rec)? == key;
+    // Another key under the same hash is a collision only if that record is intact:
+    // a damaged key must not make the looked-up key read as missing. (Only checked
+    // on a mismatch, which is rare: the common path costs nothing more.)
+    if !hit && !crc_ok_in(map, seed, &rec) {
+        return Err(Error::corrupt(off, "record checksum mismatch"));
+    }
+    Ok(hit.then_some(rec))
+}
+
 /// Key bytes of a record in `map` (see [`State::key_of`]).
 pub(crate) fn key_in<'m>(map: &'m Mapping, rec: &RecordRef) -> Result<&'m [u8]> {
     map.read(rec.key_off(), u64::from(rec.key_len))
@@ -356,21 +380,7 @@ impl State {
 
     /// The record at `off` if it holds `key` (decoded once, for the caller to keep).
     fn record_if_key(&self, off: u64, key: &[u8]) -> Result<Option<RecordRef>> {
-        // The value's lines are where the header says; asked for now, their misses
-        // overlap the header's instead of following it.
-        self.map.prefetch_lines(off, RECORD_PREFETCH);
-        let rec = self.header(off)?;
-        if rec.kind != KIND_PUT && rec.kind != KIND_DELETE {
-            return Err(Error::corrupt(off, "index points at a non-data record"));
-        }
-        let hit = rec.key_len as usize == key.len() && self.key_of(&rec)? == key;
-        // Another key under the same hash is a collision only if that record is intact:
-        // a damaged key must not make the looked-up key read as missing. (Only checked
-        // on a mismatch, which is rare: the common path costs nothing more.)
-        if !hit && !crc_ok_in(&self.map, self.seed, &rec) {
-            return Err(Error::corrupt(off, "record checksum mismatch"));
-        }
-        Ok(hit.then_some(rec))
+        record_if_key_in(&self.map, self.seed, off, key)
     }
 
     /// The bytes of bucket `b` of the current index.
@@ -434,19 +444,7 @@ impl State {
         );
         self.check_bucket(b)?;
         if self.shared {
-            let off = self.index.bucket_off(b);
-            let word = |at: u64| self.map.load_shared(off + at);
-            let head = word(0).ok_or(Error::corrupt(off, "index bucket outside the file"))?;
-            if self.index.style != crate::format::INDEX_SPARSE
-                && (head >> 48) as u16 != crate::format::BUCKET_MAGIC
-            {
-                return Err(Error::corrupt(off, "index bucket zeroed or never written"));
-            }
-            let slot = |i: usize| {
-                let at = (crate::format::BUCKET_HEADER + i * crate::format::SLOT_SIZE) as u64;
-                (word(at).unwrap_or(0), word(at + 8).unwrap_or(0))
-            };
-            probe_with(slot, hash, &mut is_key)?;
+            probe_shared(&self.map, &self.index, b, hash, is_key)?;
         } else {
             probe(self.bucket(b)?, hash, &mut is_key)?;
         }
@@ -583,7 +581,7 @@ impl State {
 
     /// The put record that the delta entry at `off` replaced: the frozen delta's record
     /// for its key if there is one, else the one in the index buckets.
-    fn old_before_delta(&self, hash: u64, off: u64) -> Result<Option<RecordRef>> {
+    pub(crate) fn old_before_delta(&self, hash: u64, off: u64) -> Result<Option<RecordRef>> {
         if let Some(f) = &self.frozen {
             for (foff, delete) in f.delta.candidates(hash) {
                 if self.same_key(foff, off) {
@@ -614,9 +612,37 @@ impl State {
     }
 }
 
+/// Probes bucket `b` of `index` for `hash` as [`probe`] does, reading its words
+/// atomically one by one: for a bucket that may be rewritten meanwhile (by a writer in
+/// another process, or by this process's writer while the caller holds no state lock).
+/// A slot read half before and half after a rewrite gives a wrong offset at worst,
+/// which `is_key` rejects or reports; the caller validates the outcome.
+pub(crate) fn probe_shared(
+    map: &Mapping,
+    index: &IndexGeom,
+    b: u64,
+    hash: u64,
+    mut is_key: impl FnMut(u64) -> Result<bool>,
+) -> Result<()> {
+    let off = index.bucket_off(b);
+    let word = |at: u64| map.load_shared(off + at);
+    let head = word(0).ok_or(Error::corrupt(off, "index bucket outside the file"))?;
+    if index.style != crate::format::INDEX_SPARSE
+        && (head >> 48) as u16 != crate::format::BUCKET_MAGIC
+    {
+        return Err(Error::corrupt(off, "index bucket zeroed or never written"));
+    }
+    let slot = |i: usize| {
+        let at = (crate::format::BUCKET_HEADER + i * crate::format::SLOT_SIZE) as u64;
+        (word(at).unwrap_or(0), word(at + 8).unwrap_or(0))
+    };
+    probe_with(slot, hash, &mut is_key)?;
+    Ok(())
+}
+
 /// Takes up to `max` unresolved entries of `delta` off its queue (marking them resolved),
 /// ordered by `order`: (hash, offset of the entry's record).
-fn claim(delta: &mut Delta, max: usize, order: impl Fn(u64) -> u64) -> Vec<(u64, u64)> {
+pub(crate) fn claim(delta: &mut Delta, max: usize, order: impl Fn(u64) -> u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut offs = Vec::new();
     for hash in delta.take_unresolved(max, order) {

@@ -375,6 +375,32 @@ pub(crate) struct Delta {
     /// Set once a checkpoint has taken every entry's old state into the counters: the
     /// per-entry marks no longer count.
     all_resolved: bool,
+    id: DeltaId,
+}
+
+/// Tells a delta from every other delta value this process made: a new one, a cleared
+/// one and a clone each get a fresh id. Work prepared against a delta without the
+/// state lock (see `state::resolve`) checks that it is still the same delta.
+#[derive(Debug, PartialEq, Eq)]
+struct DeltaId(u64);
+
+impl DeltaId {
+    fn fresh() -> DeltaId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        DeltaId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Default for DeltaId {
+    fn default() -> DeltaId {
+        DeltaId::fresh()
+    }
+}
+
+impl Clone for DeltaId {
+    fn clone(&self) -> DeltaId {
+        DeltaId::fresh()
+    }
 }
 
 impl Delta {
@@ -387,7 +413,14 @@ impl Delta {
         self.len == 0
     }
 
+    /// This delta's identity (see [`DeltaId`]): another delta, or this one cleared,
+    /// never has the same.
+    pub(crate) fn id(&self) -> u64 {
+        self.id.0
+    }
+
     pub(crate) fn clear(&mut self) {
+        self.id = DeltaId::fresh();
         self.first = Table::default();
         self.more = IdMap::default();
         self.unresolved = std::collections::VecDeque::new();
@@ -500,6 +533,19 @@ impl Delta {
     /// cleared meanwhile): to prefetch their buckets before taking a lock.
     pub(crate) fn peek_unresolved(&self, max: usize) -> impl Iterator<Item = u64> + '_ {
         self.unresolved.iter().take(max).copied()
+    }
+
+    /// The offsets of the unresolved entries with this hash (the ones
+    /// [`Delta::claim_unresolved`] would claim), without claiming them.
+    pub(crate) fn unresolved_offsets(&self, hash: u64) -> impl Iterator<Item = u64> + '_ {
+        let more = self.more.get(&hash).into_iter().flatten();
+        let keep = !self.all_resolved;
+        self.first
+            .get(hash)
+            .into_iter()
+            .chain(more.copied())
+            .filter(move |v| keep && v & UNRESOLVED_TAG != 0)
+            .map(|v| untag(v).0)
     }
 
     /// Marks every unresolved entry with this hash resolved and pushes its offset to `out`.

@@ -90,11 +90,8 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
     }
 }
 
-/// Unresolved keys looked up per state lock by the background thread.
+/// Unresolved keys looked up per piece by the background thread.
 const RESOLVE_PIECE: usize = 256;
-/// A piece of counter resolution that holds the state lock longer than this read its
-/// buckets from the disk (resident, 256 lookups take well under a millisecond).
-const COLD_PIECE: std::time::Duration = std::time::Duration::from_millis(8);
 
 impl Inner {
     /// True if appends dirty the log's pages through the mapping (`None`/`Periodic`),
@@ -161,52 +158,24 @@ impl Inner {
         map.prefault_write(from, to - from);
     }
 
-    /// Looks up the old records of the delta's unresolved keys (see
-    /// `State::resolve_current`), a piece per exclusive state lock, keeping the log tail
-    /// prefaulted in between as asked. On the background thread, and after a
-    /// compaction's switch.
+    /// Looks up the old records of the delta's unresolved keys (see `crate::resolve`),
+    /// a piece at a time: each piece's lookups hold no lock, and only the counting of
+    /// their outcomes takes the exclusive state lock. Keeps the log tail prefaulted in
+    /// between as asked. On the background thread, at close, and after a compaction's
+    /// switch.
     pub(super) fn resolve_backlog(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         loop {
-            // The buckets of the next piece are read in first, with no lock held, if the
-            // last piece found them out of memory: the lookups below run under the
-            // exclusive state lock, and an index that the page cache does not hold
-            // (100M keys beside a compaction) made each of them a disk read there while
-            // the writer waited. Over a resident index the read-ahead is only cost (two
-            // `madvise` calls per bucket: 165,000 in 3 s of durable group commits).
-            let cold = self.index_cold.load(Relaxed);
-            let next = cold.then(|| {
-                let st = self.state.read();
-                let geom = st.index;
-                let offs: Vec<u64> = st
-                    .delta
-                    .peek_unresolved(RESOLVE_PIECE)
-                    .map(|h| geom.bucket_off(crate::format::bucket_of(h, geom.buckets.max(1))))
-                    .collect();
-                (!st.delta_only && !offs.is_empty()).then(|| (Arc::clone(&st.map), offs))
-            });
-            if let Some((map, offs)) = next.flatten() {
-                let t = std::time::Instant::now();
-                map.prefetch(&offs, crate::format::BUCKET_SIZE as u64);
-                self.prefetched_pieces.fetch_add(1, Relaxed);
-                // Reading resident pages takes two quick system calls per bucket; a
-                // piece that had to wait for the disk takes far longer.
-                if t.elapsed() < COLD_PIECE / 4 {
-                    self.index_cold.store(false, Relaxed);
-                }
-            }
-            {
-                let t = std::time::Instant::now();
-                let mut st = self.state.write();
-                if st.delta.unresolved_len() == 0 {
-                    break;
-                }
-                st.resolve_current(RESOLVE_PIECE);
-                drop(st);
+            let plan = crate::resolve::Plan::take(&self.state.read(), RESOLVE_PIECE);
+            let Some(mut plan) = plan else {
+                break;
+            };
+            plan.look_up();
+            // `None`: a checkpoint froze the delta (or a compaction or growth changed
+            // the file or the index) meanwhile; the next plan starts from there.
+            if let Some(locked) = plan.apply(&mut self.state.write()) {
                 self.resolved_pieces.fetch_add(1, Relaxed);
-                if !cold && t.elapsed() > COLD_PIECE {
-                    self.index_cold.store(true, Relaxed);
-                }
+                self.locked_lookups.fetch_add(locked as u64, Relaxed);
             }
             self.urgent_work();
         }
