@@ -351,9 +351,10 @@ impl Options {
     /// behind the writer; with the default at 20M keys (1.05M keys), about 2.3 times that.
     /// Fewer keys mean more checkpoints, each of which rewrites the
     /// index buckets it touches. Recovery after a crash replays the log written since
-    /// the last finished checkpoint (a crash in the middle of one redoes it from there),
-    /// never more than 256 MiB of it. At least 1. Defaults to 450,000, or 8 per bucket
-    /// of the index, whichever is more.
+    /// the last finished checkpoint (a crash in the middle of one redoes it from there):
+    /// this many keys or 256 MiB of log, plus what was written while the last
+    /// checkpoint ran. At least 1. Defaults to 450,000, or 8 per bucket of the index,
+    /// whichever is more.
     #[must_use]
     pub fn checkpoint_keys(mut self, keys: usize) -> Self {
         self.checkpoint_keys = Some(keys);
