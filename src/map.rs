@@ -555,6 +555,31 @@ impl Mapping {
         }
     }
 
+    /// Reads the pages at `offs` (each `len` bytes) into the page cache and maps them:
+    /// `MADV_WILLNEED` for all first (their reads go to the disk together), then
+    /// `MADV_POPULATE_READ` for each, which waits for them. For a thread about to read
+    /// scattered pages of a file the page cache does not hold: a fault there reads the
+    /// kernel's read-around window (128 KiB) for each 4 KiB page asked for, and the
+    /// faults wait one after another. Best effort; offsets outside the published range
+    /// are skipped.
+    pub(crate) fn prefetch(&self, offs: &[u64], len: u64) {
+        let page = |o: u64| {
+            let start = crate::format::page_down(o);
+            let end = crate::format::page_up(o.saturating_add(len)).min(self.published());
+            (end > start).then_some((start as usize, (end - start) as usize))
+        };
+        for &o in offs {
+            if let Some((at, n)) = page(o) {
+                let _ = self.raw.advise_range(Advice::WillNeed, at, n);
+            }
+        }
+        for &o in offs {
+            if let Some((at, n)) = page(o) {
+                let _ = self.raw.advise_range(Advice::PopulateRead, at, n);
+            }
+        }
+    }
+
     /// Hints the CPU to fetch the cache lines of `[off, off + len)` (at most four) for
     /// reading: a lookup that learns a record's offset asks for the record's lines at
     /// once, so their misses overlap instead of each waiting for the header that says

@@ -123,6 +123,21 @@ impl Plan {
         })
     }
 
+    /// Reads the buckets step 2 will probe into the page cache, exactly those pages
+    /// (see [`Mapping::prefetch`]): for an index the page cache does not hold.
+    pub(crate) fn prefetch_buckets(&self) {
+        if self.delta_only {
+            return;
+        }
+        let buckets = self.index.buckets.max(1);
+        let offs: Vec<u64> = self
+            .entries
+            .iter()
+            .map(|e| self.index.bucket_off(bucket_of(e.hash, buckets)))
+            .collect();
+        self.map.prefetch(&offs, crate::format::BUCKET_SIZE as u64);
+    }
+
     /// Step 2 (no lock held): each entry's old record.
     pub(crate) fn look_up(&mut self) {
         for i in 0..self.entries.len() {

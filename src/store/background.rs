@@ -92,6 +92,9 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
 
 /// Unresolved keys looked up per piece by the background thread.
 const RESOLVE_PIECE: usize = 256;
+/// A piece of counter resolution whose lookups take longer than this read its buckets
+/// from the disk (resident, 256 lookups take well under a millisecond).
+const COLD_PIECE: std::time::Duration = std::time::Duration::from_millis(8);
 
 impl Inner {
     /// True if appends dirty the log's pages through the mapping (`None`/`Periodic`),
@@ -170,7 +173,27 @@ impl Inner {
             let Some(mut plan) = plan else {
                 break;
             };
+            // Over an index the page cache does not hold (100M keys beside a
+            // compaction), each probe's fault read a 128 KiB read-around window for
+            // its 4 KiB bucket, one after another: 925 GB read in 19 minutes. After a
+            // slow piece, the next ones read exactly their buckets in first, all at
+            // once. Over a resident index that is only cost (two `madvise` calls per
+            // bucket: 165,000 in 3 s of durable group commits).
+            let cold = self.index_cold.load(Relaxed);
+            let t = std::time::Instant::now();
+            if cold {
+                plan.prefetch_buckets();
+                self.prefetched_pieces.fetch_add(1, Relaxed);
+                // Reading resident pages takes two quick system calls per bucket; a
+                // piece that had to wait for the disk takes far longer.
+                if t.elapsed() < COLD_PIECE / 4 {
+                    self.index_cold.store(false, Relaxed);
+                }
+            }
             plan.look_up();
+            if !cold && t.elapsed() > COLD_PIECE {
+                self.index_cold.store(true, Relaxed);
+            }
             // `None`: a checkpoint froze the delta (or a compaction or growth changed
             // the file or the index) meanwhile; the next plan starts from there.
             if let Some(locked) = plan.apply(&mut self.state.write()) {

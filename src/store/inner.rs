@@ -106,10 +106,14 @@ pub(crate) struct Inner {
     /// another thread when the tail passed its window would fault released pages back
     /// in (a prefault skips only what is published when it starts).
     pub(super) released_to: Mutex<(u64, u64)>,
-    /// Pieces of counter resolution done by `resolve_backlog`, and the lookups it had
-    /// to make under the exclusive state lock (see `crate::resolve`; for tests and
-    /// diagnosis).
+    /// The last piece of counter resolution found the index buckets out of memory (its
+    /// lookups were slow): the next pieces read their buckets in first.
+    pub(super) index_cold: std::sync::atomic::AtomicBool,
+    /// Pieces of counter resolution done by `resolve_backlog`, how many of them read
+    /// their buckets in first, and the lookups it had to make under the exclusive
+    /// state lock (see `crate::resolve`; for tests and diagnosis).
     pub(super) resolved_pieces: AtomicU64,
+    pub(super) prefetched_pieces: AtomicU64,
     pub(super) locked_lookups: AtomicU64,
     /// Taken around what holds the store file's inode lock for long (allocation ahead,
     /// punching retired index regions) and, before the state lock, around the bucket
@@ -178,7 +182,9 @@ impl Inner {
             space_gate: Mutex::new(()),
             resolve_asked: std::sync::atomic::AtomicBool::new(false),
             released_to: Mutex::new((0, end)),
+            index_cold: std::sync::atomic::AtomicBool::new(false),
             resolved_pieces: AtomicU64::new(0),
+            prefetched_pieces: AtomicU64::new(0),
             locked_lookups: AtomicU64::new(0),
             region_holds: std::sync::atomic::AtomicUsize::new(0),
             checkpoint_holds: std::sync::atomic::AtomicUsize::new(0),

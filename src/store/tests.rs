@@ -772,6 +772,7 @@ fn counter_resolution_looks_up_without_the_state_lock() {
     idle();
     let pieces0 = store.inner.resolved_pieces.load(Ordering::Relaxed);
     let locked0 = store.inner.locked_lookups.load(Ordering::Relaxed);
+    let prefetched0 = store.inner.prefetched_pieces.load(Ordering::Relaxed);
     // Overwrites of keys in the buckets, fewer than the next checkpoint's threshold:
     // each must be resolved against the index, by the background thread.
     for i in 0..30_000u32 {
@@ -785,6 +786,13 @@ fn counter_resolution_looks_up_without_the_state_lock() {
         "only {pieces} pieces were resolved in the background"
     );
     assert_eq!(locked, 0, "{locked} lookups were made under the state lock");
+    // Over a resident index, pieces do not read their buckets in first (a piece or
+    // two may, if the thread is preempted for long during its lookups).
+    let prefetched = store.inner.prefetched_pieces.load(Ordering::Relaxed) - prefetched0;
+    assert!(
+        prefetched * 4 <= pieces,
+        "{prefetched} of {pieces} pieces read their buckets in ahead"
+    );
     // 30,000 old records found: the counters hold one live record per key.
     let st = store.stats();
     assert_eq!(st.live_keys, 45_000);
