@@ -79,10 +79,6 @@ pub enum AccessPattern {
 
 /// Smallest file a store can have: superblock page, one index bucket page, one log page.
 pub(crate) const MIN_FILE_SIZE: u64 = 3 * 4096;
-/// [`Options::checkpoint_keys`]'s default, for indexes up to 32,768 buckets...
-const DEFAULT_CHECKPOINT_KEYS: usize = 450_000;
-/// ...and per bucket of a larger index.
-const CHECKPOINT_KEYS_PER_BUCKET: u64 = 8;
 
 /// Configuration for [`Store::open`](crate::Store::open). A builder: every setter takes
 /// and returns `self`.
@@ -103,8 +99,7 @@ pub struct Options {
     pub(crate) max_value_size: usize,
     pub(crate) salvage: bool,
     pub(crate) auto_compact: Option<AutoCompact>,
-    /// `None`: the default rule (see [`Options::checkpoint_keys_for`]).
-    pub(crate) checkpoint_keys: Option<usize>,
+    pub(crate) checkpoint_keys: usize,
     pub(crate) key_filter: bool,
     pub(crate) background_nice: i32,
     pub(crate) sync_observer: Option<crate::observe::SyncObserverRef>,
@@ -175,7 +170,7 @@ impl Default for Options {
             max_value_size: 256 << 20,
             salvage: false,
             auto_compact: Some(AutoCompact::DEFAULT),
-            checkpoint_keys: None,
+            checkpoint_keys: 450_000,
             key_filter: true,
             background_nice: i32::from(Options::DEFAULT_BACKGROUND_NICE),
             sync_observer: None,
@@ -324,18 +319,6 @@ impl Options {
     /// once this many keys changed since the last one, or once 256 MiB of log were
     /// appended since it, whichever comes first.
     ///
-    /// Unless set, the count grows with the index: 450,000 keys, or 8 per bucket of the
-    /// index once that is more (from 65,536 buckets, a 256 MiB index, which holds about
-    /// 11M keys: 1.05M keys at 20M). A checkpoint rewrites and checksums every 4 KiB
-    /// bucket it touches, and 450,000 random keys touch nearly every bucket of a large
-    /// index: at 20M keys each checkpoint rewrote nearly all of a 512 MiB index for 3.4
-    /// keys per bucket, the writer waited for the checkpoints (it is paced to them), and
-    /// with 1.05M keys per checkpoint, in the same run (`mapkv bench --sweep 20m`, both
-    /// settings alternately, twice), puts went 1.2-1.8x faster (fill 748-990k/s against
-    /// 559-605k/s, overwrite 375-392k/s against 218-306k/s) and the worst overwrite
-    /// took 42-50 ms against 0.33-3.75 s, for 0.3-0.6 GB more anonymous memory at its
-    /// peak.
-    ///
     /// The checkpoint runs on a thread of its own while writers go on. If the next one
     /// is due while it still runs (its syncs wait for the disk), the delta keeps growing,
     /// up to 4 times this many keys (or 1 GiB of log); only then does a writer wait.
@@ -348,32 +331,14 @@ impl Options {
     /// per key (a table of 16-byte slots at most 70% full), and a checkpoint of `n` keys
     /// holds its frozen delta plus 32 bytes per key of sorted entries. With the default,
     /// about 30-40 MB while a checkpoint runs, 90-120 MB at most when the disk is far
-    /// behind the writer; with the default at 20M keys (1.05M keys), about 2.3 times that.
-    /// Fewer keys mean more checkpoints, each of which rewrites the
+    /// behind the writer. Fewer keys mean more checkpoints, each of which rewrites the
     /// index buckets it touches. Recovery after a crash replays the log written since
-    /// the last finished checkpoint (a crash in the middle of one redoes it from there):
-    /// this many keys or 256 MiB of log, plus what was written while the last
-    /// checkpoint ran. At least 1. Defaults to 450,000, or 8 per bucket of the index,
-    /// whichever is more.
+    /// the last finished checkpoint (a crash in the middle of one redoes it from there).
+    /// At least 1. Defaults to 450,000.
     #[must_use]
     pub fn checkpoint_keys(mut self, keys: usize) -> Self {
-        self.checkpoint_keys = Some(keys);
+        self.checkpoint_keys = keys;
         self
-    }
-
-    /// Keys changed since the last checkpoint at which the next one is due, for an
-    /// index of `buckets` buckets (see [`Options::checkpoint_keys`]).
-    pub(crate) fn checkpoint_keys_for(&self, buckets: u64) -> usize {
-        self.checkpoint_keys.unwrap_or_else(|| {
-            let per_bucket = buckets.saturating_mul(CHECKPOINT_KEYS_PER_BUCKET);
-            DEFAULT_CHECKPOINT_KEYS.max(usize::try_from(per_bucket).unwrap_or(usize::MAX))
-        })
-    }
-
-    /// `checkpoint_keys` as set, or the default's floor: the base of limits that must
-    /// not grow with the index (a compaction's fold).
-    pub(crate) fn checkpoint_keys_base(&self) -> usize {
-        self.checkpoint_keys.unwrap_or(DEFAULT_CHECKPOINT_KEYS)
     }
 
     /// How many nice steps below the opening thread the store's own threads run: its
@@ -436,7 +401,7 @@ impl Options {
                 return Err(Error::InvalidOption("Periodic interval must be non-zero"));
             }
         }
-        if self.checkpoint_keys == Some(0) {
+        if self.checkpoint_keys == 0 {
             return Err(Error::InvalidOption("checkpoint_keys must be at least 1"));
         }
         if let Some(ac) = self.auto_compact {
@@ -447,26 +412,5 @@ impl Options {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Options;
-
-    /// Unless set, checkpoints are due at 450,000 changed keys, or at 8 per bucket of an
-    /// index that large; a count that was set is kept at any index size.
-    #[test]
-    fn checkpoint_keys_grow_with_the_index_unless_set() {
-        let d = Options::default();
-        assert_eq!(d.checkpoint_keys_for(1), 450_000);
-        assert_eq!(d.checkpoint_keys_for(32_768), 450_000);
-        assert_eq!(d.checkpoint_keys_for(65_536), 524_288);
-        assert_eq!(d.checkpoint_keys_for(131_072), 1_048_576);
-        assert_eq!(d.checkpoint_keys_base(), 450_000);
-        let set = Options::default().checkpoint_keys(1_000);
-        assert_eq!(set.checkpoint_keys_for(131_072), 1_000);
-        assert_eq!(set.checkpoint_keys_base(), 1_000);
-        assert!(Options::default().checkpoint_keys(0).validate().is_err());
     }
 }

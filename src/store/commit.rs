@@ -46,8 +46,7 @@ use crate::index::key_hash;
 use crate::observe::SyncEvent;
 use crate::options::Durability;
 
-/// Checkpoint when the delta holds `Options::checkpoint_keys` keys (for the index's
-/// size, see `Options::checkpoint_keys_for`), or when this many log bytes were appended since the last checkpoint (bounds the
+/// Checkpoint when the delta holds `Options::checkpoint_keys` keys, or when this many log bytes were appended since the last checkpoint (bounds the
 /// replay after a crash).
 pub(super) const REPLAY_MAX: u64 = 256 << 20;
 /// Deferred index lookups that make the background thread resolve them when automatic
@@ -409,7 +408,7 @@ impl Inner {
         w.buf = buf;
         let resolve = self.opts.auto_compact.is_some();
         let mut ask_resolve = false;
-        let (delta_len, ckpt_keys, counters, retired) = {
+        let (delta_len, counters, retired) = {
             let mut st = self.state.write();
             w.tail.publish(end);
             if !matches!(self.opts.durability, Durability::Always) {
@@ -447,13 +446,7 @@ impl Inner {
             }
             st.writes += 1;
             self.published_writes.store(st.writes, Ordering::Release);
-            let ckpt_keys = self.opts.checkpoint_keys_for(st.index.buckets);
-            (
-                st.delta.len(),
-                ckpt_keys,
-                st.counters,
-                st.delta.take_retired(),
-            )
+            (st.delta.len(), st.counters, st.delta.take_retired())
         };
         if let Some(r) = retired {
             self.background.lock().garbage.push(r);
@@ -470,12 +463,12 @@ impl Inner {
         w.writes += 1;
         let since = end - w.ckpt_end;
         let gen = self.file_gen.load(Ordering::Acquire);
-        let due = delta_len >= ckpt_keys || since >= REPLAY_MAX;
+        let due = delta_len >= self.opts.checkpoint_keys || since >= REPLAY_MAX;
         // While the previous checkpoint still runs, the delta keeps growing rather than
         // the writer waiting for it (a checkpoint's syncs can take longer than the next
         // `checkpoint_keys` writes); only past `CHECKPOINT_LAG` times the limit does the
         // writer wait, which bounds the delta's memory.
-        let overdue = delta_len >= ckpt_keys.saturating_mul(CHECKPOINT_LAG)
+        let overdue = delta_len >= self.opts.checkpoint_keys.saturating_mul(CHECKPOINT_LAG)
             || since >= REPLAY_MAX * CHECKPOINT_LAG as u64;
         let busy = w.job.as_ref().is_some_and(|j| !j.thread.is_finished())
             || self.checkpoint_holds.load(Ordering::Acquire) > 0;
@@ -486,7 +479,7 @@ impl Inner {
         // of one write waiting seconds for it at the hard limit.
         // Pauses shorter than a timer tick add up until they are worth a sleep.
         let pace = if busy && !overdue {
-            let keys = ckpt_keys.max(1) as f64;
+            let keys = self.opts.checkpoint_keys.max(1) as f64;
             let over_keys = delta_len as f64 / keys;
             let over_bytes = since as f64 / REPLAY_MAX as f64;
             w.pace_debt += pace_for(over_keys.max(over_bytes));
