@@ -157,11 +157,11 @@ impl Plan {
             return (None, true);
         };
         for &(foff, delete) in &self.cands[e.cands.clone()] {
-            let same = header_in(map, foff)
-                .and_then(|r| key_in(map, &r))
-                .is_ok_and(|k| k == key);
-            if same {
-                return ((!delete).then(|| header_in(map, foff).ok()).flatten(), true);
+            let Ok(rec) = header_in(map, foff) else {
+                continue;
+            };
+            if key_in(map, &rec).is_ok_and(|k| k == key) {
+                return ((!delete).then_some(rec), true);
             }
         }
         if self.delta_only {
