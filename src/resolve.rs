@@ -150,18 +150,27 @@ impl Plan {
 
     /// The put record `e` replaced, and whether that holds even if the buckets were
     /// rewritten meanwhile. A damaged record counts as "no old value", as on the write
-    /// path.
+    /// path. The entry's own key is read only when a candidate needs comparing (as
+    /// `State::old_in_index` does): reading it first touched every new key's record,
+    /// a cache miss and, behind the tail, a page fault that mapped the released log
+    /// again (and kept `POSIX_FADV_DONTNEED` from dropping it).
     fn old_record(&self, e: &Entry) -> (Option<RecordRef>, bool) {
         let map = &*self.map;
-        let Ok(key) = header_in(map, e.off).and_then(|r| key_in(map, &r)) else {
-            return (None, true);
-        };
-        for &(foff, delete) in &self.cands[e.cands.clone()] {
-            let Ok(rec) = header_in(map, foff) else {
-                continue;
+        let read_key = || header_in(map, e.off).and_then(|r| key_in(map, &r));
+        let mut key = None;
+        let cands = &self.cands[e.cands.clone()];
+        if !cands.is_empty() {
+            let Ok(k) = read_key() else {
+                return (None, true);
             };
-            if key_in(map, &rec).is_ok_and(|k| k == key) {
-                return ((!delete).then_some(rec), true);
+            key = Some(k);
+            for &(foff, delete) in cands {
+                let Ok(rec) = header_in(map, foff) else {
+                    continue;
+                };
+                if key_in(map, &rec).is_ok_and(|fk| fk == k) {
+                    return ((!delete).then_some(rec), true);
+                }
             }
         }
         if self.delta_only {
@@ -177,10 +186,24 @@ impl Plan {
         let seq = self.live.load(LIVE_INDEX_SEQ_OFF);
         let b = bucket_of(e.hash, self.index.buckets);
         let mut found = None;
+        let mut damaged = false;
         let r = probe_shared(map, &self.index, b, e.hash, |o| {
-            found = record_if_key_in(map, self.seed, o, key)?;
+            let k = match key {
+                Some(k) => k,
+                None => match read_key() {
+                    Ok(k) => *key.insert(k),
+                    Err(_) => {
+                        damaged = true;
+                        return Ok(true);
+                    }
+                },
+            };
+            found = record_if_key_in(map, self.seed, o, k)?;
             Ok(found.is_some())
         });
+        if damaged {
+            return (None, true);
+        }
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         let stable = seq.is_multiple_of(2) && self.live.load(LIVE_INDEX_SEQ_OFF) == seq;
         match (r, found) {

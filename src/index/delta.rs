@@ -148,9 +148,37 @@ const SLOTS_PER_PAGE: usize = 4096 / std::mem::size_of::<Slot>();
 #[derive(Debug)]
 pub(crate) struct Retired(#[allow(dead_code)] Vec<Slot>);
 
+/// A delta's next table, allocated and written through by another thread than the
+/// writer's (see [`Delta::spare_wanted`]).
+#[derive(Debug)]
+pub(crate) struct SpareTable(Vec<Slot>);
+
+impl SpareTable {
+    /// A zeroed table of `slots` slots whose every page was written (so mapped writable:
+    /// see [`Table::prepare_spare`]).
+    pub(crate) fn prepared(slots: usize) -> SpareTable {
+        let mut v: Vec<Slot> = bytemuck::zeroed_vec(slots);
+        for s in v.iter_mut().step_by(SLOTS_PER_PAGE) {
+            std::hint::black_box(s).tagged = 0;
+        }
+        SpareTable(v)
+    }
+
+    /// Its slots, as memory to free away from the writer.
+    pub(crate) fn retire(self) -> Retired {
+        Retired(self.0)
+    }
+}
+
 impl Table {
     /// Slots of the first allocation (one 16 KiB mapping).
     const MIN_SLOTS: usize = 1024;
+    /// Largest next table that the table allocates itself (1 MiB); larger ones are
+    /// handed in ([`Table::give_spare`]). Allocating tens of MB on the writer's thread
+    /// grows the heap or maps memory (`brk`, `mmap`), which needs the process's
+    /// memory-map lock exclusively: a put waited for it 194-272 ms at 100M keys while
+    /// other threads held it (page faults into the file, `madvise`, `munmap`).
+    const LOCAL_SPARE_MAX: usize = 1 << 16;
     /// Old slots moved per insert while growing. Entries fill the new table from 35% to
     /// 70% in (old slots x 0.7) inserts, so 2 would do; 8 ends the move sooner.
     const MOVE_PER_INSERT: usize = 8;
@@ -228,6 +256,11 @@ impl Table {
             return;
         }
         let want = self.slots.len() * 2;
+        if want > Self::LOCAL_SPARE_MAX {
+            // Handed in, its pages written already; or, if it does not come in time,
+            // allocated by `grow`.
+            return;
+        }
         if self.spare.len() != want {
             self.spare = bytemuck::zeroed_vec(want);
             self.spare_pages = 0;
@@ -238,6 +271,28 @@ impl Table {
             std::hint::black_box(s).tagged = 0;
             self.spare_pages += 1;
         }
+    }
+
+    /// The size of the next table, in slots, if this table is half full, the next one
+    /// is one it does not allocate itself, and none was handed in yet.
+    fn spare_wanted(&self) -> Option<usize> {
+        let want = self.slots.len() * 2;
+        (self.len * 2 >= self.slots.len()
+            && want > Self::LOCAL_SPARE_MAX
+            && self.spare.len() != want)
+            .then_some(want)
+    }
+
+    /// Takes `t` as the next table if it is the size growth needs and none is prepared
+    /// yet; otherwise gives it back.
+    fn give_spare(&mut self, t: SpareTable) -> Option<SpareTable> {
+        let want = self.slots.len() * 2;
+        if t.0.len() != want || self.spare.len() == want || want <= Self::LOCAL_SPARE_MAX {
+            return Some(t);
+        }
+        self.spare = t.0;
+        self.spare_pages = want.div_ceil(SLOTS_PER_PAGE);
+        None
     }
 
     /// Puts `slot` into the first empty slot of its probe run.
@@ -646,6 +701,26 @@ impl Delta {
         d
     }
 
+    /// The size of the table the delta's table grows into next, in slots, when another
+    /// thread should allocate it now (see [`SpareTable`]): the table is half full and
+    /// large, and no next table was handed in yet. The store's background thread
+    /// allocates it; if it comes too late, growth allocates it itself.
+    pub(crate) fn spare_wanted(&self) -> Option<usize> {
+        self.first.spare_wanted()
+    }
+
+    /// Slots of the delta's table (tests).
+    #[cfg(test)]
+    pub(crate) fn table_slots(&self) -> usize {
+        self.first.slots.len()
+    }
+
+    /// Hands in the next table; gives it back if it does not fit (the delta was
+    /// replaced or grew meanwhile, or has one).
+    pub(crate) fn give_spare(&mut self, t: SpareTable) -> Option<SpareTable> {
+        self.first.give_spare(t)
+    }
+
     /// The table that growth finished moving out of, if any, for the caller to free
     /// where no lock is held (left here, it is freed when the next one retires).
     pub(crate) fn take_retired(&mut self) -> Option<Retired> {
@@ -703,6 +778,56 @@ mod tests {
             );
             assert!(t.spare.is_empty());
         }
+        for i in 1..next {
+            let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            assert_eq!(t.get(h), Some(i));
+        }
+    }
+
+    /// Regression: a large table's next one was allocated on the writer's thread, whose
+    /// `brk`/`mmap` then waited for the memory-map lock (194-272 ms at 100M keys). Past
+    /// `LOCAL_SPARE_MAX` the table asks for it instead, takes one of the right size when
+    /// handed in (and gives back any other), and still grows if none came.
+    #[test]
+    fn a_large_table_asks_for_its_next_table() {
+        let mut t = Table::default();
+        let mut next = 1u64;
+        let mut insert = |t: &mut Table| {
+            let h = next.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            t.insert_new(h, next);
+            next += 1;
+        };
+        // Up to a table of LOCAL_SPARE_MAX slots, half full.
+        while t.slots.len() < Table::LOCAL_SPARE_MAX || t.len * 2 < t.slots.len() {
+            assert_eq!(t.spare_wanted(), None, "at {} slots", t.slots.len());
+            insert(&mut t);
+        }
+        let want = Table::LOCAL_SPARE_MAX * 2;
+        assert_eq!(t.spare_wanted(), Some(want));
+        insert(&mut t);
+        assert!(
+            t.spare.is_empty(),
+            "the table allocated its next one itself"
+        );
+        // A table of another size is given back; the right one is taken.
+        let wrong = t.give_spare(SpareTable::prepared(want * 2));
+        assert_eq!(wrong.map(|w| w.0.len()), Some(want * 2));
+        assert!(t.give_spare(SpareTable::prepared(want)).is_none());
+        assert_eq!(t.spare_wanted(), None);
+        let prepared = t.spare.as_ptr();
+        while t.slots.len() < want {
+            insert(&mut t);
+        }
+        assert_eq!(
+            t.slots.as_ptr(),
+            prepared,
+            "growth did not take the handed-in table"
+        );
+        // None handed in: growth allocates the next table itself.
+        while t.slots.len() < want * 2 {
+            insert(&mut t);
+        }
+        assert_eq!(t.slots.len(), want * 2);
         for i in 1..next {
             let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
             assert_eq!(t.get(h), Some(i));

@@ -22,4 +22,4 @@ pub(crate) mod filter;
 
 pub(crate) use crate::format::key_hash;
 pub(crate) use bucket::{probe, BucketBuf, BucketFull};
-pub(crate) use delta::{sort_by_bucket, Delta, DeltaEntry, Retired, SlotHint};
+pub(crate) use delta::{sort_by_bucket, Delta, DeltaEntry, Retired, SlotHint, SpareTable};

@@ -8,6 +8,14 @@ use super::inner::{Background, Inner, Writer};
 
 /// Window kept prefaulted writable ahead of the tail under `None`/`Periodic`.
 pub(super) const PREFAULT_WINDOW: u64 = 4 << 20;
+/// The window is prefaulted this much per `MADV_POPULATE_WRITE`. The call holds the
+/// process's memory-map lock (read) throughout, and a page's first write fault into
+/// preallocated space can wait for the file system (`ext4_page_mkwrite`: tens of ms
+/// seen on the writer's own faults at 20M keys); a thread that maps memory meanwhile
+/// (the writer growing its heap with `brk`, for a larger delta table) needs the lock
+/// exclusively and waits for the whole call. Smaller calls bound that wait, and the
+/// wait of a compaction's switch for `released_to`.
+const PREFAULT_PIECE: u64 = 512 << 10;
 /// `None`/`Periodic` start write-back of the log behind the tail in steps this large.
 pub(super) const WRITEBACK_STEP: u64 = 8 << 20;
 /// The background thread submits write-back in pieces this large (see `background`).
@@ -20,7 +28,7 @@ pub(super) const TAIL_FOLIO: u64 = 2 << 20;
 pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
     let mut next = every.map(|e| std::time::Instant::now() + e);
     loop {
-        let (prefault, writeback, allocate, garbage, resolve) = {
+        let (prefault, writeback, allocate, garbage, resolve, spare) = {
             let mut bg = inner.background.lock();
             loop {
                 if bg.stop {
@@ -31,6 +39,7 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                     || bg.allocate.is_some()
                     || !bg.garbage.is_empty()
                     || bg.resolve
+                    || bg.spare_ask.is_some()
                 {
                     break;
                 }
@@ -48,10 +57,14 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                 bg.allocate.take(),
                 std::mem::take(&mut bg.garbage),
                 std::mem::take(&mut bg.resolve),
+                bg.spare_ask.take(),
             )
         };
         // Freed here, with no lock held.
         drop(garbage);
+        if let Some(slots) = spare {
+            inner.prepare_spare(slots);
+        }
         if let Some((file, from, to)) = allocate {
             inner.allocate_ahead(&file, from, to);
         }
@@ -89,12 +102,6 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
         }
     }
 }
-
-/// Unresolved keys looked up per piece by the background thread.
-const RESOLVE_PIECE: usize = 256;
-/// A piece of counter resolution whose lookups take longer than this read its buckets
-/// from the disk (resident, 256 lookups take well under a millisecond).
-const COLD_PIECE: std::time::Duration = std::time::Duration::from_millis(8);
 
 impl Inner {
     /// True if appends dirty the log's pages through the mapping (`None`/`Periodic`),
@@ -140,10 +147,23 @@ impl Inner {
     /// writer then ran out of allocated space and grew the file itself.)
     fn urgent_work(&self) {
         self.prefault_asked();
+        let spare = self.background.lock().spare_ask.take();
+        if let Some(slots) = spare {
+            self.prepare_spare(slots);
+        }
         let allocate = self.background.lock().allocate.take();
         if let Some((file, from, to)) = allocate {
             self.allocate_ahead(&file, from, to);
         }
+    }
+
+    /// Allocates the delta table of `slots` slots that the writer asked for and writes
+    /// its pages through (see `Delta::spare_wanted`), for the writer to take.
+    fn prepare_spare(&self, slots: usize) {
+        let t = crate::index::SpareTable::prepared(slots);
+        let old = self.background.lock().spare.replace(t);
+        self.spare_ready.store(true, Ordering::Release);
+        drop(old);
     }
 
     /// Prefaults the window ahead of the tail that the writer asked for, if it did.
@@ -155,51 +175,23 @@ impl Inner {
     }
 
     /// Prefaults `[from, to)` of `map` writable, never at the same time as a release
-    /// (see `Inner::released_to`).
+    /// (see `Inner::released_to`), a [`PREFAULT_PIECE`] at a time.
     fn prefault(&self, map: &crate::map::Mapping, from: u64, to: u64) {
-        let _mark = self.released_to.lock();
-        map.prefault_write(from, to - from);
+        let mut at = from;
+        while at < to {
+            let end = (at + PREFAULT_PIECE).min(to);
+            let _mark = self.released_to.lock();
+            map.prefault_write(at, end - at);
+            at = end;
+        }
     }
 
     /// Looks up the old records of the delta's unresolved keys (see `crate::resolve`),
-    /// a piece at a time: each piece's lookups hold no lock, and only the counting of
-    /// their outcomes takes the exclusive state lock. Keeps the log tail prefaulted in
-    /// between as asked. On the background thread, at close, and after a compaction's
-    /// switch.
+    /// a piece at a time (see `Inner::resolve_piece`), keeping the log tail prefaulted
+    /// in between as asked. On the background thread, at close, and after a
+    /// compaction's switch.
     pub(super) fn resolve_backlog(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        loop {
-            let plan = crate::resolve::Plan::take(&self.state.read(), RESOLVE_PIECE);
-            let Some(mut plan) = plan else {
-                break;
-            };
-            // Over an index the page cache does not hold (100M keys beside a
-            // compaction), each probe's fault read a 128 KiB read-around window for
-            // its 4 KiB bucket, one after another: 925 GB read in 19 minutes. After a
-            // slow piece, the next ones read exactly their buckets in first, all at
-            // once. Over a resident index that is only cost (two `madvise` calls per
-            // bucket: 165,000 in 3 s of durable group commits).
-            let cold = self.index_cold.load(Relaxed);
-            let t = std::time::Instant::now();
-            if cold {
-                plan.prefetch_buckets();
-                self.prefetched_pieces.fetch_add(1, Relaxed);
-                // Reading resident pages takes two quick system calls per bucket; a
-                // piece that had to wait for the disk takes far longer.
-                if t.elapsed() < COLD_PIECE / 4 {
-                    self.index_cold.store(false, Relaxed);
-                }
-            }
-            plan.look_up();
-            if !cold && t.elapsed() > COLD_PIECE {
-                self.index_cold.store(true, Relaxed);
-            }
-            // `None`: a checkpoint froze the delta (or a compaction or growth changed
-            // the file or the index) meanwhile; the next plan starts from there.
-            if let Some(locked) = plan.apply(&mut self.state.write()) {
-                self.resolved_pieces.fetch_add(1, Relaxed);
-                self.locked_lookups.fetch_add(locked as u64, Relaxed);
-            }
+        while self.resolve_piece() {
             self.urgent_work();
         }
         self.resolve_asked

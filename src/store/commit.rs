@@ -46,8 +46,9 @@ use crate::index::key_hash;
 use crate::observe::SyncEvent;
 use crate::options::Durability;
 
-/// Checkpoint when the delta holds `Options::checkpoint_keys` keys, or when this many log bytes were appended since the last checkpoint (bounds the
-/// replay after a crash).
+/// Checkpoint when the delta holds `Options::checkpoint_keys` keys (for the index's
+/// size, see `Options::checkpoint_keys_for`), or when this many log bytes were appended
+/// since the last checkpoint (bounds the replay after a crash).
 pub(super) const REPLAY_MAX: u64 = 256 << 20;
 /// Deferred index lookups that make the background thread resolve them when automatic
 /// compaction wants exact counters: the dead share it compares is then short by the
@@ -408,7 +409,13 @@ impl Inner {
         w.buf = buf;
         let resolve = self.opts.auto_compact.is_some();
         let mut ask_resolve = false;
-        let (delta_len, counters, retired) = {
+        // A next delta table the background thread prepared (see `Delta::spare_wanted`).
+        let mut spare = None;
+        if self.spare_ready.load(Ordering::Acquire) {
+            self.spare_ready.store(false, Ordering::Relaxed);
+            spare = self.background.lock().spare.take();
+        }
+        let (delta_len, ckpt_keys, counters, mut retired, spare_wanted) = {
             let mut st = self.state.write();
             w.tail.publish(end);
             if !matches!(self.opts.durability, Durability::Always) {
@@ -434,6 +441,16 @@ impl Inner {
                 };
                 st.apply(hash, k, &rec);
             }
+            // (Given back if the delta was replaced or grew meanwhile: freed in the
+            // background.)
+            let unfit = spare.and_then(|t| {
+                let unfit = st.delta.give_spare(t);
+                if unfit.is_none() {
+                    self.spares_taken.fetch_add(1, Ordering::Relaxed);
+                }
+                unfit
+            });
+            let spare_wanted = st.delta.spare_wanted().map(|n| (st.delta.id(), n));
             w.delta_hint = st.delta.slot_hint();
             // Automatic compaction compares the counters with its threshold after every
             // write, and they count a key whose old record was not looked up yet as
@@ -446,10 +463,28 @@ impl Inner {
             }
             st.writes += 1;
             self.published_writes.store(st.writes, Ordering::Release);
-            (st.delta.len(), st.counters, st.delta.take_retired())
+            let ckpt_keys = self.opts.checkpoint_keys_for(st.index.buckets, end);
+            let retired = st.delta.take_retired().into_iter();
+            (
+                st.delta.len(),
+                ckpt_keys,
+                st.counters,
+                retired.chain(unfit.map(crate::index::SpareTable::retire)),
+                spare_wanted,
+            )
         };
-        if let Some(r) = retired {
-            self.background.lock().garbage.push(r);
+        let ask_spare = spare_wanted.filter(|&want| want != w.spare_asked);
+        if let Some(want) = ask_spare {
+            w.spare_asked = want;
+        }
+        let garbage = retired.next();
+        if garbage.is_some() || ask_spare.is_some() {
+            let mut bg = self.background.lock();
+            bg.garbage.extend(garbage.into_iter().chain(retired));
+            if let Some((_, slots)) = ask_spare {
+                bg.spare_ask = Some(slots);
+            }
+            drop(bg);
             self.background_cv.notify_all();
         }
         if ask_resolve && !self.resolve_asked.load(Ordering::Acquire) {
@@ -463,12 +498,12 @@ impl Inner {
         w.writes += 1;
         let since = end - w.ckpt_end;
         let gen = self.file_gen.load(Ordering::Acquire);
-        let due = delta_len >= self.opts.checkpoint_keys || since >= REPLAY_MAX;
+        let due = delta_len >= ckpt_keys || since >= REPLAY_MAX;
         // While the previous checkpoint still runs, the delta keeps growing rather than
         // the writer waiting for it (a checkpoint's syncs can take longer than the next
         // `checkpoint_keys` writes); only past `CHECKPOINT_LAG` times the limit does the
         // writer wait, which bounds the delta's memory.
-        let overdue = delta_len >= self.opts.checkpoint_keys.saturating_mul(CHECKPOINT_LAG)
+        let overdue = delta_len >= ckpt_keys.saturating_mul(CHECKPOINT_LAG)
             || since >= REPLAY_MAX * CHECKPOINT_LAG as u64;
         let busy = w.job.as_ref().is_some_and(|j| !j.thread.is_finished())
             || self.checkpoint_holds.load(Ordering::Acquire) > 0;
@@ -479,7 +514,7 @@ impl Inner {
         // of one write waiting seconds for it at the hard limit.
         // Pauses shorter than a timer tick add up until they are worth a sleep.
         let pace = if busy && !overdue {
-            let keys = self.opts.checkpoint_keys.max(1) as f64;
+            let keys = ckpt_keys.max(1) as f64;
             let over_keys = delta_len as f64 / keys;
             let over_bytes = since as f64 / REPLAY_MAX as f64;
             w.pace_debt += pace_for(over_keys.max(over_bytes));

@@ -740,11 +740,12 @@ fn fold_delta(b: &mut Built) -> Result<()> {
     Ok(())
 }
 
-/// Caught-up keys past which [`fold_delta`] runs: 4x `checkpoint_keys` (what the writer's
-/// own delta may reach), or 8 keys per bucket of the new index if that is more. A fold
-/// reads and rewrites most buckets whatever its size, so in a large index it must carry
-/// many keys per bucket to be worth it: at 100M keys (a 4 GiB index), folds of 1.8M keys
-/// each re-read the index from disk while the page cache could not hold both files.
+/// Caught-up keys past which [`fold_delta`] runs: 4x `checkpoint_keys` as set (or its
+/// default's floor: what the writer's own delta may reach with it), or 8 keys per
+/// bucket of the new index if that is more. A fold reads and rewrites most buckets
+/// whatever its size, so in a large index it must carry many keys per bucket to be
+/// worth it: at 100M keys (a 4 GiB index), folds of 1.8M keys each re-read the index
+/// from disk while the page cache could not hold both files.
 fn fold_at(checkpoint_keys: usize, buckets: u64) -> usize {
     let per_bucket = usize::try_from(buckets.saturating_mul(8)).unwrap_or(usize::MAX);
     checkpoint_keys.saturating_mul(4).max(per_bucket)
@@ -890,7 +891,7 @@ fn build(
             ckpt,
             delta: Delta::default(),
             runs: Vec::new(),
-            fold_at: Some(fold_at(inner.opts.checkpoint_keys, buckets)),
+            fold_at: Some(fold_at(inner.opts.checkpoint_keys_base(), buckets)),
             view: None,
             folds: 0,
             zeroed: 0,

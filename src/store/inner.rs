@@ -32,6 +32,10 @@ pub(crate) struct Inner {
     /// `resolve_counters`. Without it, both could count the same old record. Taken
     /// before the state lock, after the writer mutex.
     pub(crate) resolving: Mutex<()>,
+    /// Held around each piece of lock-free counter resolution (`Inner::resolve_piece`),
+    /// from its plan to its count. Taken after `resolving` and the writer mutex, before
+    /// the state lock.
+    pub(super) resolve_pieces: Mutex<()>,
     /// Held for a whole compaction (one at a time); taken before anything else.
     pub(super) compacting: Mutex<()>,
     /// The thread running an automatic compaction, if one was started
@@ -98,6 +102,11 @@ pub(crate) struct Inner {
     /// The background thread was asked to resolve the delta's backlog and has not
     /// finished (writers ask once, without taking its mutex on every write).
     pub(super) resolve_asked: std::sync::atomic::AtomicBool,
+    /// `Background::spare` holds a table the writer asked for.
+    pub(super) spare_ready: std::sync::atomic::AtomicBool,
+    /// Delta tables the background thread prepared that the writer's delta took (for
+    /// tests and diagnosis).
+    pub(super) spares_taken: AtomicU64,
     /// The file generation (`file_gen`) and the log offset below which this process's
     /// mapping of that file had its pages released since the writer wrote them (see
     /// `Inner::release_behind`).
@@ -109,7 +118,7 @@ pub(crate) struct Inner {
     /// The last piece of counter resolution found the index buckets out of memory (its
     /// lookups were slow): the next pieces read their buckets in first.
     pub(super) index_cold: std::sync::atomic::AtomicBool,
-    /// Pieces of counter resolution done by `resolve_backlog`, how many of them read
+    /// Pieces of counter resolution done by `resolve_piece`, how many of them read
     /// their buckets in first, and the lookups it had to make under the exclusive
     /// state lock (see `crate::resolve`; for tests and diagnosis).
     pub(super) resolved_pieces: AtomicU64,
@@ -148,6 +157,7 @@ impl Inner {
             state: RwLock::new(state),
             writer: Mutex::new(writer),
             resolving: Mutex::new(()),
+            resolve_pieces: Mutex::new(()),
             compacting: Mutex::new(()),
             auto_compactor: Mutex::new(None),
             slots: Mutex::new(Slots {
@@ -181,6 +191,8 @@ impl Inner {
             ahead: Mutex::new(None),
             space_gate: Mutex::new(()),
             resolve_asked: std::sync::atomic::AtomicBool::new(false),
+            spare_ready: std::sync::atomic::AtomicBool::new(false),
+            spares_taken: AtomicU64::new(0),
             released_to: Mutex::new((0, end)),
             index_cold: std::sync::atomic::AtomicBool::new(false),
             resolved_pieces: AtomicU64::new(0),
@@ -295,6 +307,9 @@ pub(crate) struct Writer {
     pub(super) step: u64,
     /// Pause owed by writes made while a checkpoint lags (see `pace_for`).
     pub(super) pace_debt: std::time::Duration,
+    /// The delta's next table that the background thread was last asked for: the
+    /// delta's id and the table's slots (see `Delta::spare_wanted`).
+    pub(super) spare_asked: (u64, usize),
     /// The log end that the last checkpoint, finished or running, covers.
     pub(super) ckpt_end: u64,
     /// The background checkpoint, if one was started and not yet joined.
@@ -342,6 +357,7 @@ impl Writer {
             ahead_asked: alloc,
             step: 0,
             pace_debt: std::time::Duration::ZERO,
+            spare_asked: (0, 0),
             ckpt_end,
             job: None,
             retry_at: 0,
@@ -403,6 +419,11 @@ pub(super) struct Background {
     pub(super) writeback: Option<(Arc<FileHandle>, u64, u64)>,
     /// Memory to free off the writer's thread (see `Delta::take_retired`).
     pub(super) garbage: Vec<crate::index::Retired>,
+    /// Allocate a delta table of this many slots for the writer (see
+    /// `Delta::spare_wanted`)...
+    pub(super) spare_ask: Option<usize>,
+    /// ...which it takes from here (`Inner::spare_ready` says it is there).
+    pub(super) spare: Option<crate::index::SpareTable>,
     /// Look up the old records of the delta's unresolved keys (see `RESOLVE_BACKLOG`).
     pub(super) resolve: bool,
 }

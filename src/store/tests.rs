@@ -801,6 +801,85 @@ fn counter_resolution_looks_up_without_the_state_lock() {
     store.close().expect("close");
 }
 
+/// `len()` and `stats()` make the counters exact on the caller's thread. They looked
+/// the whole backlog up under the exclusive state lock, 16,384 lookups per hold, so an
+/// application polling `len()` held its writers off for milliseconds at a time (more
+/// over a cold index); now they resolve it in lock-free pieces as the background
+/// thread does.
+#[test]
+fn len_resolves_the_backlog_without_the_state_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Without automatic compaction nothing resolves the backlog in the background: the
+    // lookups below are all `len()`'s.
+    let store = open_unsynced(&dir.path().join("len.mkv"), 40_000, false);
+    for i in 0..45_000u32 {
+        store.put(i.to_le_bytes(), [1u8; 20]).expect("put");
+    }
+    wait_for_job(&store);
+    let pieces0 = store.inner.resolved_pieces.load(Ordering::Relaxed);
+    let locked0 = store.inner.locked_lookups.load(Ordering::Relaxed);
+    // Overwrites of keys in the buckets, fewer than the next checkpoint's threshold.
+    for i in 0..30_000u32 {
+        store.put(i.to_le_bytes(), [9u8; 20]).expect("put");
+    }
+    assert!(store.inner.state.read().delta.unresolved_len() >= 30_000);
+    assert_eq!(store.len(), 45_000);
+    let pieces = store.inner.resolved_pieces.load(Ordering::Relaxed) - pieces0;
+    let locked = store.inner.locked_lookups.load(Ordering::Relaxed) - locked0;
+    assert!(
+        pieces >= 100,
+        "only {pieces} lock-free pieces resolved the backlog"
+    );
+    assert_eq!(locked, 0, "{locked} lookups were made under the state lock");
+    assert_eq!(store.inner.state.read().delta.unresolved_len(), 0);
+    let st = store.stats();
+    assert_eq!(st.live_keys, 45_000);
+    assert_eq!(st.live_bytes, 45_000 * crate::format::record_len(4, 20));
+    store.close().expect("close");
+}
+
+/// Regression: the writer allocated its delta's next table itself, tens of MB at
+/// 10-100M keys, and that `brk`/`mmap` waited for the process's memory-map lock while
+/// other threads held it (194-272 ms at 100M keys). The background thread now prepares
+/// a large table once the current one is half full, and the writer takes it.
+#[test]
+fn the_writer_takes_its_next_delta_table_from_the_background_thread() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_unsynced(&dir.path().join("spare.mkv"), 1 << 22, false);
+    let i = std::cell::Cell::new(0u64);
+    let put = |store: &Store| {
+        store.put(i.get().to_le_bytes(), [3u8; 8]).expect("put");
+        i.set(i.get() + 1);
+    };
+    // Up to the first table whose next one the writer asks for.
+    while store.inner.state.read().delta.spare_wanted().is_none() {
+        put(&store);
+        assert!(i.get() < 1 << 20, "no table was ever asked for");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !store.inner.spare_ready.load(Ordering::Acquire) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no table was prepared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    put(&store);
+    assert_eq!(store.inner.spares_taken.load(Ordering::Relaxed), 1);
+    assert!(store.inner.state.read().delta.spare_wanted().is_none());
+    // Growth takes it, and every key is still there.
+    let slots = |store: &Store| store.inner.state.read().delta.table_slots();
+    let before = slots(&store);
+    while slots(&store) == before {
+        put(&store);
+    }
+    assert_eq!(store.len() as u64, i.get());
+    for k in (0..i.get()).step_by(97) {
+        assert_eq!(store.get(k.to_le_bytes()).expect("get"), Some(vec![3u8; 8]));
+    }
+    store.close().expect("close");
+}
+
 /// Counter resolution beside checkpoints, index growth and deletes: a lookup made
 /// while a checkpoint froze the delta, rewrote buckets or grew the index is either
 /// still right or made again under the lock, so the counters come out exact.
