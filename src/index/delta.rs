@@ -117,7 +117,7 @@ struct Slot {
 /// insert ([`Table::MOVE_PER_INSERT`]) rather than all at once, which took 15-21 ms
 /// under the state lock at 367k entries (every write and read waited for it). While
 /// entries move, a lookup tries the new table, then the old one's unmoved part.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 struct Table {
     /// 0 or a power of two of them.
     slots: Vec<Slot>,
@@ -148,25 +148,38 @@ const SLOTS_PER_PAGE: usize = 4096 / std::mem::size_of::<Slot>();
 #[derive(Debug)]
 pub(crate) struct Retired(#[allow(dead_code)] Vec<Slot>);
 
-/// A delta's next table, allocated and written through by another thread than the
-/// writer's (see [`Delta::spare_wanted`]).
+/// A delta's next table, allocated by another thread than the writer's (see
+/// [`Delta::spare_wanted`]). Its pages are left untouched: the table writes them a page
+/// per insert as it fills ([`Table::prepare_spare`]), so a table that is never grown
+/// into (the delta is frozen first) costs address space, not memory.
 #[derive(Debug)]
 pub(crate) struct SpareTable(Vec<Slot>);
 
 impl SpareTable {
-    /// A zeroed table of `slots` slots whose every page was written (so mapped writable:
-    /// see [`Table::prepare_spare`]).
-    pub(crate) fn prepared(slots: usize) -> SpareTable {
-        let mut v: Vec<Slot> = bytemuck::zeroed_vec(slots);
-        for s in v.iter_mut().step_by(SLOTS_PER_PAGE) {
-            std::hint::black_box(s).tagged = 0;
-        }
-        SpareTable(v)
+    /// A zeroed table of `slots` slots.
+    pub(crate) fn allocate(slots: usize) -> SpareTable {
+        SpareTable(bytemuck::zeroed_vec(slots))
     }
 
     /// Its slots, as memory to free away from the writer.
     pub(crate) fn retire(self) -> Retired {
         Retired(self.0)
+    }
+}
+
+/// A copy without the next table: a copy (a compaction's snapshot, a frozen delta's
+/// copy) is read, never grown.
+impl Clone for Table {
+    fn clone(&self) -> Table {
+        Table {
+            slots: self.slots.clone(),
+            len: self.len,
+            old: self.old.clone(),
+            moved: self.moved,
+            retired: None,
+            spare: Vec::new(),
+            spare_pages: 0,
+        }
     }
 }
 
@@ -256,12 +269,12 @@ impl Table {
             return;
         }
         let want = self.slots.len() * 2;
-        if want > Self::LOCAL_SPARE_MAX {
-            // Handed in, its pages written already; or, if it does not come in time,
-            // allocated by `grow`.
-            return;
-        }
         if self.spare.len() != want {
+            if want > Self::LOCAL_SPARE_MAX {
+                // Handed in (`give_spare`); or, if it does not come in time, allocated
+                // by `grow`.
+                return;
+            }
             self.spare = bytemuck::zeroed_vec(want);
             self.spare_pages = 0;
         }
@@ -291,7 +304,7 @@ impl Table {
             return Some(t);
         }
         self.spare = t.0;
-        self.spare_pages = want.div_ceil(SLOTS_PER_PAGE);
+        self.spare_pages = 0;
         None
     }
 
@@ -709,6 +722,14 @@ impl Delta {
         self.first.spare_wanted()
     }
 
+    /// The next table prepared for growth, if any, for the caller to free where no
+    /// lock is held: for a delta that will not grow again (frozen for a checkpoint).
+    pub(crate) fn take_spare(&mut self) -> Option<Retired> {
+        self.first.spare_pages = 0;
+        let spare = std::mem::take(&mut self.first.spare);
+        (!spare.is_empty()).then_some(Retired(spare))
+    }
+
     /// Slots of the delta's table (tests).
     #[cfg(test)]
     pub(crate) fn table_slots(&self) -> usize {
@@ -810,14 +831,19 @@ mod tests {
             "the table allocated its next one itself"
         );
         // A table of another size is given back; the right one is taken.
-        let wrong = t.give_spare(SpareTable::prepared(want * 2));
+        let wrong = t.give_spare(SpareTable::allocate(want * 2));
         assert_eq!(wrong.map(|w| w.0.len()), Some(want * 2));
-        assert!(t.give_spare(SpareTable::prepared(want)).is_none());
+        assert!(t.give_spare(SpareTable::allocate(want)).is_none());
         assert_eq!(t.spare_wanted(), None);
         let prepared = t.spare.as_ptr();
-        while t.slots.len() < want {
+        // Up to the insert that grows the table: by then the table wrote every page
+        // of the handed-in one (see `a_growing_table_takes_the_next_table_written_ahead`).
+        while (t.len + 1) * 10 <= t.slots.len() * 7 {
             insert(&mut t);
         }
+        assert_eq!(t.spare_pages, want.div_ceil(SLOTS_PER_PAGE));
+        insert(&mut t);
+        assert_eq!(t.slots.len(), want);
         assert_eq!(
             t.slots.as_ptr(),
             prepared,

@@ -157,10 +157,10 @@ impl Inner {
         }
     }
 
-    /// Allocates the delta table of `slots` slots that the writer asked for and writes
-    /// its pages through (see `Delta::spare_wanted`), for the writer to take.
+    /// Allocates the delta table of `slots` slots that the writer asked for (see
+    /// `Delta::spare_wanted`), for the writer to take.
     fn prepare_spare(&self, slots: usize) {
-        let t = crate::index::SpareTable::prepared(slots);
+        let t = crate::index::SpareTable::allocate(slots);
         let old = self.background.lock().spare.replace(t);
         self.spare_ready.store(true, Ordering::Release);
         drop(old);

@@ -267,16 +267,24 @@ impl Inner {
         } else {
             None
         };
-        {
+        let spare = {
             let mut st = self.state.write();
-            let delta = std::mem::take(&mut st.delta);
+            let mut delta = std::mem::take(&mut st.delta);
             let counters = st.counters;
+            // A frozen delta does not grow: its next table (tens of MB in a large
+            // delta) is freed in the background.
+            let spare = delta.take_spare();
             st.frozen = Some(Box::new(Frozen {
                 delta,
                 end: w.end,
                 counters,
                 failed: false,
             }));
+            spare
+        };
+        if let Some(spare) = spare {
+            self.background.lock().garbage.push(spare);
+            self.background_cv.notify_all();
         }
         w.ckpt_end = w.end;
         Ok(JobPlan {
