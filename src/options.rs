@@ -333,9 +333,10 @@ impl Options {
     /// 8 per bucket of the index once that is more (from 65,536 buckets, a 256 MiB index
     /// that holds about 11M keys; 1.05M keys at 20M), as long as the part of the store's
     /// file in use (up to the log's end) is at most a quarter of the machine's memory
-    /// (`MemTotal`; so it and a compaction's copy of it fit in half) and the batch's
-    /// worst-case heap (about 216 bytes a key, see below) at most 1/64 of it; otherwise
-    /// 450,000. A checkpoint rewrites and checksums every 4 KiB bucket it touches, and
+    /// (`MemTotal`, or the cgroup's `memory.max` if lower; so it and a compaction's copy
+    /// of it fit in half) and the batch's worst-case heap (about 216 bytes a key, see
+    /// below) at most 1/64 of it; from a quarter on, the batch shrinks gradually, to
+    /// 450,000 at half the memory. A checkpoint rewrites and checksums every 4 KiB bucket it touches, and
     /// 450,000 random keys touch nearly every bucket of a large index: at 20M keys each checkpoint rewrote
     /// nearly all of a 512 MiB index for 3.4 keys per bucket, and the writer is paced to
     /// the checkpoints. With 1.05M keys per checkpoint, in the same run (`mapkv bench
@@ -460,30 +461,50 @@ impl Options {
 }
 
 /// The default rule of [`Options::checkpoint_keys`], on a machine with `memory` bytes
-/// (`None`: unknown, so the batch does not grow).
+/// (`None`: unknown, so the batch does not grow). From a log end of a quarter of the
+/// memory to one of half, the grown batch shrinks back to the floor gradually: dropped
+/// at once, it would find a delta that lags by up to 4 grown batches past its new hard
+/// limit (4 floor batches), and the writer would wait for the running checkpoint.
 fn default_checkpoint_keys(buckets: u64, log_end: u64, memory: Option<u64>) -> usize {
     let Some(memory) = memory else {
         return DEFAULT_CHECKPOINT_KEYS;
     };
-    if log_end > memory / 4 {
+    let (quarter, half) = (memory / 4, memory / 2);
+    if log_end >= half || quarter == 0 {
         return DEFAULT_CHECKPOINT_KEYS;
     }
     let per_bucket = buckets.saturating_mul(CHECKPOINT_KEYS_PER_BUCKET);
     let heap_cap = memory / 64 / HEAP_PER_BATCH_KEY;
-    let keys = usize::try_from(per_bucket.min(heap_cap)).unwrap_or(usize::MAX);
-    DEFAULT_CHECKPOINT_KEYS.max(keys)
+    let grown = usize::try_from(per_bucket.min(heap_cap)).unwrap_or(usize::MAX);
+    let extra = grown.saturating_sub(DEFAULT_CHECKPOINT_KEYS) as u128;
+    // The share of `extra` kept: all of it up to a quarter, none from half on.
+    let left = u128::from((half - log_end).min(half - quarter));
+    let kept = extra * left / u128::from(half - quarter);
+    DEFAULT_CHECKPOINT_KEYS + usize::try_from(kept).unwrap_or(0)
 }
 
-/// The machine's memory (`MemTotal`), read once per process; `None` where
-/// `/proc/meminfo` cannot be read.
-fn physical_memory() -> Option<u64> {
+/// The memory this process may use: the machine's (`MemTotal`), or its cgroup's limit
+/// (`memory.max`, cgroup v2) if lower. Read once per process (the first store opened
+/// reads it, not a write under the store's locks); `None` where `/proc/meminfo` cannot
+/// be read.
+pub(crate) fn physical_memory() -> Option<u64> {
     static MEMORY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     *MEMORY.get_or_init(|| {
         let info = std::fs::read_to_string("/proc/meminfo").ok()?;
         let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
         let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        kb.checked_mul(1024)
+        let total = kb.checked_mul(1024)?;
+        Some(cgroup_memory_max().map_or(total, |max| total.min(max)))
     })
+}
+
+/// The memory limit of this process's cgroup (v2: `memory.max` of the group named in
+/// `/proc/self/cgroup`), if it has one.
+fn cgroup_memory_max() -> Option<u64> {
+    let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = groups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let max = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/memory.max")).ok()?;
+    max.trim().parse().ok()
 }
 
 #[cfg(test)]
@@ -493,8 +514,9 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     /// Unless set, checkpoints are due at 450,000 changed keys, or at 8 per bucket of a
-    /// large index while the used file is at most a quarter of the memory and the
-    /// batch's heap at most 1/64 of it; a count that was set is kept at any index size.
+    /// large index while the used file is at most a quarter of the memory (back to
+    /// 450,000 gradually up to half of it) and the batch's heap at most 1/64 of it; a
+    /// count that was set is kept at any index size.
     #[test]
     fn checkpoint_keys_grow_with_the_index_while_memory_allows() {
         let mem = Some(24 * GIB);
@@ -502,9 +524,25 @@ mod tests {
         assert_eq!(default_checkpoint_keys(32_768, GIB, mem), 450_000);
         assert_eq!(default_checkpoint_keys(65_536, GIB, mem), 524_288);
         assert_eq!(default_checkpoint_keys(131_072, 4 * GIB, mem), 1_048_576);
-        // A file past a quarter of the memory: back to the floor.
+        // A file past a quarter of the memory: back to the floor by half of it, a
+        // little at a time.
         assert_eq!(default_checkpoint_keys(131_072, 6 * GIB, mem), 1_048_576);
-        assert_eq!(default_checkpoint_keys(131_072, 7 * GIB, mem), 450_000);
+        let extra = 1_048_576 - 450_000;
+        let mut last = 1_048_576;
+        for tenth in 1..10 {
+            let end = 6 * GIB + 6 * GIB * tenth / 10;
+            let keys = default_checkpoint_keys(131_072, end, mem);
+            let expect = 450_000 + extra * (10 - tenth as usize) / 10;
+            assert!(
+                keys.abs_diff(expect) <= 1,
+                "{keys} at {end}: expected {expect}"
+            );
+            assert!(keys < last);
+            last = keys;
+        }
+        assert_eq!(default_checkpoint_keys(131_072, 12 * GIB, mem), 450_000);
+        assert_eq!(default_checkpoint_keys(131_072, 20 * GIB, mem), 450_000);
+        assert_eq!(default_checkpoint_keys(131_072, 1 << 20, Some(0)), 450_000);
         // The heap cap: 24 GiB / 64 / 216 bytes.
         let cap = (24 * GIB / 64 / HEAP_PER_BATCH_KEY) as usize;
         assert_eq!(default_checkpoint_keys(1 << 20, 4 * GIB, mem), cap);

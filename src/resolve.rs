@@ -3,7 +3,7 @@
 //! The write path applies a put without looking its key up in the index (see
 //! `State::apply`): the live counters count the key as new until a lookup finds the
 //! record the put replaced. The background thread makes those lookups a piece at a
-//! time. Made under the exclusive state lock, a piece of 256 lookups that missed the
+//! time (and so do `Store::len` and `Store::stats`, which need the counters exact). Made under the exclusive state lock, a piece of 256 lookups that missed the
 //! CPU caches or faulted an index page in held the lock for milliseconds, and the
 //! store's own threads run at a lower priority: at 20M keys a writer waited up to 73 ms
 //! for one. So a piece goes in three steps:

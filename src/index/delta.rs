@@ -130,8 +130,9 @@ struct Table {
     /// An old table whose entries have all moved, not freed yet (see
     /// [`Delta::take_retired`]).
     retired: Option<Vec<Slot>>,
-    /// The next table (twice `slots`), prepared once `slots` is half full: one page of
-    /// it is written per insert, so that its pages are mapped by a write before growth
+    /// The next table (twice `slots`), allocated once `slots` is half full (by the table
+    /// itself up to `LOCAL_SPARE_MAX` slots, else handed in: [`Table::give_spare`]):
+    /// one page of it is written per insert, so that its pages are mapped by a write before growth
     /// (empty when none). Left to first touches, a fresh table's page is read first (a
     /// lookup maps the shared zero page) and written next: a copy-on-write fault that
     /// flushes the TLBs of every CPU running the store's threads, an IPI each on a VM.
@@ -151,7 +152,8 @@ pub(crate) struct Retired(#[allow(dead_code)] Vec<Slot>);
 /// A delta's next table, allocated by another thread than the writer's (see
 /// [`Delta::spare_wanted`]). Its pages are left untouched: the table writes them a page
 /// per insert as it fills ([`Table::prepare_spare`]), so a table that is never grown
-/// into (the delta is frozen first) costs address space, not memory.
+/// into (the delta is frozen first) costs mostly address space, not memory (where the
+/// allocator maps it fresh, as it does for tables above its mmap threshold).
 #[derive(Debug)]
 pub(crate) struct SpareTable(Vec<Slot>);
 

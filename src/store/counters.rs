@@ -2,15 +2,17 @@
 //!
 //! The current delta's backlog is looked up a piece at a time with no lock held (see
 //! `crate::resolve`), by the background thread and by callers that need the counters
-//! exact (`Store::len`, `Store::stats`); only what a running checkpoint's frozen delta
-//! still has unresolved is looked up under the exclusive state lock.
+//! exact (`Store::len`, `Store::stats`). Under the exclusive state lock are only the
+//! lookups a piece must make again (a checkpoint changed what it read) and what is left
+//! of a frozen delta whose checkpoint failed (`State::resolve`; a running checkpoint
+//! resolves its own frozen delta, holding `resolving`).
 
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::inner::Inner;
 
-/// Deferred index lookups of the frozen delta done per hold of the state lock (see
-/// `resolve_counters`): a few milliseconds at most.
+/// Deferred index lookups done per hold of the state lock when they cannot be made
+/// without it (see `resolve_counters_locked`): a few milliseconds at most.
 pub(super) const RESOLVE_CHUNK: usize = 16_384;
 /// Unresolved keys of the current delta looked up per piece (see `Inner::resolve_piece`).
 const RESOLVE_PIECE: usize = 256;
@@ -21,6 +23,14 @@ const COLD_PIECE: std::time::Duration = std::time::Duration::from_millis(8);
 impl Inner {
     /// [`Inner::resolve_counters`] for a caller that holds `resolving`.
     pub(crate) fn resolve_counters_locked(&self) -> crate::state::Counters {
+        // The current delta's backlog first, with its lookups outside the lock: `len()`
+        // or `stats()` on a store with millions of deferred lookups must not hold the
+        // writer off for them. As many as were queued at the start: writers go on
+        // queueing meanwhile, and lock-free pieces alone might never catch up with a
+        // fast writer (whose next checkpoint would then wait for this call, which
+        // holds `resolving`). What is left after that, the writes made meanwhile, is
+        // looked up under the lock, a chunk per hold.
+        let mut lock_free = self.state.read().delta.unresolved_len();
         loop {
             {
                 let st = self.state.read();
@@ -28,10 +38,8 @@ impl Inner {
                     return st.counters;
                 }
             }
-            // The current delta's backlog first, with its lookups outside the lock:
-            // `len()` or `stats()` on a store with millions of deferred lookups must
-            // not hold the writer off for them.
-            if self.resolve_piece() {
+            if lock_free > 0 && self.resolve_piece() {
+                lock_free = lock_free.saturating_sub(RESOLVE_PIECE);
                 continue;
             }
             let mut st = self.state.write();

@@ -171,6 +171,9 @@ pub(crate) fn open(path: &Path, opts: Options) -> Result<Inner> {
             .map_err(|e| Error::io("open", e))?;
         return load(path.to_path_buf(), opts, Arc::new(FileHandle::unlocked(f)));
     }
+    // The memory the default checkpoint size depends on, read here once per process
+    // rather than by a write under the store's locks.
+    let _ = crate::options::physical_memory();
     // Compaction renames a new file over the path. A handle that was opened just before
     // and locked just after holds the old, unlinked file: check and retry. Leftovers are
     // cleaned up only once the lock held is the current file's (cleaning up before that

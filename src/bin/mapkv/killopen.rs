@@ -54,8 +54,9 @@ use serde::Serialize;
 use crate::measure::{self, fmt_bytes, fmt_rate, fmt_secs, key, nearest_rank, stamp, Rng};
 use crate::Failure;
 
-/// `Options::checkpoint_keys` of the writer process (the library's default, set
-/// explicitly so that the runs stay comparable whatever the default becomes).
+/// `Options::checkpoint_keys` of the writer process (the library's default for an
+/// index of up to 1M keys, and its floor; set explicitly so that the runs stay
+/// comparable whatever the default becomes).
 pub const CHECKPOINT_KEYS: usize = 450_000;
 /// One put in this many adds a new key; the others overwrite a random existing key.
 pub const ADD_ONE_IN: u64 = 16;
