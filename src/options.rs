@@ -478,6 +478,9 @@ fn default_checkpoint_keys(buckets: u64, log_end: u64, memory: Option<u64>) -> u
     let per_bucket = buckets.saturating_mul(CHECKPOINT_KEYS_PER_BUCKET);
     let heap_cap = memory / 64 / HEAP_PER_BATCH_KEY;
     let grown = usize::try_from(per_bucket.min(heap_cap)).unwrap_or(usize::MAX);
+    if log_end <= quarter {
+        return DEFAULT_CHECKPOINT_KEYS.max(grown);
+    }
     let extra = grown.saturating_sub(DEFAULT_CHECKPOINT_KEYS) as u128;
     // The share of `extra` kept: all of it up to a quarter, none from half on.
     let left = u128::from((half - log_end).min(half - quarter));

@@ -760,6 +760,20 @@ impl Delta {
 mod tests {
     use super::*;
 
+    /// Inserts key number `*next` (its hash a multiple of a large odd constant, its
+    /// value the number) and counts it.
+    fn insert_numbered(t: &mut Table, next: &mut u64) {
+        t.insert_new(next.wrapping_mul(0x9E37_79B9_7F4A_7C15), *next);
+        *next += 1;
+    }
+
+    /// Every key `insert_numbered` put in before number `next` holds its value.
+    fn assert_numbered(t: &Table, next: u64) {
+        for i in 1..next {
+            assert_eq!(t.get(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)), Some(i));
+        }
+    }
+
     /// Regression: a table that grew was a fresh zeroed allocation whose pages were first
     /// read (a lookup maps the shared zero page) and then written (a copy-on-write fault
     /// that must flush the other CPUs' TLBs): on the 2-vCPU VM those shootdowns were a
@@ -769,11 +783,7 @@ mod tests {
     fn a_growing_table_takes_the_next_table_written_ahead() {
         let mut t = Table::default();
         let mut next = 1u64;
-        let mut insert = |t: &mut Table| {
-            let h = next.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            t.insert_new(h, next);
-            next += 1;
-        };
+        let mut insert = |t: &mut Table| insert_numbered(t, &mut next);
         insert(&mut t);
         for _ in 0..6 {
             let slots = t.slots.len();
@@ -801,10 +811,7 @@ mod tests {
             );
             assert!(t.spare.is_empty());
         }
-        for i in 1..next {
-            let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            assert_eq!(t.get(h), Some(i));
-        }
+        assert_numbered(&t, next);
     }
 
     /// Regression: a large table's next one was allocated on the writer's thread, whose
@@ -815,11 +822,7 @@ mod tests {
     fn a_large_table_asks_for_its_next_table() {
         let mut t = Table::default();
         let mut next = 1u64;
-        let mut insert = |t: &mut Table| {
-            let h = next.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            t.insert_new(h, next);
-            next += 1;
-        };
+        let mut insert = |t: &mut Table| insert_numbered(t, &mut next);
         // Up to a table of LOCAL_SPARE_MAX slots, half full.
         while t.slots.len() < Table::LOCAL_SPARE_MAX || t.len * 2 < t.slots.len() {
             assert_eq!(t.spare_wanted(), None, "at {} slots", t.slots.len());
@@ -856,10 +859,7 @@ mod tests {
             insert(&mut t);
         }
         assert_eq!(t.slots.len(), want * 2);
-        for i in 1..next {
-            let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            assert_eq!(t.get(h), Some(i));
-        }
+        assert_numbered(&t, next);
     }
 
     #[test]
