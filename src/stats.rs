@@ -105,6 +105,12 @@ pub struct MaintenanceStats {
     pub compactions: u64,
     /// The dead share of the log at which compaction starts on its own (`None`: off).
     pub auto_compact_at: Option<f64>,
+    /// Writes that waited for a running checkpoint because the delta had reached its
+    /// hard limit (four times `Options::checkpoint_keys`, or four times the replay
+    /// bound of log bytes, past which the writer stops rather than slows down).
+    pub checkpoint_waits: u64,
+    /// The longest of those waits.
+    pub longest_checkpoint_wait: std::time::Duration,
     /// The last error a background checkpoint, compaction or sync met since open (a
     /// checkpoint that failed is repaired by rebuilding the index; a failed sync poisons
     /// the store, whose next write reports it).
@@ -351,6 +357,14 @@ impl fmt::Display for Stats {
                 None => "off".to_string(),
             },
         )?;
+        if m.checkpoint_waits > 0 {
+            write!(
+                f,
+                ", {} writes waited for a checkpoint (longest {:.1} ms)",
+                m.checkpoint_waits,
+                m.longest_checkpoint_wait.as_secs_f64() * 1e3
+            )?;
+        }
         if let Some(e) = &m.last_error {
             write!(f, ", last error: {e}")?;
         }

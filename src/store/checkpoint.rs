@@ -125,7 +125,7 @@ impl Inner {
             }
         };
         if r.is_ok() {
-            w.ckpt_end = w.end;
+            w.set_ckpt_end(w.end);
             self.checkpoints.fetch_add(1, Ordering::Relaxed);
             self.release_old_regions(&mut self.slots.lock(), &w.file);
         }
@@ -286,7 +286,7 @@ impl Inner {
             self.background.lock().garbage.push(spare);
             self.background_cv.notify_all();
         }
-        w.ckpt_end = w.end;
+        w.set_ckpt_end(w.end);
         Ok(JobPlan {
             file: Arc::clone(&w.file),
             log_end: w.end,
@@ -392,6 +392,8 @@ impl Inner {
     /// A background checkpoint (see `start_checkpoint`): the checkpoint protocol of the
     /// module docs, for the frozen delta, ending in a DIRTY slot at `plan.log_end`.
     pub(super) fn run_job(&self, plan: &JobPlan) -> Result<JobEnd> {
+        #[cfg(test)]
+        super::tests::checkpoint_may_run(self);
         let _resolving = self.resolving.lock();
         let r = self.run_job_locked(plan);
         match r {

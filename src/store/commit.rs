@@ -496,7 +496,7 @@ impl Inner {
         }
         w.end = end;
         w.writes += 1;
-        let since = end - w.ckpt_end;
+        let since = w.replay_bytes();
         let gen = self.file_gen.load(Ordering::Acquire);
         let due = delta_len >= ckpt_keys || since >= REPLAY_MAX;
         // While the previous checkpoint still runs, the delta keeps growing rather than
@@ -531,7 +531,19 @@ impl Inner {
             // The write itself is applied. A checkpoint that fails without poisoning the
             // store (a full disk while growing the index) is retried by a later write; one
             // that poisoned it (a failed sync) must not let this write be acknowledged.
-            match self.start_checkpoint(&mut w) {
+            // Overdue while the last one runs: this write waits for it (counted).
+            let waiting = w
+                .job
+                .as_ref()
+                .is_some_and(|j| !j.thread.is_finished())
+                .then(std::time::Instant::now);
+            let started = self.start_checkpoint(&mut w);
+            if let Some(t) = waiting {
+                let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+                self.checkpoint_waits.fetch_add(1, Ordering::Relaxed);
+                self.checkpoint_wait_max_us.fetch_max(us, Ordering::Relaxed);
+            }
+            match started {
                 Ok(()) => w.retry_gap = 0,
                 Err(e) if self.poisoned.load(Ordering::Acquire) => return Err(e),
                 Err(_) => w.backoff(),

@@ -929,7 +929,7 @@ impl Inner {
         w.end = c.log_end;
         w.alloc = c.alloc;
         w.ahead_asked = c.alloc;
-        w.ckpt_end = c.ckpt.log_end;
+        w.set_ckpt_end(c.ckpt.log_end);
         (w.retry_at, w.retry_gap) = (0, 0);
         *self.slots.lock() = Slots {
             last: c.ckpt,

@@ -84,6 +84,10 @@ pub(crate) struct Inner {
     pub(super) syncs: AtomicU64,
     pub(super) bytes_synced: AtomicU64,
     pub(super) checkpoints: AtomicU64,
+    /// Writes that waited for a checkpoint at the delta's hard limit, and the longest
+    /// such wait in microseconds (`Stats::maintenance`).
+    pub(super) checkpoint_waits: AtomicU64,
+    pub(super) checkpoint_wait_max_us: AtomicU64,
     /// Bumped (under the writer mutex) when the index is rebuilt from the log: buckets
     /// read before a rebuild may be half-rewritten, so a compaction snapshot that saw
     /// one starts over.
@@ -184,6 +188,8 @@ impl Inner {
             syncs: AtomicU64::new(0),
             bytes_synced: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
+            checkpoint_waits: AtomicU64::new(0),
+            checkpoint_wait_max_us: AtomicU64::new(0),
             rebuilds: AtomicU64::new(0),
             thread_nice,
             background: Mutex::new(Background::default()),
@@ -310,8 +316,12 @@ pub(crate) struct Writer {
     /// The delta's next table that the background thread was last asked for: the
     /// delta's id and the table's slots (see `Delta::spare_wanted`).
     pub(super) spare_asked: (u64, usize),
-    /// The log end that the last checkpoint, finished or running, covers.
+    /// The log end that the last checkpoint, finished or running, covers (set with
+    /// `set_ckpt_end`).
     pub(super) ckpt_end: u64,
+    /// Bytes of index regions claimed since `ckpt_end` (and the padding before each): a
+    /// replay jumps over them (see `replay_bytes`).
+    pub(super) claimed_since_ckpt: u64,
     /// The background checkpoint, if one was started and not yet joined.
     pub(super) job: Option<Job>,
     /// Where the delta's next insert will probe (see `SlotHint`).
@@ -336,6 +346,18 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
+    /// Log bytes a replay from `ckpt_end` would read: the distance to the end, less the
+    /// index regions claimed behind JUMP records meanwhile, which a replay skips.
+    pub(super) fn replay_bytes(&self) -> u64 {
+        (self.end - self.ckpt_end).saturating_sub(self.claimed_since_ckpt)
+    }
+
+    /// A checkpoint (finished or running) now covers the log up to `end`.
+    pub(super) fn set_ckpt_end(&mut self, end: u64) {
+        self.ckpt_end = end;
+        self.claimed_since_ckpt = 0;
+    }
+
     /// Puts off the next checkpoint attempt after a failed one (see `retry_at`).
     pub(super) fn backoff(&mut self) {
         self.retry_gap = (self.retry_gap * 2).clamp(1024, 1 << 20);
@@ -359,6 +381,7 @@ impl Writer {
             pace_debt: std::time::Duration::ZERO,
             spare_asked: (0, 0),
             ckpt_end,
+            claimed_since_ckpt: 0,
             job: None,
             retry_at: 0,
             retry_gap: 0,

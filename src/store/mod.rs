@@ -591,6 +591,10 @@ impl Store {
             compaction_running: inner.compacting.try_lock().is_none(),
             compactions: inner.compactions.load(Ordering::Relaxed),
             auto_compact_at: inner.opts.auto_compact.map(|a| a.dead_ratio),
+            checkpoint_waits: inner.checkpoint_waits.load(Ordering::Relaxed),
+            longest_checkpoint_wait: std::time::Duration::from_micros(
+                inner.checkpoint_wait_max_us.load(Ordering::Relaxed),
+            ),
             last_error: inner.last_error.lock().clone(),
         };
         let st = inner.state.read();

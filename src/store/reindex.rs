@@ -90,6 +90,8 @@ impl Inner {
                 st.counters.dead_index_bytes += old.bytes();
             }
         }
+        // A replay from the last checkpoint's end jumps over the region.
+        w.claimed_since_ckpt += new_log - (jump_at + JUMP_LEN);
         w.end = new_log;
         w.prefaulted = 0;
         Ok((new, old_real))

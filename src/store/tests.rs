@@ -71,6 +71,71 @@ fn full_bucket_in_a_background_checkpoint_rebuilds_the_index() {
     store.verify().expect("verify after reopen");
 }
 
+/// Regression: a growth claimed after a checkpoint found a bucket full puts its region
+/// (behind a JUMP at the tail) between the frozen delta's end and the writer's, and the
+/// writer counted the region's bytes as log a crash would replay. A region of 1 GiB (the
+/// index growing past 512 MiB, at about 23M keys) made the writer overdue at once, so
+/// its next write waited for the whole growth: a put of 6 s in a 100M-key fill. The
+/// replay a crash would make skips the region: the writer counts what it would read.
+#[test]
+fn a_claimed_index_region_is_not_counted_as_log_to_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("claim.mkv");
+    let opts = Options::default().durability(Durability::None);
+    let store = Store::open(&path, opts.clone()).expect("open");
+    for i in 0..300u32 {
+        store.put(i.to_le_bytes(), b"spread").expect("put");
+    }
+    store.close().expect("close");
+    // A crowd in one bucket: the background checkpoint finds it full and asks for
+    // growth, which the writer claims at a later write.
+    let store = Store::open(&path, opts.checkpoint_keys(260)).expect("reopen");
+    let before = store.stats().index_bytes;
+    let crowd = keys_in_bucket_zero(store.inner.seed, before / PAGE, 260);
+    for k in &crowd {
+        store.put(k, b"crowd").expect("put");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut n = 0u32;
+    loop {
+        store.put(format!("after-{n}"), b"x").expect("put");
+        n += 1;
+        let w = store.inner.writer.lock();
+        let claimed = w.job.as_ref().is_some_and(|j| j.plan.grow.is_some());
+        if claimed || store.inner.state.read().index.bytes() > before {
+            let map = Arc::clone(&store.inner.state.read().map);
+            let scanned = crate::log::scan(
+                map.published_bytes(),
+                store.inner.seed,
+                w.ckpt_end,
+                w.end,
+                |_| {},
+            );
+            assert!(
+                scanned.skipped > 0,
+                "setup: no region claimed since the freeze"
+            );
+            assert_eq!(
+                w.replay_bytes(),
+                scanned.bytes,
+                "replay bytes must be the records a replay reads, not the {} bytes it skips",
+                scanned.skipped
+            );
+            break;
+        }
+        drop(w);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the index did not grow"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    store.close().expect("close");
+    let store = Store::open(&path, Options::default()).expect("reopen");
+    assert_eq!(store.len(), 560 + n as usize);
+    store.verify().expect("verify");
+}
+
 /// 300 keys `k0..k299`, closed (so they are in the buckets), then reopened with
 /// `opts`. Returns the store and its index geometry.
 fn indexed_store(path: &std::path::Path, opts: Options) -> (Store, IndexGeom) {
@@ -182,6 +247,74 @@ pub(super) fn bucket_run_written() {
             *at = None;
         }
     }
+}
+
+/// Stores (their `Inner`'s address) whose background checkpoints wait before they
+/// start, until the test takes them out of the list (unit tests only).
+static STALLED_CHECKPOINTS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// Called by a background checkpoint job before it starts (unit tests only).
+pub(super) fn checkpoint_may_run(inner: &Inner) {
+    let me = std::ptr::from_ref(inner) as usize;
+    while STALLED_CHECKPOINTS.lock().contains(&me) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// A writer that reaches the delta's hard limit (four times `checkpoint_keys`) while a
+/// checkpoint runs waits for it, and `Stats` counts the wait.
+#[test]
+fn a_write_that_waits_for_a_checkpoint_is_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options::default()
+        .durability(Durability::None)
+        .checkpoint_keys(64);
+    let store = Store::open(dir.path().join("wait.mkv"), opts).expect("open");
+    let me = std::ptr::from_ref(&*store.inner) as usize;
+    STALLED_CHECKPOINTS.lock().push(me);
+    assert_eq!(store.stats().maintenance.checkpoint_waits, 0);
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            for i in 0..400u32 {
+                store.put(i.to_le_bytes(), b"v").expect("put");
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        // The first checkpoint starts at 64 keys and stalls; the writes after it go into
+        // a new delta, and the one that makes it 4 x 64 keys waits. Wait until the
+        // writer stops there for 100 ms.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut last = (0, std::time::Instant::now());
+        loop {
+            let n = done.load(Ordering::Relaxed);
+            if n != last.0 {
+                last = (n, std::time::Instant::now());
+            } else if last.1.elapsed() > std::time::Duration::from_millis(100) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never stopped"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(
+            (64 + 4 * 64 - 1..400).contains(&last.0),
+            "the writer stopped after {} writes, not at the hard limit",
+            last.0
+        );
+        STALLED_CHECKPOINTS.lock().retain(|&a| a != me);
+        writer.join().expect("writer");
+    });
+    let m = store.stats().maintenance;
+    assert_eq!(m.checkpoint_waits, 1, "{m:?}");
+    assert!(
+        m.longest_checkpoint_wait >= std::time::Duration::from_millis(100),
+        "{m:?}"
+    );
+    assert_eq!(store.len(), 400);
+    store.close().expect("close");
 }
 
 /// The store `indexed_store` makes, then 60 overwrites, 20 deletes and 40 new keys, and

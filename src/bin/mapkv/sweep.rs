@@ -725,6 +725,16 @@ fn named_counters(stats: &serde_json::Value) -> Vec<String> {
                 out.push(format!("{name}={v}"));
             }
             serde_json::Value::String(s) => out.push(format!("{name}={s}")),
+            // A `Duration`.
+            serde_json::Value::Object(d) => {
+                if let (Some(secs), Some(nanos)) = (
+                    d.get("secs").and_then(serde_json::Value::as_u64),
+                    d.get("nanos").and_then(serde_json::Value::as_u64),
+                ) {
+                    let ms = secs as f64 * 1e3 + nanos as f64 / 1e6;
+                    out.push(format!("{name}={ms:.1}ms"));
+                }
+            }
             _ => {}
         }
     };
