@@ -228,13 +228,14 @@ impl FileHandle {
     }
 
     /// Releases the disk blocks of `[off, off + len)` without changing the file size
-    /// (old index regions). Best effort: an unsupported filesystem keeps the blocks.
-    pub(crate) fn punch_hole(&self, off: u64, len: u64) {
+    /// (old index regions). Best effort: an unsupported filesystem keeps the blocks
+    /// (returns false).
+    pub(crate) fn punch_hole(&self, off: u64, len: u64) -> bool {
         let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
-            return;
+            return false;
         };
         // SAFETY: fallocate only reads its integer arguments; the fd is valid.
-        let _ = unsafe {
+        let rc = unsafe {
             libc::fallocate(
                 self.file.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -242,6 +243,7 @@ impl FileHandle {
                 l,
             )
         };
+        rc == 0
     }
 
     /// `fdatasync`: data and the metadata needed to read it (the size) are durable.

@@ -27,6 +27,13 @@ pub struct Stats {
     /// Bytes of old index regions left behind by index growth (holes punched where the
     /// filesystem allows); reclaimed by compaction.
     pub dead_index_bytes: u64,
+    /// Of `dead_index_bytes`, the bytes given back to the file system (punched holes)
+    /// or about to be (the region an index growth replaced is punched once no
+    /// checkpoint slot refers to it): they take no disk space, so compaction gains
+    /// nothing there, and they do not count towards [`Stats::dead_ratio`]. Regions a
+    /// crash left behind, and any on a file system that cannot punch holes, are not
+    /// released.
+    pub released_index_bytes: u64,
     /// Length of the file (allocated: space is reserved with `fallocate` as the file
     /// grows, so a full disk is an error at growth, never at a write into the mapping).
     pub file_size: u64,
@@ -180,13 +187,17 @@ pub(crate) fn space_amplification(file_size: u64, live_bytes: u64) -> f64 {
 
 impl Stats {
     /// The share of the store's record bytes that are dead (overwritten or deleted records,
-    /// delete markers, old index regions): what [`Store::compact`](crate::Store::compact)
-    /// reclaims, and what [`Options::auto_compact`](crate::Options::auto_compact) compares
-    /// with its `dead_ratio`. From 0.0 (nothing to reclaim, also for an empty store) to 1.0.
+    /// delete markers, old index regions whose space was not released): the space
+    /// [`Store::compact`](crate::Store::compact) reclaims, and what
+    /// [`Options::auto_compact`](crate::Options::auto_compact) compares with its
+    /// `dead_ratio`. From 0.0 (nothing to reclaim, also for an empty store) to 1.0.
     #[must_use]
     pub fn dead_ratio(&self) -> f64 {
-        let dead = self.dead_bytes + self.dead_index_bytes;
-        let total = self.log_bytes + self.dead_index_bytes;
+        let held = self
+            .dead_index_bytes
+            .saturating_sub(self.released_index_bytes);
+        let dead = self.dead_bytes + held;
+        let total = self.log_bytes + held;
         if total == 0 {
             0.0
         } else {
@@ -282,6 +293,13 @@ impl fmt::Display for Stats {
         )?;
         if self.dead_index_bytes > 0 {
             write!(f, ", old index regions {}", Bytes(self.dead_index_bytes))?;
+            if self.released_index_bytes > 0 {
+                write!(
+                    f,
+                    " ({} of them released)",
+                    Bytes(self.released_index_bytes)
+                )?;
+            }
         }
         writeln!(f, "), space amplification {:.2}", self.space_amplification)?;
         writeln!(

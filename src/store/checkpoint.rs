@@ -154,7 +154,9 @@ impl Inner {
             // inode lock) from stalling a bucket write made under the state lock.
             let _gate = self.space_gate.lock();
             for (off, len, _) in due {
-                file.punch_hole(off, len);
+                if !file.punch_hole(off, len) {
+                    self.unrelease(len);
+                }
             }
         }
     }

@@ -194,7 +194,13 @@ impl Inner {
         let Some(ac) = self.opts.auto_compact else {
             return false;
         };
-        let dead = c.log_bytes.saturating_sub(c.live_bytes) + c.dead_index_bytes;
+        // Old index regions whose blocks were punched take no space: a fill with no
+        // dead record counted every region the index outgrew (together about the size
+        // of the index, a third of a fill's log right after a growth) and copied the
+        // whole store to get rid of holes.
+        let released = self.released_index_bytes.load(Ordering::Relaxed);
+        let dead =
+            c.log_bytes.saturating_sub(c.live_bytes) + c.dead_index_bytes.saturating_sub(released);
         c.log_bytes >= ac.min_log_bytes && dead as f64 > ac.dead_ratio * c.log_bytes as f64
     }
 

@@ -921,6 +921,8 @@ impl Inner {
             st.delta_only = false;
             st.counters = c.counters;
             self.file_gen.fetch_add(1, Ordering::AcqRel);
+            // The new file has no old region of its own yet.
+            self.released_index_bytes.store(0, Ordering::Relaxed);
             (old_map, old_file, old_delta, old_frozen)
         };
         w.tail = TailWriter::new(c.map);

@@ -84,6 +84,13 @@ pub(crate) struct Inner {
     pub(super) syncs: AtomicU64,
     pub(super) bytes_synced: AtomicU64,
     pub(super) checkpoints: AtomicU64,
+    /// Of the counters' `dead_index_bytes`, the bytes of old regions whose blocks were
+    /// given back to the file system or will be: each region an index growth replaces,
+    /// from its claim (punched once no checkpoint slot refers to it, see
+    /// `release_old_regions`; taken back if the claim is forgotten or the punch fails),
+    /// and at open the file's holes. They take no disk space, and compacting gains
+    /// nothing there.
+    pub(super) released_index_bytes: AtomicU64,
     /// Writes that waited for a checkpoint at the delta's hard limit, and the longest
     /// such wait in microseconds (`Stats::maintenance`).
     pub(super) checkpoint_waits: AtomicU64,
@@ -188,6 +195,7 @@ impl Inner {
             syncs: AtomicU64::new(0),
             bytes_synced: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
+            released_index_bytes: AtomicU64::new(0),
             checkpoint_waits: AtomicU64::new(0),
             checkpoint_wait_max_us: AtomicU64::new(0),
             rebuilds: AtomicU64::new(0),

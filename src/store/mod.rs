@@ -619,6 +619,10 @@ impl Store {
             log_bytes: c.log_bytes,
             index_bytes: st.index.bytes(),
             dead_index_bytes: c.dead_index_bytes,
+            released_index_bytes: inner
+                .released_index_bytes
+                .load(Ordering::Relaxed)
+                .min(c.dead_index_bytes),
             file_size: file_len,
             allocated_bytes: allocated,
             spare_bytes: file_len.saturating_sub(end),

@@ -672,7 +672,15 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
         fh.zero_range(valid_end, len - valid_end)?;
     }
     let writer = Writer::new(tail, Arc::clone(&fh), valid_end, len, ckpt.log_end);
+    let dead_index = state.counters.dead_index_bytes;
     let inner = Inner::new(path, opts, seed, state, writer, ckpt);
+    // Old index regions were punched in the sessions that left them (where the file
+    // system can): the file's holes tell how much of them takes no space. (Nothing
+    // else in a store's file is a hole: growth allocates.)
+    let holes = len.saturating_sub(fh.allocated().unwrap_or(len));
+    inner
+        .released_index_bytes
+        .store(holes.min(dead_index), std::sync::atomic::Ordering::Relaxed);
     *inner.recovery.lock() = report;
     if !inner.opts.read_only {
         // The file may have holes where it should have allocated space (a copy made by a

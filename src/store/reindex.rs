@@ -35,6 +35,16 @@ pub(super) fn region_is_real(old: IndexGeom, jump_at: u64) -> bool {
 }
 
 impl Inner {
+    /// Old index regions of `bytes` that will not be released after all (see
+    /// `released_index_bytes`).
+    pub(super) fn unrelease(&self, bytes: u64) {
+        let _ = self
+            .released_index_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                Some(r.saturating_sub(bytes))
+            });
+    }
+
     /// After a failed growth: the region `claimed` (from `claim_region`) is dead space,
     /// and the region `old` stays current.
     pub(super) fn forget_claim(&self, old: IndexGeom, claimed: (IndexGeom, bool)) {
@@ -43,6 +53,7 @@ impl Inner {
         let c = &mut st.counters;
         if old_real {
             c.dead_index_bytes = c.dead_index_bytes.saturating_sub(old.bytes());
+            self.unrelease(old.bytes());
         }
         c.dead_index_bytes += new.bytes();
     }
@@ -88,6 +99,9 @@ impl Inner {
             st.counters.log_bytes += JUMP_LEN;
             if old_real {
                 st.counters.dead_index_bytes += old.bytes();
+                // Punched once no checkpoint slot refers to it.
+                self.released_index_bytes
+                    .fetch_add(old.bytes(), Ordering::Relaxed);
             }
         }
         // A replay from the last checkpoint's end jumps over the region.
