@@ -251,6 +251,19 @@ impl Table {
     }
 
     /// Inserts `hash` (not present) with value `tagged` (not 0).
+    /// An empty table of `slots` slots (a power of two, at least [`Table::MIN_SLOTS`])
+    /// with every page written once, so that no insert into it faults (see `spare`).
+    fn prepared(slots: usize) -> Table {
+        let mut t = Table {
+            slots: bytemuck::zeroed_vec(slots),
+            ..Table::default()
+        };
+        for page in t.slots.chunks_mut(SLOTS_PER_PAGE) {
+            std::hint::black_box(&mut page[0]).tagged = 0;
+        }
+        t
+    }
+
     fn insert_new(&mut self, hash: u64, tagged: u64) {
         self.move_some(Self::MOVE_PER_INSERT);
         // At most 70% full: an insert then probes about 6 slots, within 2 cache lines.
@@ -716,6 +729,29 @@ impl Delta {
         d
     }
 
+    /// An empty delta made ready for about `keys` keys, by another thread than the
+    /// writer's (the store's background thread, before a checkpoint freezes the current
+    /// one): its table at the largest size the writer would allocate itself
+    /// ([`Table::LOCAL_SPARE_MAX`] slots, or less if `keys` need less), every page
+    /// written once, and the queue of unresolved keys with room for `keys`. Larger
+    /// tables come from that thread too ([`Delta::spare_wanted`]), so a writer that
+    /// starts from such a delta allocates nothing for it: growing the heap (`brk`,
+    /// `mremap`) needs the process's memory-map lock exclusively, and a put waited
+    /// 369 ms in `brk` at 30M keys while other threads held it.
+    pub(crate) fn prepared(keys: usize) -> Delta {
+        let want = (keys.saturating_mul(10) / 7).saturating_add(1);
+        let slots = want
+            .checked_next_power_of_two()
+            .unwrap_or(Table::LOCAL_SPARE_MAX)
+            .clamp(Table::MIN_SLOTS, Table::LOCAL_SPARE_MAX);
+        Delta {
+            first: Table::prepared(slots),
+            // (Bounded: `checkpoint_keys` may be set to anything.)
+            unresolved: std::collections::VecDeque::with_capacity(keys.min(1 << 22)),
+            ..Delta::default()
+        }
+    }
+
     /// The size of the table the delta's table grows into next, in slots, when another
     /// thread should allocate it now (see [`SpareTable`]): the table is half full and
     /// large, and no next table was handed in yet. The store's background thread
@@ -818,6 +854,33 @@ mod tests {
     /// `brk`/`mmap` then waited for the memory-map lock (194-272 ms at 100M keys). Past
     /// `LOCAL_SPARE_MAX` the table asks for it instead, takes one of the right size when
     /// handed in (and gives back any other), and still grows if none came.
+    /// A prepared delta takes `keys` keys without allocating: its table does not grow
+    /// below `LOCAL_SPARE_MAX` slots and its queue of unresolved keys keeps its room.
+    #[test]
+    fn a_prepared_delta_takes_its_keys_without_growing() {
+        for keys in [1usize, 1000, 30_000, 1 << 20] {
+            let mut d = Delta::prepared(keys);
+            let (slots, queue) = (d.table_slots(), d.unresolved.capacity());
+            assert!(queue >= keys.min(1 << 22));
+            let fits = keys.min(slots * 7 / 10 - 1);
+            for i in 0..fits as u64 {
+                let hash = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                d.set(hash, 8 * (i + 1), false, false, |_| false);
+            }
+            assert_eq!(d.len(), fits);
+            assert_eq!(d.table_slots(), slots, "{keys} keys: the table grew");
+            assert_eq!(
+                d.unresolved.capacity(),
+                queue,
+                "{keys} keys: the queue grew"
+            );
+            for i in 0..fits as u64 {
+                let hash = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                assert_eq!(d.candidates(hash).next(), Some((8 * (i + 1), false)));
+            }
+        }
+    }
+
     #[test]
     fn a_large_table_asks_for_its_next_table() {
         let mut t = Table::default();

@@ -28,7 +28,7 @@ pub(super) const TAIL_FOLIO: u64 = 2 << 20;
 pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
     let mut next = every.map(|e| std::time::Instant::now() + e);
     loop {
-        let (prefault, writeback, allocate, garbage, resolve, spare) = {
+        let (prefault, writeback, allocate, garbage, resolve, spare, next_delta) = {
             let mut bg = inner.background.lock();
             loop {
                 if bg.stop {
@@ -40,6 +40,7 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                     || !bg.garbage.is_empty()
                     || bg.resolve
                     || bg.spare_ask.is_some()
+                    || bg.next_delta_ask.is_some()
                 {
                     break;
                 }
@@ -58,12 +59,18 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                 std::mem::take(&mut bg.garbage),
                 std::mem::take(&mut bg.resolve),
                 bg.spare_ask.take(),
+                bg.next_delta_ask.take(),
             )
         };
         // Freed here, with no lock held.
         drop(garbage);
         if let Some(slots) = spare {
             inner.prepare_spare(slots);
+        }
+        if let Some(keys) = next_delta {
+            let d = crate::index::Delta::prepared(keys);
+            let old = inner.background.lock().next_delta.replace(d);
+            drop(old);
         }
         if let Some((file, from, to)) = allocate {
             inner.allocate_ahead(&file, from, to);

@@ -269,9 +269,15 @@ impl Inner {
         } else {
             None
         };
+        // The writes go on into a delta the background thread prepared, if it did (see
+        // `Delta::prepared`).
+        let fresh = self.background.lock().next_delta.take();
+        if fresh.is_some() {
+            self.next_deltas_taken.fetch_add(1, Ordering::Relaxed);
+        }
         let spare = {
             let mut st = self.state.write();
-            let mut delta = std::mem::take(&mut st.delta);
+            let mut delta = std::mem::replace(&mut st.delta, fresh.unwrap_or_default());
             let counters = st.counters;
             // A frozen delta does not grow: its next table (tens of MB in a large
             // delta) is freed in the background.
@@ -284,8 +290,13 @@ impl Inner {
             }));
             spare
         };
-        if let Some(spare) = spare {
-            self.background.lock().garbage.push(spare);
+        {
+            // And the one after it, for the next freeze.
+            let keys = self.opts.checkpoint_keys_for(geom.buckets, w.end);
+            let mut bg = self.background.lock();
+            bg.garbage.extend(spare);
+            bg.next_delta_ask = Some(keys);
+            drop(bg);
             self.background_cv.notify_all();
         }
         w.set_ckpt_end(w.end);

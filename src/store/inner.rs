@@ -118,6 +118,8 @@ pub(crate) struct Inner {
     /// Delta tables the background thread prepared that the writer's delta took (for
     /// tests and diagnosis).
     pub(super) spares_taken: AtomicU64,
+    /// Deltas the background thread prepared that a freeze took (tests, diagnosis).
+    pub(super) next_deltas_taken: AtomicU64,
     /// The file generation (`file_gen`) and the log offset below which this process's
     /// mapping of that file had its pages released since the writer wrote them (see
     /// `Inner::release_behind`).
@@ -207,6 +209,7 @@ impl Inner {
             resolve_asked: std::sync::atomic::AtomicBool::new(false),
             spare_ready: std::sync::atomic::AtomicBool::new(false),
             spares_taken: AtomicU64::new(0),
+            next_deltas_taken: AtomicU64::new(0),
             released_to: Mutex::new((0, end)),
             index_cold: std::sync::atomic::AtomicBool::new(false),
             resolved_pieces: AtomicU64::new(0),
@@ -457,6 +460,10 @@ pub(super) struct Background {
     pub(super) spare: Option<crate::index::SpareTable>,
     /// Look up the old records of the delta's unresolved keys (see `RESOLVE_BACKLOG`).
     pub(super) resolve: bool,
+    /// Prepare an empty delta for about this many keys (see `Delta::prepared`)...
+    pub(super) next_delta_ask: Option<usize>,
+    /// ...which the next freeze takes from here, instead of starting from an empty one.
+    pub(super) next_delta: Option<crate::index::Delta>,
 }
 
 impl Background {

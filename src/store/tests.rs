@@ -317,6 +317,58 @@ fn a_write_that_waits_for_a_checkpoint_is_counted() {
     store.close().expect("close");
 }
 
+/// After a checkpoint freezes the delta, the writes go on into one the background
+/// thread prepared (see `Delta::prepared`), whose table the writer does not allocate.
+#[test]
+fn the_writes_after_a_freeze_go_into_a_delta_the_background_thread_prepared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options::default()
+        .durability(Durability::None)
+        .checkpoint_keys(1000);
+    let store = Store::open(dir.path().join("next.mkv"), opts).expect("open");
+    let n = std::cell::Cell::new(0u32);
+    let put = |store: &Store| {
+        store.put(n.get().to_le_bytes(), b"v").expect("put");
+        n.set(n.get() + 1);
+    };
+    // The first freeze starts from an empty delta and asks for the next one.
+    while store.inner.checkpoints.load(Ordering::Relaxed) == 0 {
+        put(&store);
+        assert!(n.get() < 100_000, "no checkpoint");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while store.inner.background.lock().next_delta.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no delta was prepared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let taken = store.inner.next_deltas_taken.load(Ordering::Relaxed);
+    let writes = n.get();
+    while store.inner.next_deltas_taken.load(Ordering::Relaxed) == taken {
+        put(&store);
+        assert!(
+            n.get() < writes + 100_000,
+            "the next freeze did not take it"
+        );
+    }
+    // The prepared table holds a checkpoint's keys without growing.
+    let slots = store.inner.state.read().delta.table_slots();
+    assert!(slots >= 1000 * 10 / 7, "{slots} slots");
+    for _ in 0..900 {
+        put(&store);
+    }
+    assert_eq!(store.len(), n.get() as usize);
+    for i in 0..n.get() {
+        assert_eq!(
+            store.get(i.to_le_bytes()).expect("get").as_deref(),
+            Some(&b"v"[..])
+        );
+    }
+    store.close().expect("close");
+}
+
 /// The store `indexed_store` makes, then 60 overwrites, 20 deletes and 40 new keys, and
 /// a checkpoint killed after it rewrote `runs` buckets (the image is at `image`).
 /// Returns the expected contents and the buckets the checkpoint touched.
