@@ -118,6 +118,8 @@ pub(crate) struct Inner {
     /// Delta tables the background thread prepared that the writer's delta took (for
     /// tests and diagnosis).
     pub(super) spares_taken: AtomicU64,
+    /// Bytes the background thread prefaulted ahead of the tail (tests, diagnosis).
+    pub(super) prefaulted_bytes: AtomicU64,
     /// Deltas the background thread prepared that a freeze took (tests, diagnosis).
     pub(super) next_deltas_taken: AtomicU64,
     /// The file generation (`file_gen`) and the log offset below which this process's
@@ -209,6 +211,7 @@ impl Inner {
             resolve_asked: std::sync::atomic::AtomicBool::new(false),
             spare_ready: std::sync::atomic::AtomicBool::new(false),
             spares_taken: AtomicU64::new(0),
+            prefaulted_bytes: AtomicU64::new(0),
             next_deltas_taken: AtomicU64::new(0),
             released_to: Mutex::new((0, end)),
             index_cold: std::sync::atomic::AtomicBool::new(false),
@@ -347,6 +350,9 @@ pub(crate) struct Writer {
     pub(crate) dirty_marked: bool,
     pub(super) buf: Vec<u8>,
     pub(super) prefaulted: u64,
+    /// `Inner::syncs` when the writer last looked, and its end then (see `tail_work`).
+    pub(super) syncs_seen: u64,
+    pub(super) end_at_sync: u64,
     /// Under `None`/`Periodic`: write-back of the log was started up to here.
     pub(super) written_back: u64,
     /// Under `Always`/`Async`: `[end, zeroed)` holds real zeros written by us (not
@@ -400,6 +406,8 @@ impl Writer {
             dirty_marked: false,
             buf: Vec::new(),
             prefaulted: 0,
+            syncs_seen: 0,
+            end_at_sync: end,
             written_back: end,
             zeroed: end,
             writes: 0,
