@@ -414,6 +414,11 @@ pub fn stats(a: &StatsArgs) -> Result<(), Failure> {
             "old index regions left by growth",
         ),
         (
+            "released index bytes",
+            fmt_bytes(s.released_index_bytes),
+            "of those, punched out (no disk space; compaction gains nothing)",
+        ),
+        (
             "file size",
             fmt_bytes(s.file_size),
             "allocated size of the file",
@@ -441,7 +446,7 @@ pub fn stats(a: &StatsArgs) -> Result<(), Failure> {
         (
             "dead ratio",
             format!("{:.1}%", s.dead_ratio() * 100.0),
-            "share of the log (and old index regions) that `compact` reclaims",
+            "share of the log (and unreleased old index regions) that `compact` reclaims",
         ),
         (
             "delta entries",
