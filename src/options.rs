@@ -300,8 +300,8 @@ impl Options {
     /// Compact automatically when dead bytes exceed `dead_ratio` of the log and the log
     /// is at least `min_log_bytes` long ([`Stats::dead_ratio`](crate::Stats::dead_ratio):
     /// overwritten and deleted records, and old index regions that still take space;
-    /// those a finished growth replaced are punched out and do not count, so a store
-    /// that is only filled never compacts). The write that crosses the threshold starts
+    /// those a finished growth replaced are punched out where the file system can, and
+    /// then do not count, so a store that is only filled does not compact). The write that crosses the threshold starts
     /// the compaction on a thread of its own and returns; writers and readers go on while it
     /// copies (writers pause only for its last catch-up and the switch). A close waits
     /// for a running one, and compacts itself if the threshold is crossed once every

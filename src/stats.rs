@@ -31,8 +31,8 @@ pub struct Stats {
     /// or about to be (the region an index growth replaced is punched once no
     /// checkpoint slot refers to it): they take no disk space, so compaction gains
     /// nothing there, and they do not count towards [`Stats::dead_ratio`]. Regions a
-    /// crash left behind, and any on a file system that cannot punch holes, are not
-    /// released.
+    /// crash left behind are not released, nor, once their punch failed, regions on a
+    /// file system that cannot punch holes.
     pub released_index_bytes: u64,
     /// Length of the file (allocated: space is reserved with `fallocate` as the file
     /// grows, so a full disk is an error at growth, never at a write into the mapping).

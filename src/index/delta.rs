@@ -250,7 +250,6 @@ impl Table {
         }
     }
 
-    /// Inserts `hash` (not present) with value `tagged` (not 0).
     /// An empty table of `slots` slots (a power of two, at least [`Table::MIN_SLOTS`])
     /// with every page written once, so that no insert into it faults (see `spare`).
     fn prepared(slots: usize) -> Table {
@@ -264,6 +263,7 @@ impl Table {
         t
     }
 
+    /// Inserts `hash` (not present) with value `tagged` (not 0).
     fn insert_new(&mut self, hash: u64, tagged: u64) {
         self.move_some(Self::MOVE_PER_INSERT);
         // At most 70% full: an insert then probes about 6 slots, within 2 cache lines.
@@ -739,8 +739,11 @@ impl Delta {
     /// `mremap`) needs the process's memory-map lock exclusively, and a put waited
     /// 369 ms in `brk` at 30M keys while other threads held it.
     pub(crate) fn prepared(keys: usize) -> Delta {
-        let want = (keys.saturating_mul(10) / 7).saturating_add(1);
-        let slots = want
+        // Under half full with `keys` keys: from half full on, a table writes a page of
+        // its next one per insert, allocating it first if it is small.
+        let slots = keys
+            .saturating_mul(2)
+            .saturating_add(1)
             .checked_next_power_of_two()
             .unwrap_or(Table::LOCAL_SPARE_MAX)
             .clamp(Table::MIN_SLOTS, Table::LOCAL_SPARE_MAX);
@@ -850,12 +853,9 @@ mod tests {
         assert_numbered(&t, next);
     }
 
-    /// Regression: a large table's next one was allocated on the writer's thread, whose
-    /// `brk`/`mmap` then waited for the memory-map lock (194-272 ms at 100M keys). Past
-    /// `LOCAL_SPARE_MAX` the table asks for it instead, takes one of the right size when
-    /// handed in (and gives back any other), and still grows if none came.
     /// A prepared delta takes `keys` keys without allocating: its table does not grow
-    /// below `LOCAL_SPARE_MAX` slots and its queue of unresolved keys keeps its room.
+    /// (nor, below `LOCAL_SPARE_MAX` slots, prepare a next one of its own) and its queue
+    /// of unresolved keys keeps its room.
     #[test]
     fn a_prepared_delta_takes_its_keys_without_growing() {
         for keys in [1usize, 1000, 30_000, 1 << 20] {
@@ -869,6 +869,12 @@ mod tests {
             }
             assert_eq!(d.len(), fits);
             assert_eq!(d.table_slots(), slots, "{keys} keys: the table grew");
+            if slots < Table::LOCAL_SPARE_MAX {
+                assert!(
+                    d.first.spare.is_empty(),
+                    "{keys} keys: a next table was made"
+                );
+            }
             assert_eq!(
                 d.unresolved.capacity(),
                 queue,
@@ -881,6 +887,10 @@ mod tests {
         }
     }
 
+    /// Regression: a large table's next one was allocated on the writer's thread, whose
+    /// `brk`/`mmap` then waited for the memory-map lock (194-272 ms at 100M keys). Past
+    /// `LOCAL_SPARE_MAX` the table asks for it instead, takes one of the right size when
+    /// handed in (and gives back any other), and still grows if none came.
     #[test]
     fn a_large_table_asks_for_its_next_table() {
         let mut t = Table::default();

@@ -238,11 +238,13 @@ impl Inner {
             w.syncs_seen = syncs;
             w.end_at_sync = w.end;
         }
-        if w.end + PREFAULT_WINDOW / 2 >= w.prefaulted {
+        // (Not both at once: joined into one range, they would dirty again the synced
+        // pages between them too. The window is topped up at the next write.)
+        if prefault.is_none() && w.end + PREFAULT_WINDOW / 2 >= w.prefaulted {
             let from = crate::format::page_down(w.end.max(w.prefaulted));
             let to = (from + PREFAULT_WINDOW).min(w.alloc);
             if to > from {
-                Background::merge(&mut prefault, (Arc::clone(w.tail.mapping()), from, to));
+                prefault = Some((Arc::clone(w.tail.mapping()), from, to));
                 w.prefaulted = to;
             }
         }

@@ -671,16 +671,13 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
     if unclean && !opts.read_only {
         fh.zero_range(valid_end, len - valid_end)?;
     }
-    let writer = Writer::new(tail, Arc::clone(&fh), valid_end, len, ckpt.log_end);
+    let mut writer = Writer::new(tail, Arc::clone(&fh), valid_end, len, ckpt.log_end);
+    if !full {
+        // The replay from the checkpoint's end jumped over these (see `replay_bytes`).
+        writer.claimed_since_ckpt = scan_end.skipped;
+    }
     let dead_index = state.counters.dead_index_bytes;
     let inner = Inner::new(path, opts, seed, state, writer, ckpt);
-    // Old index regions were punched in the sessions that left them (where the file
-    // system can): the file's holes tell how much of them takes no space. (Nothing
-    // else in a store's file is a hole: growth allocates.)
-    let holes = len.saturating_sub(fh.allocated().unwrap_or(len));
-    inner
-        .released_index_bytes
-        .store(holes.min(dead_index), std::sync::atomic::Ordering::Relaxed);
     *inner.recovery.lock() = report;
     if !inner.opts.read_only {
         // The file may have holes where it should have allocated space (a copy made by a
@@ -688,6 +685,14 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
         // be a SIGBUS. Allocating what is already allocated is cheap.
         fh.allocate(valid_end, len - valid_end)?;
     }
+    // Old index regions were punched in the sessions that left them (where the file
+    // system can). The file's holes below the log end take no space, whatever made
+    // them (growth allocates everything else, and the tail was just allocated): how
+    // much of the dead regions compaction would gain nothing from, at most.
+    let holes = len.saturating_sub(fh.allocated().unwrap_or(len));
+    inner
+        .released_index_bytes
+        .store(holes.min(dead_index), std::sync::atomic::Ordering::Relaxed);
     if unclean && !inner.opts.read_only {
         let mut w = inner.writer.lock();
         // The zeroed tail must be durable before a checkpoint may call the log clean:

@@ -272,6 +272,14 @@ fn a_write_that_waits_for_a_checkpoint_is_counted() {
     let store = Store::open(dir.path().join("wait.mkv"), opts).expect("open");
     let me = std::ptr::from_ref(&*store.inner) as usize;
     STALLED_CHECKPOINTS.lock().push(me);
+    // Taken out again however the test ends (another test's store may get the address).
+    struct Unstall(usize);
+    impl Drop for Unstall {
+        fn drop(&mut self) {
+            STALLED_CHECKPOINTS.lock().retain(|&a| a != self.0);
+        }
+    }
+    let unstall = Unstall(me);
     assert_eq!(store.stats().maintenance.checkpoint_waits, 0);
     let done = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
@@ -283,14 +291,16 @@ fn a_write_that_waits_for_a_checkpoint_is_counted() {
         });
         // The first checkpoint starts at 64 keys and stalls; the writes after it go into
         // a new delta, and the one that makes it 4 x 64 keys waits. Wait until the
-        // writer stops there for 100 ms.
+        // writer stops there for 100 ms (a stop before it is a preemption: wait on).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let mut last = (0, std::time::Instant::now());
         loop {
             let n = done.load(Ordering::Relaxed);
             if n != last.0 {
                 last = (n, std::time::Instant::now());
-            } else if last.1.elapsed() > std::time::Duration::from_millis(100) {
+            } else if n >= 64 + 4 * 64 - 1
+                && last.1.elapsed() > std::time::Duration::from_millis(100)
+            {
                 break;
             }
             assert!(
@@ -304,7 +314,7 @@ fn a_write_that_waits_for_a_checkpoint_is_counted() {
             "the writer stopped after {} writes, not at the hard limit",
             last.0
         );
-        STALLED_CHECKPOINTS.lock().retain(|&a| a != me);
+        drop(unstall);
         writer.join().expect("writer");
     });
     let m = store.stats().maintenance;
@@ -412,10 +422,19 @@ fn the_pages_ahead_of_the_tail_are_prefaulted_again_after_a_sync() {
     store.flush().expect("flush");
     let done = store.inner.prefaulted_bytes.load(Ordering::Relaxed);
     // The next write sees the sync and asks for the pages ahead again (an eighth of the
-    // 14 MiB written since the sync before); wait until they are done.
+    // 14 MiB written since the sync before); wait until they are done: at least 1 MiB
+    // more prefaulted, and nothing more asked for or under way for 20 ms.
     put(&store, 1);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while store.inner.prefaulted_bytes.load(Ordering::Relaxed) < done + (1 << 20) {
+    let mut last = (0, std::time::Instant::now());
+    loop {
+        let now = store.inner.prefaulted_bytes.load(Ordering::Relaxed);
+        if now != last.0 || store.inner.background.lock().prefault.is_some() {
+            last = (now, std::time::Instant::now());
+        } else if now >= done + (1 << 20) && last.1.elapsed() > std::time::Duration::from_millis(20)
+        {
+            break;
+        }
         assert!(
             std::time::Instant::now() < deadline,
             "nothing prefaulted again"
