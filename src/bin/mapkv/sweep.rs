@@ -440,6 +440,11 @@ pub struct Watch {
     /// Where the timed thread slept, sampled every millisecond (at most 10,000 runs
     /// kept).
     pub sleeps: Vec<Sleep>,
+    /// Bytes of pages this process dirtied during the loop (`write_bytes` of
+    /// `/proc/self/io`, all threads): what the loop will have written to the disk (the
+    /// log, index buckets rewritten by checkpoints, compaction's copy, zeros prefaulted
+    /// ahead of the tail that a sync wrote before the log reached them).
+    pub written_bytes: Option<u64>,
 }
 
 /// A run of samples that found the timed thread asleep in the same place.
@@ -560,6 +565,7 @@ fn watched<T>(path: &Path, start: Instant, body: impl FnOnce() -> T) -> (T, Watc
         .ok()
         .map(|l| Path::new("/proc").join(l));
     let steal0 = steal_ms();
+    let written0 = measure::proc_write_bytes();
     std::thread::scope(|s| {
         let sampler = s.spawn(|| {
             let mut w = Watch {
@@ -630,6 +636,9 @@ fn watched<T>(path: &Path, start: Instant, body: impl FnOnce() -> T) -> (T, Watc
         stop.store(true, Ordering::Relaxed);
         let mut w = sampler.join().unwrap_or_default();
         w.steal_ms = steal0.zip(steal_ms()).map(|(a, b)| (b - a).max(0.0));
+        w.written_bytes = written0
+            .zip(measure::proc_write_bytes())
+            .map(|(a, b)| b.saturating_sub(a));
         (out, w)
     })
 }
@@ -1278,6 +1287,7 @@ fn loop_row(keys: &str, phase: &str, p: &LoopPhase, notes: String) -> Vec<String
             p.watch.steal_ms.map_or_else(dash, |ms| fmt_secs(ms / 1e3))
         ),
         kb(p.watch.dirty_max_kb),
+        p.watch.written_bytes.map_or_else(dash, fmt_bytes),
         match (p.watch.rss_anon_max_kb, p.watch.rss_anon_start_kb) {
             (Some(max), Some(start)) => format!(
                 "{} (+{})",
@@ -1363,6 +1373,7 @@ fn render(r: &SweepReport) -> String {
         ">5 ms (CPU)",
         "CPU wait / steal",
         "dirty max",
+        "written",
         "RssAnon max",
         "time",
         "notes",
@@ -1382,7 +1393,7 @@ fn render(r: &SweepReport) -> String {
             store_notes(&z.after_overwrite, &z.overwrite.watch.events),
         ));
         let mut close = vec![k.clone(), "close".into()];
-        close.extend(std::iter::repeat_with(dash).take(10));
+        close.extend(std::iter::repeat_with(dash).take(11));
         close.push(fmt_secs(z.close_ms / 1e3));
         close.push(format!(
             "file {}, allocated {} = {:.2}x the live keys+values ({} x {} B)",
@@ -1394,7 +1405,7 @@ fn render(r: &SweepReport) -> String {
         ));
         t.add_row(close);
         let mut reopen = vec![k.clone(), "reopen".into()];
-        reopen.extend(std::iter::repeat_with(dash).take(10));
+        reopen.extend(std::iter::repeat_with(dash).take(11));
         reopen.push(fmt_secs(z.reopen_ms / 1e3));
         reopen.push(if z.reopen_clean {
             "clean".into()
@@ -1534,7 +1545,11 @@ fn render(r: &SweepReport) -> String {
          a plain MAP_SHARED file with no store at all: its tail is what the kernel alone \
          costs at that write rate (page faults, dirty-page throttling once `dirty max` \
          nears the limits above). A store row whose tail is far above its plain mmap row's \
-         is a stall mapkv caused. `dirty max` is system-wide. `RssAnon max`: this \
+         is a stall mapkv caused. `dirty max` is system-wide. `written`: bytes of pages \
+         this process dirtied during the loop (/proc/self/io write_bytes), each a page the \
+         disk must take: the log itself, the index buckets each checkpoint rewrites (a \
+         4 KiB page for every bucket one of its keys lands in), compaction's copy. \
+         `RssAnon max`: this \
          process's anonymous memory (heap, the store's deltas and copies; not file pages) \
          at its peak during the loop, and in parentheses above what it was at the start \
          (the bench's own arrays are there from the start)."
