@@ -349,9 +349,9 @@ impl Options {
     /// memory at its peak. The file-size condition is there because at 100M keys on a
     /// 24 GiB machine (a 23 GiB file and a compaction's 18 GiB copy), batches that kept
     /// growing took that memory from a page cache that no longer held the index, and
-    /// the store spent its time reading it back from disk (177 GB in 8.5 minutes). Not
-    /// settled yet: at 100M keys, fills with grown batches had one put of 6-7 s each
-    /// (450,000-key batches: 0.6-1.5 s at worst); see docs/BENCH.md.
+    /// the store spent its time reading it back from disk (177 GB in 8.5 minutes). At
+    /// 100M keys each checkpoint still rewrites a third to most of a 4 GiB index, and
+    /// that rewriting is most of what such a store writes (docs/BENCH.md).
     ///
     /// The checkpoint runs on a thread of its own while writers go on. If the next one
     /// is due while it still runs (its syncs wait for the disk), the delta keeps growing,
