@@ -303,9 +303,10 @@ impl Options {
     /// those a finished growth replaced are punched out where the file system can, and
     /// then do not count, so a store that is only filled does not compact). The write that crosses the threshold starts
     /// the compaction on a thread of its own and returns; writers and readers go on while it
-    /// copies (writers pause only for its last catch-up and the switch). A close waits
-    /// for a running one, and compacts itself if the threshold is crossed once every
-    /// write is counted (see [`Store::close`](crate::Store::close)). Defaults to
+    /// copies (writers pause only for its last catch-up and the switch). A close of a
+    /// store of up to 512 MiB of live records waits for a running one, and compacts
+    /// itself if the threshold is crossed once every write is counted; a larger store's
+    /// close abandons a running one (see [`Store::close`](crate::Store::close)). Defaults to
     /// [`AutoCompact::DEFAULT`] (25% of at least 64 MiB); see there for the trade-off.
     /// A `dead_ratio` outside (0, 1) (or NaN) is [`Error::InvalidOption`] at open.
     ///

@@ -239,6 +239,15 @@ impl Inner {
         }
     }
 
+    /// True if a close may compact this store, or wait for its compaction: its live
+    /// data is at most `close_compact_max` (see [`CLOSE_COMPACT_MAX`]).
+    ///
+    /// [`CLOSE_COMPACT_MAX`]: super::inner::CLOSE_COMPACT_MAX
+    pub(super) fn close_may_compact(&self) -> bool {
+        let live = self.state.read().counters.live_bytes;
+        live <= self.close_compact_max.load(Ordering::Relaxed)
+    }
+
     /// Starts a compaction on a thread of its own unless one is running: the write that
     /// crossed the threshold returns at once, and writers go on during the copy. The
     /// write is applied (and durable as its policy promised) whatever the compaction

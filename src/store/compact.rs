@@ -391,6 +391,17 @@ fn recent_writes(map: &Mapping, seed: u64, from: u64, to: u64) -> Result<crate::
 /// One catch-up round without the writer mutex: copies what the old log gained since
 /// `copied` (see [`catch_up`]) and syncs it, so that the final sync, under the mutex, has
 /// only the last round's writes to wait for. Returns the bytes the round covered.
+/// `Error::Closed` once a close gave up waiting for this compaction (see
+/// `Inner::cancel_compaction`).
+fn check_not_cancelled(inner: &Inner) -> Result<()> {
+    #[cfg(test)]
+    super::tests::compaction_piece(inner);
+    if inner.cancel_compaction.load(Ordering::Acquire) {
+        return Err(Error::Closed);
+    }
+    Ok(())
+}
+
 fn catch_up_round(
     inner: &Inner,
     b: &mut Built,
@@ -398,6 +409,7 @@ fn catch_up_round(
     tmp: &Path,
     fold: bool,
 ) -> Result<u64> {
+    check_not_cancelled(inner)?;
     let (map, end) = {
         let st = inner.state.read();
         (Arc::clone(&st.map), st.map.published())
@@ -806,6 +818,7 @@ fn build(
             encode_record(&mut buf, seed, pos, r.kind, 0, key, val, 0);
             pos += r.len();
             if buf.len() >= 1 << 20 {
+                check_not_cancelled(inner)?;
                 fh.write_at(&buf, chunk_start)?;
                 chunk_start = pos;
                 buf.clear();

@@ -690,7 +690,11 @@ impl Store {
     /// [`Options::auto_compact`](crate::Options::auto_compact)'s threshold once every
     /// write is counted, the store is compacted now (so a store closed right after
     /// overwriting its keys does not keep the dead copies until its next session; this
-    /// takes as long as a compaction, about 2 s for 1M keys). The store is then
+    /// takes as long as a compaction, about 2 s for 1M keys). Both only for a store of
+    /// at most 512 MiB of live records (as counted when the close starts): a larger one
+    /// closes without waiting for a copy, a running compaction is abandoned (its
+    /// temporary file removed), and the next session compacts on its first write. The
+    /// store is then
     /// checkpointed, synced and marked clean, so the next open costs O(1). From then on every call
     /// through any clone fails with [`Error::Closed`]: writes, reads (`get`,
     /// `contains_key`, `iter`, `follow`, ...), `flush`, and `close_shared` itself.
@@ -740,15 +744,22 @@ impl Store {
         inner.check_not_in_update()?;
         // No automatic compaction starts from here on (a checkpoint ending meanwhile would
         // start one, to copy the store again after the one below). A running one
-        // finishes first (it holds the store open); then one that is due runs on this
-        // thread, while the background thread still keeps `Periodic`'s promise for
-        // writes other threads make meanwhile.
+        // finishes first (it holds the store open), if the store is small enough to copy
+        // quickly, else it stops at its next piece; then one that is due runs on this
+        // thread (small stores only), while the background thread still keeps
+        // `Periodic`'s promise for writes other threads make meanwhile.
         inner.closing.store(true, Ordering::Release);
+        let small = inner.close_may_compact();
         let compactor = inner.auto_compactor.lock().take();
         if let Some(t) = compactor {
+            if !small {
+                inner.cancel_compaction.store(true, Ordering::Release);
+            }
             let _ = t.join();
         }
-        inner.compact_if_due_at_close();
+        if small {
+            inner.compact_if_due_at_close();
+        }
         // Stop the background thread, and any that a racing first write starts later.
         inner.background.lock().stop = true;
         inner.background_cv.notify_all();

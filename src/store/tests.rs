@@ -1325,3 +1325,92 @@ fn pages_released_before_a_sync_reach_the_disk() {
     }
     store.close().expect("close");
 }
+
+/// Stores (their `Inner`'s address) whose compaction waits at each piece until the
+/// test takes them out of the list or a close cancels it (unit tests only), and how
+/// many pieces reached the wait.
+static STALLED_COMPACTIONS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+static COMPACTION_PIECES_STALLED: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// Called by compactions at each piece of their copy (unit tests only).
+pub(super) fn compaction_piece(inner: &Inner) {
+    let me = std::ptr::from_ref(inner) as usize;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut counted = false;
+    while STALLED_COMPACTIONS.lock().contains(&me)
+        && !inner.cancel_compaction.load(Ordering::Acquire)
+        && std::time::Instant::now() < deadline
+    {
+        if !counted {
+            COMPACTION_PIECES_STALLED.fetch_add(1, Ordering::Relaxed);
+            counted = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    if std::time::Instant::now() >= deadline {
+        // Not cancelled in time: let it run (the test then fails on what it finds).
+        STALLED_COMPACTIONS.lock().retain(|&a| a != me);
+    }
+}
+
+/// A close of a store too large to copy quickly does not wait for its running automatic
+/// compaction: the compaction stops, removes its file, and the store closes whole (a
+/// close of 20M keys waited 33-50 s for one).
+#[test]
+fn a_close_abandons_the_automatic_compaction_of_a_large_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("big.mkv");
+    let opts = Options::default()
+        .durability(Durability::None)
+        .auto_compact(0.25, 1 << 20);
+    let store = Store::open(&path, opts).expect("open");
+    // Every store is "large" for this one.
+    store.inner.close_compact_max.store(0, Ordering::Relaxed);
+    let me = std::ptr::from_ref(&*store.inner) as usize;
+    STALLED_COMPACTIONS.lock().push(me);
+    struct Unstall(usize);
+    impl Drop for Unstall {
+        fn drop(&mut self) {
+            STALLED_COMPACTIONS.lock().retain(|&a| a != self.0);
+        }
+    }
+    let _unstall = Unstall(me);
+    let stalled = COMPACTION_PIECES_STALLED.load(Ordering::Relaxed);
+    // Written twice: half the log is dead, and a compaction starts (and stalls).
+    let value = [5u8; 200];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut round = 0u32;
+    while COMPACTION_PIECES_STALLED.load(Ordering::Relaxed) == stalled {
+        for i in 0..20_000u32 {
+            store.put(i.to_le_bytes(), value).expect("put");
+        }
+        round += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no compaction started after {round} rounds"
+        );
+    }
+    store.put(b"last", b"one").expect("put");
+    store.close_shared().expect("close");
+    assert_eq!(store.stats().maintenance.compactions, 0);
+    drop(store);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name())
+        .filter(|n| n != "big.mkv")
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+    let store = Store::open(&path, Options::default()).expect("reopen");
+    assert!(store.stats().recovery.was_clean);
+    assert_eq!(store.len(), 20_001);
+    assert_eq!(
+        store.get(b"last").expect("get").as_deref(),
+        Some(&b"one"[..])
+    );
+    assert_eq!(
+        store.get(7u32.to_le_bytes()).expect("get").as_deref(),
+        Some(&value[..])
+    );
+    store.verify().expect("verify");
+}
