@@ -388,9 +388,6 @@ fn recent_writes(map: &Mapping, seed: u64, from: u64, to: u64) -> Result<crate::
     }
 }
 
-/// One catch-up round without the writer mutex: copies what the old log gained since
-/// `copied` (see [`catch_up`]) and syncs it, so that the final sync, under the mutex, has
-/// only the last round's writes to wait for. Returns the bytes the round covered.
 /// `Error::Closed` once a close gave up waiting for this compaction (see
 /// `Inner::cancel_compaction`).
 fn check_not_cancelled(inner: &Inner) -> Result<()> {
@@ -402,6 +399,9 @@ fn check_not_cancelled(inner: &Inner) -> Result<()> {
     Ok(())
 }
 
+/// One catch-up round without the writer mutex: copies what the old log gained since
+/// `copied` (see [`catch_up`]) and syncs it, so that the final sync, under the mutex, has
+/// only the last round's writes to wait for. Returns the bytes the round covered.
 fn catch_up_round(
     inner: &Inner,
     b: &mut Built,
