@@ -23,19 +23,18 @@ fn keys_in_bucket_zero(seed: u64, buckets: u64, n: usize) -> Vec<Vec<u8>> {
 /// crowding one bucket of an index far below its load limit) fails without poisoning
 /// the store; the writer then rebuilds the index from the log into a larger region.
 /// Nothing is lost, and the store verifies before and after reopening.
-#[test]
-fn full_bucket_in_a_background_checkpoint_rebuilds_the_index() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("crowd.mkv");
+/// 300 keys spread out, closed, then reopened with checkpoints of 260 keys and 260 more
+/// keys put, all in bucket 0: far below the index's load limit, so the checkpoint the
+/// last of them starts applies them in place, and more than a bucket holds. Returns the
+/// store, its index size before, and the crowd.
+fn crowded_store(path: &std::path::Path) -> (Store, u64, Vec<Vec<u8>>) {
     let opts = Options::default().durability(Durability::None);
-    let store = Store::open(&path, opts.clone()).expect("open");
+    let store = Store::open(path, opts.clone()).expect("open");
     for i in 0..300u32 {
         store.put(i.to_le_bytes(), b"spread").expect("put");
     }
     store.close().expect("close");
-    // 260 more keys, all in bucket 0: far below the index's load limit, so the
-    // checkpoint applies them in place, and more than a bucket holds.
-    let store = Store::open(&path, opts.checkpoint_keys(260)).expect("reopen");
+    let store = Store::open(path, opts.checkpoint_keys(260)).expect("reopen");
     let before = store.stats().index_bytes;
     let buckets = before / PAGE;
     assert!(
@@ -46,6 +45,14 @@ fn full_bucket_in_a_background_checkpoint_rebuilds_the_index() {
     for k in &crowd {
         store.put(k, b"crowd").expect("put");
     }
+    (store, before, crowd)
+}
+
+#[test]
+fn full_bucket_in_a_background_checkpoint_rebuilds_the_index() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("crowd.mkv");
+    let (store, before, crowd) = crowded_store(&path);
     // The checkpoint started by the last of them fails; a later write reaps it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while store.stats().index_bytes == before && std::time::Instant::now() < deadline {
@@ -81,20 +88,9 @@ fn full_bucket_in_a_background_checkpoint_rebuilds_the_index() {
 fn a_claimed_index_region_is_not_counted_as_log_to_replay() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("claim.mkv");
-    let opts = Options::default().durability(Durability::None);
-    let store = Store::open(&path, opts.clone()).expect("open");
-    for i in 0..300u32 {
-        store.put(i.to_le_bytes(), b"spread").expect("put");
-    }
-    store.close().expect("close");
     // A crowd in one bucket: the background checkpoint finds it full and asks for
     // growth, which the writer claims at a later write.
-    let store = Store::open(&path, opts.checkpoint_keys(260)).expect("reopen");
-    let before = store.stats().index_bytes;
-    let crowd = keys_in_bucket_zero(store.inner.seed, before / PAGE, 260);
-    for k in &crowd {
-        store.put(k, b"crowd").expect("put");
-    }
+    let (store, before, _crowd) = crowded_store(&path);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut n = 0u32;
     loop {
@@ -253,6 +249,23 @@ pub(super) fn bucket_run_written() {
 /// start, until the test takes them out of the list (unit tests only).
 static STALLED_CHECKPOINTS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 
+/// A store listed in one of the stall lists below until dropped (however the test
+/// ends: another test's store may get the same address).
+struct Stalled(&'static Mutex<Vec<usize>>, usize);
+
+impl Stalled {
+    fn new(list: &'static Mutex<Vec<usize>>, store: usize) -> Stalled {
+        list.lock().push(store);
+        Stalled(list, store)
+    }
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        self.0.lock().retain(|&a| a != self.1);
+    }
+}
+
 /// Called by a background checkpoint job before it starts (unit tests only).
 pub(super) fn checkpoint_may_run(inner: &Inner) {
     let me = std::ptr::from_ref(inner) as usize;
@@ -271,15 +284,7 @@ fn a_write_that_waits_for_a_checkpoint_is_counted() {
         .checkpoint_keys(64);
     let store = Store::open(dir.path().join("wait.mkv"), opts).expect("open");
     let me = std::ptr::from_ref(&*store.inner) as usize;
-    STALLED_CHECKPOINTS.lock().push(me);
-    // Taken out again however the test ends (another test's store may get the address).
-    struct Unstall(usize);
-    impl Drop for Unstall {
-        fn drop(&mut self) {
-            STALLED_CHECKPOINTS.lock().retain(|&a| a != self.0);
-        }
-    }
-    let unstall = Unstall(me);
+    let unstall = Stalled::new(&STALLED_CHECKPOINTS, me);
     assert_eq!(store.stats().maintenance.checkpoint_waits, 0);
     let done = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
@@ -1368,14 +1373,7 @@ fn a_close_abandons_the_automatic_compaction_of_a_large_store() {
     // Every store is "large" for this one.
     store.inner.close_compact_max.store(0, Ordering::Relaxed);
     let me = std::ptr::from_ref(&*store.inner) as usize;
-    STALLED_COMPACTIONS.lock().push(me);
-    struct Unstall(usize);
-    impl Drop for Unstall {
-        fn drop(&mut self) {
-            STALLED_COMPACTIONS.lock().retain(|&a| a != self.0);
-        }
-    }
-    let _unstall = Unstall(me);
+    let _unstall = Stalled::new(&STALLED_COMPACTIONS, me);
     let stalled = COMPACTION_PIECES_STALLED.load(Ordering::Relaxed);
     // Written twice: half the log is dead, and a compaction starts (and stalls).
     let value = [5u8; 200];
