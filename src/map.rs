@@ -234,16 +234,24 @@ impl FileHandle {
         let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
             return false;
         };
-        // SAFETY: fallocate only reads its integer arguments; the fd is valid.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                o,
-                l,
-            )
-        };
-        rc == 0
+        loop {
+            // SAFETY: fallocate only reads its integer arguments; the fd is valid.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    o,
+                    l,
+                )
+            };
+            if rc == 0 {
+                return true;
+            }
+            // A signal may interrupt it: a region is punched in many calls.
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return false;
+            }
+        }
     }
 
     /// `fdatasync`: data and the metadata needed to read it (the size) are durable.

@@ -141,14 +141,17 @@ impl AutoCompact {
     /// compacting them often would cost more.
     ///
     /// Write cost: to compare with the threshold, the counters must know which writes
-    /// replaced a record. The background thread looks up the old records of written
-    /// keys (a bucket probe each) once 1024 wait, a piece at a time, and each
-    /// checkpoint does the rest; the writer does none of it (doing it on the write
-    /// path doubled a put's p50: 0.47 µs against 0.23 µs). Measured side by side, 1M
-    /// puts of new keys: 1.06-1.31M/s with automatic compaction on (p50 0.21-0.27 µs;
-    /// the lookups take the other core and the state lock in pieces), 1.82-1.88M/s off
-    /// (p50 0.22-0.23 µs); overwriting them: 0.75-0.87M/s on (a compaction runs), 1.8M/s
-    /// off.
+    /// replaced a record. The writer makes none of those lookups (a bucket probe each:
+    /// on the write path they doubled a put's p50, 0.47 µs against 0.23 µs). Each
+    /// checkpoint makes them for its keys, and between checkpoints the background
+    /// thread does, a piece at a time once 1024 wait, but only while what they could
+    /// find might make a compaction due (were each write the overwrite of a record
+    /// twice the average size): a fill of new keys into a store large beside a
+    /// checkpoint's keys makes none. At 20M keys that took a fill from 602-690k to
+    /// 763-823k puts/s (two runs each, `docs/BENCH.md`); overwrites, which need the
+    /// lookups, cost about what they did. A compaction whose threshold only the
+    /// lookups can show (overwrites of records far larger than the average) starts at
+    /// the next checkpoint, or at close.
     ///
     /// Memory: a compaction holds the live records' offsets (8 bytes per live key) and
     /// the new index's entries (16 bytes per live key), a copy of the frozen delta and
@@ -301,8 +304,10 @@ impl Options {
     /// is at least `min_log_bytes` long ([`Stats::dead_ratio`](crate::Stats::dead_ratio):
     /// overwritten and deleted records, and old index regions that still take space;
     /// those a finished growth replaced are punched out where the file system can, and
-    /// then do not count, so a store that is only filled does not compact). The write that crosses the threshold starts
-    /// the compaction on a thread of its own and returns; writers and readers go on while it
+    /// then do not count, so a store that is only filled does not compact). The write that
+    /// crosses the threshold (or the background thread or the checkpoint that finds it
+    /// crossed once the old records of earlier writes are looked up) starts the
+    /// compaction on a thread of its own and returns; writers and readers go on while it
     /// copies (writers pause only for its last catch-up and the switch). A close of a
     /// store of up to 512 MiB of live records waits for a running one, and compacts
     /// itself if the threshold is crossed once every write is counted; a larger store's

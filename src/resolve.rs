@@ -3,10 +3,12 @@
 //! The write path applies a put without looking its key up in the index (see
 //! `State::apply`): the live counters count the key as new until a lookup finds the
 //! record the put replaced. The background thread makes those lookups a piece at a
-//! time (and so do `Store::len` and `Store::stats`, which need the counters exact). Made under the exclusive state lock, a piece of 256 lookups that missed the
-//! CPU caches or faulted an index page in held the lock for milliseconds, and the
-//! store's own threads run at a lower priority: at 20M keys a writer waited up to 73 ms
-//! for one. So a piece goes in three steps:
+//! time while what they could find might make automatic compaction due (see
+//! `Inner::backlog_may_matter`), and so do `Store::len` and `Store::stats`, which need
+//! the counters exact. Made under the exclusive state lock, a piece of 256 lookups
+//! that missed the CPU caches or faulted an index page in held the lock for
+//! milliseconds, and the store's own threads run at a lower priority: at 20M keys a
+//! writer waited up to 73 ms for one. So a piece goes in three steps:
 //!
 //! 1. [`Plan::take`], under the state read lock, makes no lookup: it notes the next
 //!    piece's unresolved entries, the frozen delta's candidates for their hashes, and

@@ -77,6 +77,13 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
         }
         if resolve {
             inner.resolve_backlog();
+            // The write path checks the threshold only as it writes: a writer that
+            // stopped with the backlog that crossed it would leave the store as it is.
+            if inner.compaction_due() {
+                if let Some(me) = inner.me.get().and_then(std::sync::Weak::upgrade) {
+                    me.start_auto_compaction();
+                }
+            }
         }
         if let Some((map, from, to)) = prefault {
             inner.prefault(&map, from, to);

@@ -186,8 +186,11 @@ impl Inner {
             // inode lock) from stalling a bucket write made under the state lock, and
             // pieces keep page faults on the file from waiting for a whole region.
             for (off, len, _) in due {
-                let left =
-                    punch_in_pieces(&self.space_gate, off, len, |o, l| file.punch_hole(o, l));
+                let left = punch_in_pieces(&self.space_gate, off, len, |o, l| {
+                    #[cfg(test)]
+                    self.longest_punch.fetch_max(l, Ordering::Relaxed);
+                    file.punch_hole(o, l)
+                });
                 self.unrelease(left);
             }
         }

@@ -98,6 +98,9 @@ pub(crate) struct Inner {
     /// and at open the file's holes. They take no disk space, and compacting gains
     /// nothing there.
     pub(super) released_index_bytes: AtomicU64,
+    /// The longest single punch of an old index region (unit tests only).
+    #[cfg(test)]
+    pub(super) longest_punch: AtomicU64,
     /// Writes that waited for a checkpoint at the delta's hard limit, and the longest
     /// such wait in microseconds (`Stats::maintenance`).
     pub(super) checkpoint_waits: AtomicU64,
@@ -209,6 +212,8 @@ impl Inner {
             bytes_synced: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             released_index_bytes: AtomicU64::new(0),
+            #[cfg(test)]
+            longest_punch: AtomicU64::new(0),
             checkpoint_waits: AtomicU64::new(0),
             checkpoint_wait_max_us: AtomicU64::new(0),
             rebuilds: AtomicU64::new(0),

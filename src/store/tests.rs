@@ -249,21 +249,34 @@ pub(super) fn bucket_run_written() {
 /// start, until the test takes them out of the list (unit tests only).
 static STALLED_CHECKPOINTS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 
-/// A store listed in one of the stall lists below until dropped (however the test
-/// ends: another test's store may get the same address).
-struct Stalled(&'static Mutex<Vec<usize>>, usize);
+/// A store listed in one of the lists of stores that tests treat specially (stalled
+/// checkpoints or compactions, forced counter resolution) until dropped, however the
+/// test ends: another test's store may get the same address.
+struct Listed(&'static Mutex<Vec<usize>>, usize);
 
-impl Stalled {
-    fn new(list: &'static Mutex<Vec<usize>>, store: usize) -> Stalled {
+impl Listed {
+    fn new(list: &'static Mutex<Vec<usize>>, store: usize) -> Listed {
         list.lock().push(store);
-        Stalled(list, store)
+        Listed(list, store)
     }
 }
 
-impl Drop for Stalled {
+impl Drop for Listed {
     fn drop(&mut self) {
         self.0.lock().retain(|&a| a != self.1);
     }
+}
+
+/// Stores whose writes ask for counter resolution whenever the backlog is large enough,
+/// whether or not it could make compaction due (see `Inner::backlog_may_matter`): for
+/// tests of resolution itself in stores far below automatic compaction's minimum size.
+static RESOLVING_ALWAYS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// True if `inner` is listed in `RESOLVING_ALWAYS` (unit tests only).
+pub(super) fn resolution_forced(inner: &Inner) -> bool {
+    RESOLVING_ALWAYS
+        .lock()
+        .contains(&(std::ptr::from_ref(inner) as usize))
 }
 
 /// Called by a background checkpoint job before it starts (unit tests only).
@@ -284,7 +297,7 @@ fn a_write_that_waits_for_a_checkpoint_is_counted() {
         .checkpoint_keys(64);
     let store = Store::open(dir.path().join("wait.mkv"), opts).expect("open");
     let me = std::ptr::from_ref(&*store.inner) as usize;
-    let unstall = Stalled::new(&STALLED_CHECKPOINTS, me);
+    let unstall = Listed::new(&STALLED_CHECKPOINTS, me);
     assert_eq!(store.stats().maintenance.checkpoint_waits, 0);
     let done = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
@@ -1032,8 +1045,13 @@ fn open_unsynced(path: &std::path::Path, checkpoint_keys: usize, auto_compact: b
 fn counter_resolution_looks_up_without_the_state_lock() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Counter resolution runs in the background when automatic compaction is on (it
-    // needs the counters); this store is far below its minimum size.
+    // needs the counters) and could become due; this store is far below its minimum
+    // size, so it is told to resolve anyway.
     let store = open_unsynced(&dir.path().join("warm.mkv"), 40_000, true);
+    let forced = Listed::new(
+        &RESOLVING_ALWAYS,
+        std::ptr::from_ref(&*store.inner) as usize,
+    );
     // The 40,000th put starts a checkpoint that puts those keys in the buckets.
     for i in 0..45_000u32 {
         store.put(i.to_le_bytes(), [1u8; 20]).expect("put");
@@ -1077,6 +1095,7 @@ fn counter_resolution_looks_up_without_the_state_lock() {
     assert_eq!(st.live_keys, 45_000);
     assert_eq!(st.live_bytes, 45_000 * crate::format::record_len(4, 20));
     assert_eq!(store.len(), 45_000);
+    drop(forced);
     store.close().expect("close");
 }
 
@@ -1166,6 +1185,10 @@ fn the_writer_takes_its_next_delta_table_from_the_background_thread() {
 fn counter_resolution_beside_checkpoints_keeps_the_counters_exact() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_unsynced(&dir.path().join("busy.mkv"), 3_000, true);
+    let forced = Listed::new(
+        &RESOLVING_ALWAYS,
+        std::ptr::from_ref(&*store.inner) as usize,
+    );
     let mut model = std::collections::HashMap::new();
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for _ in 0..300_000 {
@@ -1199,6 +1222,7 @@ fn counter_resolution_beside_checkpoints_keeps_the_counters_exact() {
         .map(|&len| crate::format::record_len(4, len))
         .sum();
     assert_eq!((st.live_keys, st.live_bytes), (model.len() as u64, live));
+    drop(forced);
     store.close().expect("close");
 }
 
@@ -1373,7 +1397,7 @@ fn a_close_abandons_the_automatic_compaction_of_a_large_store() {
     // Every store is "large" for this one.
     store.inner.close_compact_max.store(0, Ordering::Relaxed);
     let me = std::ptr::from_ref(&*store.inner) as usize;
-    let _unstall = Stalled::new(&STALLED_COMPACTIONS, me);
+    let _unstall = Listed::new(&STALLED_COMPACTIONS, me);
     let stalled = COMPACTION_PIECES_STALLED.load(Ordering::Relaxed);
     // Written twice: half the log is dead, and a compaction starts (and stalls).
     let value = [5u8; 200];
@@ -1451,4 +1475,100 @@ fn an_old_index_region_is_punched_a_piece_at_a_time() {
     assert_eq!(calls, 3);
     assert_eq!(left, len - 2 * PUNCH_PIECE);
     assert_eq!(punch_in_pieces(&gate, off, 0, |_, _| unreachable!()), 0);
+}
+
+/// The same in a store: the old regions a growing index leaves behind (4 MiB and more
+/// here) are punched out a piece at a time.
+#[test]
+fn a_growing_store_punches_its_old_index_regions_in_pieces() {
+    use super::checkpoint::PUNCH_PIECE;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options::default()
+        .durability(Durability::None)
+        .checkpoint_keys(10_000);
+    let store = Store::open(dir.path().join("grow.mkv"), opts).expect("open");
+    // The index outgrows 1,024 buckets (4 MiB) at about 183,000 keys; the region is
+    // punched once two checkpoints postdate the growth.
+    for i in 0..260_000u32 {
+        store.put(i.to_le_bytes(), [5u8; 8]).expect("put");
+    }
+    wait_for_job(&store);
+    store.put(b"one more", b"checkpoint").expect("put");
+    let released = store.inner.released_index_bytes.load(Ordering::Relaxed);
+    let longest = store.inner.longest_punch.load(Ordering::Relaxed);
+    assert!(released >= 4 << 20, "released only {released} bytes");
+    assert!(longest > 0, "nothing was punched");
+    assert!(
+        longest <= PUNCH_PIECE,
+        "a punch of {longest} bytes in one call"
+    );
+    store.close().expect("close");
+}
+
+/// Waits (at most 30 s) until the background thread is not asked to resolve counters.
+fn wait_for_resolution(store: &Store) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while store.inner.resolve_asked.load(Ordering::Acquire) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "counter resolution did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// The background thread looks up the old records of deferred writes only while what
+/// it could find might make automatic compaction due: in a 20M-key fill of new keys it
+/// took a quarter of the puts' throughput and most of the writer's lock waits for
+/// lookups that all found nothing. Here the backlog (a few deltas of 4,000 keys) stays
+/// small beside the log of a fill, so no piece is resolved. Then, with no checkpoint
+/// to count them, overwrites bring the dead share past the threshold: resolution
+/// resumes, and it alone finds them and starts the compaction.
+#[test]
+fn counter_resolution_waits_until_it_could_make_compaction_due() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fill.mkv");
+    let opts = Options::default()
+        .durability(Durability::None)
+        .auto_compact(0.25, 0);
+    let store = Store::open(&path, opts.clone().checkpoint_keys(4_000)).expect("open");
+    for i in 0..200_000u32 {
+        store.put(i.to_le_bytes(), [1u8; 100]).expect("put");
+    }
+    wait_for_resolution(&store);
+    let pieces0 = store.inner.resolved_pieces.load(Ordering::Relaxed);
+    for i in 200_000..300_000u32 {
+        store.put(i.to_le_bytes(), [1u8; 100]).expect("put");
+    }
+    wait_for_resolution(&store);
+    let fill_pieces = store.inner.resolved_pieces.load(Ordering::Relaxed) - pieces0;
+    assert_eq!(fill_pieces, 0, "pieces resolved while filling");
+    store.close().expect("close");
+
+    // 150,000 overwrites: no checkpoint before 1M keys or 256 MiB of log.
+    let store = Store::open(&path, opts.checkpoint_keys(1_000_000)).expect("reopen");
+    for i in 0..150_000u32 {
+        store.put(i.to_le_bytes(), [2u8; 100]).expect("put");
+    }
+    wait_for_resolution(&store);
+    let pieces = store.inner.resolved_pieces.load(Ordering::Relaxed);
+    assert!(pieces > 0, "no piece resolved while overwriting");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let m = store.stats().maintenance;
+        if m.compactions > 0 || m.compaction_running {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no compaction started: {m:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(store.len(), 300_000);
+    assert_eq!(
+        store.get(7u32.to_le_bytes()).expect("get").as_deref(),
+        Some(&[2u8; 100][..])
+    );
+    store.close().expect("close");
 }
