@@ -51,8 +51,8 @@ use crate::options::Durability;
 /// since the last checkpoint (bounds the replay after a crash).
 pub(super) const REPLAY_MAX: u64 = 256 << 20;
 /// Deferred index lookups that make the background thread resolve them when automatic
-/// compaction wants exact counters (see `Inner::backlog_may_matter`): the dead share it
-/// compares is then short by the old records of at most this many keys.
+/// compaction wants exact counters, if their old records might make it due (see
+/// `Inner::backlog_may_matter`; otherwise the next checkpoint resolves them).
 const RESOLVE_BACKLOG: usize = 1024;
 /// How far past its limits (`checkpoint_keys`, [`REPLAY_MAX`]) the delta may grow while
 /// a checkpoint runs before the writer waits for it.
@@ -269,8 +269,24 @@ impl Inner {
     ///
     /// [`CLOSE_COMPACT_MAX`]: super::inner::CLOSE_COMPACT_MAX
     pub(super) fn close_may_compact(&self) -> bool {
-        let live = self.state.read().counters.live_bytes;
-        live <= self.close_compact_max.load(Ordering::Relaxed)
+        let max = self.close_compact_max.load(Ordering::Relaxed);
+        let (c, backlog) = {
+            let st = self.state.read();
+            (st.counters, st.delta.unresolved_len())
+        };
+        if c.live_bytes <= max {
+            return true;
+        }
+        // The counted live bytes still hold the records the backlog's writes replaced
+        // (see `backlog_may_matter`): if they could bring the store under the limit,
+        // look them up first.
+        let could_die =
+            (backlog as u64).saturating_mul((c.live_bytes / c.live_keys.max(1)).saturating_mul(2));
+        if c.live_bytes.saturating_sub(could_die) > max {
+            return false;
+        }
+        self.resolve_backlog();
+        self.state.read().counters.live_bytes <= max
     }
 
     /// Starts a compaction on a thread of its own unless one is running: the write that
@@ -502,6 +518,7 @@ impl Inner {
             let backlog = st.delta.unresolved_len();
             if resolve
                 && backlog >= RESOLVE_BACKLOG
+                && !self.resolve_asked.load(Ordering::Acquire)
                 && self.backlog_may_matter(&st.counters, backlog)
             {
                 ask_resolve = true;
