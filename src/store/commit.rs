@@ -220,12 +220,8 @@ impl Inner {
         if c.live_keys == 0 {
             return false;
         }
-        let average = c.live_bytes / c.live_keys;
-        let could_die = (backlog as u64)
-            .saturating_mul(average.saturating_mul(2))
-            .min(c.live_bytes);
         let mut after = *c;
-        after.live_bytes -= could_die;
+        after.live_bytes = live_bytes_at_least(c, backlog);
         self.compaction_due_at(&after)
     }
 
@@ -280,9 +276,7 @@ impl Inner {
         // The counted live bytes still hold the records the backlog's writes replaced
         // (see `backlog_may_matter`): if they could bring the store under the limit,
         // look them up first.
-        let could_die =
-            (backlog as u64).saturating_mul((c.live_bytes / c.live_keys.max(1)).saturating_mul(2));
-        if c.live_bytes.saturating_sub(could_die) > max {
+        if live_bytes_at_least(&c, backlog) > max {
             return false;
         }
         self.resolve_backlog();
@@ -638,6 +632,15 @@ impl Inner {
         }
         Ok(end)
     }
+}
+
+/// The live bytes `c` counts, less what the old records of `backlog` deferred writes
+/// could take out once looked up, each estimated at twice the average live record (see
+/// `Inner::backlog_may_matter`).
+fn live_bytes_at_least(c: &crate::state::Counters, backlog: usize) -> u64 {
+    let average = c.live_bytes / c.live_keys.max(1);
+    let could_die = (backlog as u64).saturating_mul(average.saturating_mul(2));
+    c.live_bytes.saturating_sub(could_die)
 }
 
 /// Where pacing starts and where it is longest, in multiples of the checkpoint limits.
