@@ -98,9 +98,12 @@ pub(crate) struct Inner {
     /// and at open the file's holes. They take no disk space, and compacting gains
     /// nothing there.
     pub(super) released_index_bytes: AtomicU64,
-    /// The longest single punch of an old index region (unit tests only).
+    /// The longest single punch of an old index region, and the bytes punched in all
+    /// (unit tests only).
     #[cfg(test)]
     pub(super) longest_punch: AtomicU64,
+    #[cfg(test)]
+    pub(super) punched_bytes: AtomicU64,
     /// Writes that waited for a checkpoint at the delta's hard limit, and the longest
     /// such wait in microseconds (`Stats::maintenance`).
     pub(super) checkpoint_waits: AtomicU64,
@@ -214,6 +217,8 @@ impl Inner {
             released_index_bytes: AtomicU64::new(0),
             #[cfg(test)]
             longest_punch: AtomicU64::new(0),
+            #[cfg(test)]
+            punched_bytes: AtomicU64::new(0),
             checkpoint_waits: AtomicU64::new(0),
             checkpoint_wait_max_us: AtomicU64::new(0),
             rebuilds: AtomicU64::new(0),
