@@ -11,7 +11,8 @@ use crate::format::{
 };
 use crate::index::bucket::probe_with;
 use crate::index::filter::KeyFilter;
-use crate::index::{probe, Delta};
+use crate::index::{key_hash, probe, Delta};
+use crate::log::{scan, ScanEnd};
 use crate::map::{FileHandle, LiveArea, Mapping};
 
 /// Where the current index region is.
@@ -510,6 +511,32 @@ impl State {
             rec,
             |prev| same_key_len(map, prev, key),
         );
+    }
+
+    /// Replays the log's records in `[from, to)` into the delta and the counters, as
+    /// the write path applied them. `redo`, an interrupted (or running) in-place
+    /// checkpoint's announced counters, is taken (see [`State::take_redo`]) where the
+    /// replay passes its end; if the replay stops before it gets past that end, it is
+    /// returned for the caller to judge. Also returns where and why the replay stopped.
+    pub(crate) fn replay(
+        &mut self,
+        from: u64,
+        to: u64,
+        mut redo: Option<crate::format::RedoInfo>,
+    ) -> (ScanEnd, Option<crate::format::RedoInfo>) {
+        let map = Arc::clone(&self.map);
+        let seed = self.seed;
+        let end = scan(map.published_bytes(), seed, from, to, |recs| {
+            if let Some(r) = redo.filter(|r| recs.first().is_some_and(|f| f.offset >= r.end)) {
+                self.take_redo(r);
+                redo = None;
+            }
+            for r in recs {
+                let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
+                self.apply(key_hash(seed, key), key, r);
+            }
+        });
+        (end, redo)
     }
 
     /// At the end of an interrupted checkpoint's range during recovery (see

@@ -387,7 +387,7 @@ fn rebase(
     st: &mut State,
     ckpt_end: u64,
     exact: crate::state::Counters,
-    mut redo: Option<crate::format::RedoInfo>,
+    redo: Option<crate::format::RedoInfo>,
 ) {
     let map = Arc::clone(&st.map);
     let to = map.published();
@@ -398,18 +398,7 @@ fn rebase(
         // Everything the view holds is in the checkpoint; the next replay starts there.
         return;
     }
-    let seed = st.seed;
-    let end = scan(map.published_bytes(), seed, ckpt_end, to, |recs| {
-        // An interrupted (or running) in-place checkpoint: its counters at its end.
-        if let Some(r) = redo.filter(|r| recs.first().is_some_and(|f| f.offset >= r.end)) {
-            st.take_redo(r);
-            redo = None;
-        }
-        for r in recs {
-            let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
-            st.apply(key_hash(seed, key), key, r);
-        }
-    });
+    let (end, redo) = st.replay(ckpt_end, to, redo);
     if let Some(r) = redo.filter(|r| r.end == end.valid_end) {
         st.take_redo(r);
     }

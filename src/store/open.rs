@@ -569,16 +569,7 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
             };
             (st, end)
         } else {
-            let end = scan(map.published_bytes(), seed, start, limit, |recs| {
-                if let Some(r) = redo.filter(|r| recs.first().is_some_and(|f| f.offset >= r.end)) {
-                    st.take_redo(r);
-                    redo = None;
-                }
-                for r in recs {
-                    let key = map.read(r.key_off(), u64::from(r.key_len)).unwrap_or(&[]);
-                    st.apply(key_hash(seed, key), key, r);
-                }
-            });
+            let (end, redo) = st.replay(start, limit, redo);
             if let Some(r) = redo {
                 st.take_redo(r);
             }
