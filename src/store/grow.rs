@@ -147,7 +147,7 @@ impl Inner {
     }
 
     /// What the background thread allocated of this file (0 if nothing).
-    fn take_ahead(&self, file: &Arc<FileHandle>) -> u64 {
+    pub(super) fn take_ahead(&self, file: &Arc<FileHandle>) -> u64 {
         match &*self.ahead.lock() {
             Some((f, to)) if Arc::ptr_eq(f, file) => *to,
             _ => 0,

@@ -104,6 +104,12 @@ pub(crate) struct Inner {
     pub(super) longest_punch: AtomicU64,
     #[cfg(test)]
     pub(super) punched_bytes: AtomicU64,
+    /// Index regions claimed, and those of them whose space the writer had to
+    /// allocate itself in the claim (unit tests only).
+    #[cfg(test)]
+    pub(super) regions_claimed: AtomicU64,
+    #[cfg(test)]
+    pub(super) regions_unallocated: AtomicU64,
     /// Writes that waited for a checkpoint at the delta's hard limit, and the longest
     /// such wait in microseconds (`Stats::maintenance`).
     pub(super) checkpoint_waits: AtomicU64,
@@ -219,6 +225,10 @@ impl Inner {
             longest_punch: AtomicU64::new(0),
             #[cfg(test)]
             punched_bytes: AtomicU64::new(0),
+            #[cfg(test)]
+            regions_claimed: AtomicU64::new(0),
+            #[cfg(test)]
+            regions_unallocated: AtomicU64::new(0),
             checkpoint_waits: AtomicU64::new(0),
             checkpoint_wait_max_us: AtomicU64::new(0),
             rebuilds: AtomicU64::new(0),

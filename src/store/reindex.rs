@@ -70,6 +70,13 @@ impl Inner {
             style: INDEX_SEALED,
         };
         let new_log = new.off + new.bytes();
+        #[cfg(test)]
+        {
+            self.regions_claimed.fetch_add(1, Ordering::Relaxed);
+            if self.take_ahead(&w.file).max(w.alloc) < new_log + PAGE {
+                self.regions_unallocated.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.ensure_space(w, new_log + PAGE)?;
         // The checkpoint that builds the region writes every bucket of it (sealed style),
         // so stale bytes of an earlier session there are overwritten before anything
