@@ -794,8 +794,11 @@ impl Store {
         // Space allocated ahead of the tail goes back to the file system: a closed
         // store takes what it holds (growth steps reach an eighth of the live data).
         // Nothing lies past the log end (the next writer allocates again); best effort.
+        // The file's own length: the background and checkpoint threads allocate past
+        // `w.alloc` (see `Inner::take_ahead`).
         let keep = crate::format::page_up(w.end);
-        if keep < w.alloc && w.file.file().set_len(keep).is_ok() {
+        let held = w.alloc.max(w.file.len().unwrap_or(0));
+        if keep < held && w.file.file().set_len(keep).is_ok() {
             w.alloc = keep;
         }
         drop(w);

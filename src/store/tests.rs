@@ -1652,3 +1652,30 @@ fn a_close_judges_the_size_of_a_store_with_its_backlog_looked_up() {
     assert!(!store.inner.close_may_compact());
     store.close().expect("close");
 }
+
+#[test]
+fn a_close_gives_back_what_was_allocated_ahead_of_the_writer() {
+    // The background and checkpoint threads allocate past what the writer has taken
+    // (`Writer::alloc`). A close must give all of it back, also when the tail ends
+    // exactly where the writer's allocation does.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ahead.mkv");
+    let store = Store::open(&path, Options::default().durability(Durability::None)).expect("open");
+    for i in 0..1_000u32 {
+        store.put(i.to_le_bytes(), [9u8; 100]).expect("put");
+    }
+    let end = {
+        let mut w = store.inner.writer.lock();
+        let file = Arc::clone(&w.file);
+        store.inner.allocate_for(&file, 8 << 20);
+        assert!(file.len().expect("len") > w.alloc + (8 << 20) - 1);
+        w.alloc = crate::format::page_up(w.end);
+        w.end
+    };
+    store.close().expect("close");
+    let len = std::fs::metadata(&path).expect("metadata").len();
+    assert!(
+        len <= crate::format::page_up(end) + (1 << 20),
+        "a closed store of {end} log bytes kept {len} bytes"
+    );
+}
