@@ -469,14 +469,19 @@ impl Inner {
     /// After a checkpoint (`before` is the slot it followed): the next `freeze` claims
     /// a larger index region, behind a JUMP at the tail, when the keys surely call for
     /// it, and the writer allocated the whole region in that claim (512 MiB at 11.7M
-    /// keys waited 167-254 ms for block bitmaps under a busy disk). So if this
-    /// checkpoint's interval added keys, and as many intervals as the writer may run
-    /// ahead of a checkpoint (at the delta's hard limit) could call for a larger index,
-    /// this allocates the region and the appends before it now, on the checkpoint's
-    /// thread and with no lock held, unless they are allocated already. The next
-    /// `freeze` joins this job first, so it finds them allocated. (A claim after a job
-    /// found a bucket full has its region allocated by that job, see `run_job_locked`.)
+    /// keys waited 167-254 ms for block bitmaps under a busy disk). So if the keys this
+    /// checkpoint's interval added, added again in each of as many intervals as the
+    /// writer may run ahead of a checkpoint, would call for a larger index, this
+    /// allocates the region and the log the intervals until then would append at this
+    /// one's rate, now, on the checkpoint's thread and with no lock held, unless they
+    /// are allocated already. The next `freeze` joins this job first, so it finds them
+    /// allocated. (A claim after a job found a bucket full has its region allocated by
+    /// that job, see `run_job_locked`.) Space allocated here is the log's soon at the
+    /// observed rate, and a close gives back what it did not use.
     fn allocate_for_next_growth(&self, plan: &JobPlan, before: &CheckpointInfo) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         let last = self.slots.lock().last;
         let new_keys = last.live_keys.saturating_sub(before.live_keys);
         let (geom, published, current) = {
@@ -491,25 +496,30 @@ impl Inner {
             return;
         }
         let max_keys = (geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD) as u64;
-        let ckpt_keys = self.opts.checkpoint_keys_for(geom.buckets, last.log_end) as u64;
-        let horizon = ckpt_keys.saturating_mul(CHECKPOINT_LAG as u64);
-        let keys = last.live_keys.saturating_add(horizon);
-        if keys <= max_keys {
+        // Intervals at this rate until the keys pass the threshold.
+        let intervals = max_keys
+            .saturating_sub(last.live_keys)
+            .div_ceil(new_keys)
+            .max(1);
+        if intervals > CHECKPOINT_LAG as u64 {
             return;
         }
+        let keys = last
+            .live_keys
+            .saturating_add(new_keys.saturating_mul(intervals));
         let region = crate::state::IndexGeom {
             buckets: buckets_for(keys).max(geom.buckets * 2),
             ..geom
         };
-        // The log appended in this interval, per key it added, times the keys the next
-        // intervals may add before a freeze (at most the writer's hard limit in bytes).
+        // The log this interval appended (without a region it claimed), per interval
+        // until the claim, at most the writer's hard limit.
         let claimed = plan.grow.map_or(0, |(g, _)| g.bytes());
         let appended = last
             .log_end
             .saturating_sub(before.log_end)
             .saturating_sub(claimed);
-        let ahead = (appended / new_keys)
-            .saturating_mul(horizon)
+        let ahead = appended
+            .saturating_mul(intervals)
             .min(REPLAY_MAX * CHECKPOINT_LAG as u64);
         let need = published
             .saturating_add(ahead)
@@ -519,7 +529,7 @@ impl Inner {
             .take_ahead(&plan.file)
             .max(plan.file.len().unwrap_or(0));
         if allocated < need {
-            self.allocate_for(&plan.file, need - allocated);
+            self.allocate_ahead(&plan.file, allocated, crate::format::page_up(need));
         }
     }
 

@@ -1545,6 +1545,49 @@ fn an_index_growth_finds_its_region_allocated() {
     store.close().expect("close");
 }
 
+/// The allocation ahead of an index growth goes by the rate the keys grow at: a store
+/// near its growth threshold that mostly overwrites keys (one new key per checkpoint)
+/// gets nothing allocated for a growth it will not reach for hundreds of intervals.
+/// (Sized by the delta's hard limit instead, every checkpoint here allocated 1 GiB.)
+#[test]
+fn an_overwriting_store_near_its_growth_gets_no_space_ahead_for_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options::default()
+        .durability(Durability::None)
+        .auto_compact_off()
+        .checkpoint_keys(1_000);
+    let store = Store::open(dir.path().join("near.mkv"), opts).expect("open");
+    let buckets = store.inner.state.read().index.buckets;
+    let max_keys = (buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD) as u32;
+    let live = max_keys / 2;
+    for i in 0..live {
+        store.put(i.to_le_bytes(), [1u8; 16]).expect("put");
+    }
+    wait_for_job(&store);
+    for round in 0..8u32 {
+        for i in 0..1_000u32 {
+            let k = (round * 1_000 + i) % live;
+            store.put(k.to_le_bytes(), [2u8; 16]).expect("overwrite");
+        }
+        store
+            .put((live + round).to_le_bytes(), [3u8; 16])
+            .expect("put");
+        wait_for_job(&store);
+    }
+    let (len, published) = {
+        let st = store.inner.state.read();
+        (st.file.len().expect("len"), st.map.published())
+    };
+    assert!(
+        len < published + (64 << 20),
+        "{} MiB allocated past a log of {} MiB",
+        (len - published) >> 20,
+        published >> 20
+    );
+    store.close().expect("close");
+}
+
+/// Waits (at most 30 s) until the background thread is not asked to resolve counters.
 fn wait_for_resolution(store: &Store) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while store.inner.resolve_asked.load(Ordering::Acquire) {
