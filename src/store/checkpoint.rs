@@ -96,6 +96,11 @@ pub(super) fn punch_in_pieces(
 /// Grow the index when the average bucket is this full...
 pub(super) const MAX_LOAD: f64 = 0.70;
 
+/// The most keys an index of `buckets` holds before a checkpoint grows it.
+pub(super) fn max_keys_for(buckets: u64) -> u64 {
+    (buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD) as u64
+}
+
 impl Inner {
     /// Writes the delta into the index (see the module docs) on this thread, ending in
     /// state `fin`: the steps of a background checkpoint (`freeze`, `run_job_locked`), a
@@ -292,7 +297,7 @@ impl Inner {
                 st.delta.unresolved_len() as u64,
             )
         };
-        let max_keys = (geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD) as u64;
+        let max_keys = max_keys_for(geom.buckets);
         // `upper` counts every unresolved key as new. Each can only replace a key that is
         // in the buckets, so the exact count is at least `lower`.
         let in_buckets = self.slots.lock().last.live_keys;
@@ -495,7 +500,7 @@ impl Inner {
         if new_keys == 0 || !current {
             return;
         }
-        let max_keys = (geom.buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD) as u64;
+        let max_keys = max_keys_for(geom.buckets);
         // Intervals at this rate until the keys pass the threshold.
         let intervals = max_keys
             .saturating_sub(last.live_keys)

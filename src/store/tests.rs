@@ -1558,7 +1558,7 @@ fn an_overwriting_store_near_its_growth_gets_no_space_ahead_for_it() {
         .checkpoint_keys(1_000);
     let store = Store::open(dir.path().join("near.mkv"), opts).expect("open");
     let buckets = store.inner.state.read().index.buckets;
-    let max_keys = (buckets as f64 * SLOTS_PER_BUCKET as f64 * MAX_LOAD) as u32;
+    let max_keys = u32::try_from(super::checkpoint::max_keys_for(buckets)).expect("keys");
     let live = max_keys / 2;
     for i in 0..live {
         store.put(i.to_le_bytes(), [1u8; 16]).expect("put");
