@@ -37,6 +37,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use parking_lot::MutexGuard;
+
 use super::buckets::ApplyError;
 use super::commit::{CHECKPOINT_LAG, REPLAY_MAX};
 use super::inner::{Inner, Writer};
@@ -140,10 +142,10 @@ impl Inner {
         } else {
             // The same steps as a background checkpoint, on this thread.
             let mut plan = self.freeze(w, fin)?;
-            let mut r = self.run_job_locked(&plan);
+            let mut r = self.run_job_locked(&plan, &mut None);
             if let Ok(JobEnd::NeedsGrowth(keys)) = r {
                 plan = self.plan_growth(w, &plan, keys)?;
-                r = self.run_job_locked(&plan);
+                r = self.run_job_locked(&plan, &mut None);
             }
             match r {
                 Ok(JobEnd::Done) => Ok(()),
@@ -422,7 +424,7 @@ impl Inner {
                 let _resolving = self.resolving.lock();
                 match self.plan_growth(w, plan, keys) {
                     Ok(grown) => {
-                        let r = self.run_job_locked(&grown);
+                        let r = self.run_job_locked(&grown, &mut None);
                         if let Ok(JobEnd::Done) = r {
                             self.checkpoints.fetch_add(1, Ordering::Relaxed);
                         }
@@ -452,16 +454,17 @@ impl Inner {
         #[cfg(test)]
         super::tests::checkpoint_may_run(self);
         let before = self.slots.lock().last;
-        let resolving = self.resolving.lock();
-        let r = self.run_job_locked(plan);
+        let mut resolving = Some(self.resolving.lock());
+        let r = self.run_job_locked(plan, &mut resolving);
         match r {
             Ok(JobEnd::Done) => {
                 self.checkpoints.fetch_add(1, Ordering::Relaxed);
             }
             // Nothing written: the frozen delta stays good for the growth that follows.
             Ok(JobEnd::NeedsGrowth(_)) => {}
-            // Still under `resolving`: no counter reader can have looked at buckets this
-            // job may have rewritten halfway (see `Frozen::failed`).
+            // Under `resolving` if the job failed before it settled the frozen delta: no
+            // counter reader can have looked at buckets this job may have rewritten
+            // halfway (see `Frozen::failed`). After that, none looks there at all.
             Err(_) => self.mark_frozen_failed(),
         }
         drop(resolving);
@@ -539,8 +542,14 @@ impl Inner {
     }
 
     /// The checkpoint protocol for the frozen delta, on whichever thread, with
-    /// `resolving` held.
-    pub(super) fn run_job_locked(&self, plan: &JobPlan) -> Result<JobEnd> {
+    /// `resolving` held. If the caller hands its guard over in `resolving`, it is
+    /// dropped as soon as the frozen delta is settled (an in-place checkpoint, before it
+    /// rewrites the buckets); a growth settles it only with the new region's buckets.
+    pub(super) fn run_job_locked(
+        &self,
+        plan: &JobPlan,
+        resolving: &mut Option<MutexGuard<'_, ()>>,
+    ) -> Result<JobEnd> {
         let mut slots = self.slots.lock();
         let geom = plan.grow.map_or(plan.old, |g| g.0);
         let (map, len, frozen_counters) = {
@@ -590,6 +599,24 @@ impl Inner {
                 }
                 let mut after = frozen_counters;
                 gone.take_from(&mut after);
+                // Every frozen entry is looked up now (the rewrite finds nothing more to
+                // count): the counters are exact without this checkpoint, so those who
+                // need them exact (`Store::len`, `Store::stats`) need not wait for the
+                // slow part. A failure from here on leaves no frozen entry unresolved, so
+                // no counter reader looks one up in a half-rewritten bucket.
+                {
+                    let mut st = self.state.write();
+                    gone.take_from(&mut st.counters);
+                    let Some(f) = st.frozen.as_mut() else {
+                        return Err(Error::Unsupported("internal: no frozen delta"));
+                    };
+                    gone.take_from(&mut f.counters);
+                    f.delta.mark_all_resolved();
+                }
+                gone = Resolved::default();
+                drop(resolving.take());
+                #[cfg(test)]
+                super::tests::rewrite_may_run(self);
                 let mut c = slots.last;
                 c.state = STATE_CHECKPOINTING;
                 c.redo = Some(RedoInfo {

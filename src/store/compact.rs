@@ -950,6 +950,7 @@ impl Inner {
             last: c.ckpt,
             pending_punch: Vec::new(),
         };
+        self.checkpoint_end.store(c.ckpt.log_end, Ordering::Relaxed);
         w.dirty_marked = false;
         w.prefaulted = 0;
         w.written_back = c.log_end;

@@ -45,6 +45,9 @@ pub(crate) struct Inner {
     /// anyone else only to write a slot (never while a background checkpoint runs: the
     /// writer waits for it first). Taken after `resolving`, before the state lock.
     pub(super) slots: Mutex<Slots>,
+    /// `Slots::last`'s log end, readable without the slots (which a background
+    /// checkpoint holds for its whole run): what `Store::stats` reports.
+    pub(super) checkpoint_end: AtomicU64,
     /// `State::writes`, readable without the state lock (a group-commit leader polls it
     /// while it waits for the other writers).
     pub(super) published_writes: AtomicU64,
@@ -194,6 +197,7 @@ impl Inner {
             resolve_pieces: Mutex::new(()),
             compacting: Mutex::new(()),
             auto_compactor: Mutex::new(None),
+            checkpoint_end: AtomicU64::new(ckpt.log_end),
             slots: Mutex::new(Slots {
                 last: ckpt,
                 pending_punch: Vec::new(),

@@ -346,7 +346,9 @@ impl Store {
     /// Cost: the write path does not look keys up in the index, so after writes of keys
     /// the index may already hold, the first `len` (or [`Store::stats`]) finishes those
     /// lookups, in bucket order: at most one per key written since the last checkpoint or
-    /// counter read. Otherwise O(1). A call during a checkpoint waits for it.
+    /// counter read. Otherwise O(1). A call during a background checkpoint waits only
+    /// while the checkpoint looks up the records its keys replaced (not while it writes
+    /// buckets), or, if the checkpoint grows the index, until the new index is written.
     #[must_use]
     pub fn len(&self) -> usize {
         // (A reader's counters catch up with its writer first.)
@@ -574,15 +576,11 @@ impl Store {
             let s = inner.sync.lock();
             (s.durable_end, s.durable_writes)
         };
-        // A sync observer may run while a checkpoint holds the slots: never wait there.
-        let slots = if nested {
-            inner.slots.try_lock()
+        // (Not from the slots: a running checkpoint holds them.)
+        let checkpoint_end = if inner.opts.read_only {
+            0
         } else {
-            Some(inner.slots.lock())
-        };
-        let checkpoint_end = match slots {
-            Some(s) if !inner.opts.read_only => s.last.log_end,
-            _ => 0,
+            inner.checkpoint_end.load(Ordering::Relaxed)
         };
         let maintenance = crate::stats::MaintenanceStats {
             checkpoint_running,

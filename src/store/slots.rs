@@ -28,6 +28,8 @@ impl Inner {
             return self.poison(e);
         }
         slots.last = c;
+        self.checkpoint_end
+            .store(c.log_end, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
