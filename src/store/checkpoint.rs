@@ -543,8 +543,8 @@ impl Inner {
 
     /// The checkpoint protocol for the frozen delta, on whichever thread, with
     /// `resolving` held. If the caller hands its guard over in `resolving`, it is
-    /// dropped as soon as the frozen delta is settled (an in-place checkpoint, before it
-    /// rewrites the buckets); a growth settles it only with the new region's buckets.
+    /// dropped as soon as the frozen delta is settled: before an in-place checkpoint
+    /// rewrites the buckets, before a growth writes the new region.
     pub(super) fn run_job_locked(
         &self,
         plan: &JobPlan,
@@ -575,8 +575,21 @@ impl Inner {
                 break;
             }
         }
-        let mut entries = crate::index::sort_by_bucket(entries, geom.buckets);
         let mut gone = Resolved::default();
+        let mut entries = if plan.grow.is_some() && plan.old.buckets > 0 {
+            // A growth leaves the old region's buckets as they are: look the keys up
+            // there first (reads only, in the old region's bucket order) and settle the
+            // counters, so that counter readers need not wait for the whole new region.
+            let mut by_old = crate::index::sort_by_bucket(entries, plan.old.buckets);
+            Self::resolve_in_place(&map, plan.old, &mut by_old, &mut gone)?;
+            self.settle_frozen(std::mem::take(&mut gone))?;
+            drop(resolving.take());
+            #[cfg(test)]
+            super::tests::settled_may_go_on(self, true);
+            crate::index::sort_by_bucket(by_old, geom.buckets)
+        } else {
+            crate::index::sort_by_bucket(entries, geom.buckets)
+        };
         let applied = match plan.grow {
             None => {
                 // Reads first: the exact counters this checkpoint will record, announced
@@ -604,19 +617,10 @@ impl Inner {
                 // need them exact (`Store::len`, `Store::stats`) need not wait for the
                 // slow part. A failure from here on leaves no frozen entry unresolved, so
                 // no counter reader looks one up in a half-rewritten bucket.
-                {
-                    let mut st = self.state.write();
-                    gone.take_from(&mut st.counters);
-                    let Some(f) = st.frozen.as_mut() else {
-                        return Err(Error::Unsupported("internal: no frozen delta"));
-                    };
-                    gone.take_from(&mut f.counters);
-                    f.delta.mark_all_resolved();
-                }
-                gone = Resolved::default();
+                self.settle_frozen(std::mem::take(&mut gone))?;
                 drop(resolving.take());
                 #[cfg(test)]
-                super::tests::rewrite_may_run(self);
+                super::tests::settled_may_go_on(self, false);
                 let mut c = slots.last;
                 c.state = STATE_CHECKPOINTING;
                 c.redo = Some(RedoInfo {
@@ -693,6 +697,19 @@ impl Inner {
         }
         self.release_old_regions(&mut slots, &plan.file);
         Ok(JobEnd::Done)
+    }
+
+    /// Takes the old records a checkpoint found for its frozen delta's entries (all of
+    /// them: none is left unresolved) out of the counters.
+    fn settle_frozen(&self, gone: Resolved) -> Result<()> {
+        let mut st = self.state.write();
+        gone.take_from(&mut st.counters);
+        let Some(f) = st.frozen.as_mut() else {
+            return Err(Error::Unsupported("internal: no frozen delta"));
+        };
+        gone.take_from(&mut f.counters);
+        f.delta.mark_all_resolved();
+        Ok(())
     }
 
     /// Exact counters: finishes the index lookups the write path deferred, a chunk per

@@ -595,10 +595,19 @@ impl Store {
             ),
             last_error: inner.last_error.lock().clone(),
         };
+        // The system calls outside the state lock: `mincore` over the mapping of a
+        // multi-gigabyte file takes tens of milliseconds, and a writer would wait.
+        let (map, file) = {
+            let st = inner.state.read();
+            (Arc::clone(&st.map), Arc::clone(&st.file))
+        };
+        #[cfg(test)]
+        tests::stats_system_calls(inner);
+        let file_len = file.len().unwrap_or(alloc).max(alloc);
+        let allocated = file.allocated().unwrap_or(0);
+        let resident = map.resident_pages(alloc);
+        drop((map, file));
         let st = inner.state.read();
-        let file_len = st.file.len().unwrap_or(alloc).max(alloc);
-        let allocated = st.file.allocated().unwrap_or(0);
-        let resident = st.map.resident_pages(alloc);
         let committed = st.live.load(LIVE_COMMITTED_OFF);
         let view_end = if st.shared { st.map.published() } else { end };
         let live = crate::stats::LiveStats {

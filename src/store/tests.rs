@@ -287,35 +287,37 @@ pub(super) fn checkpoint_may_run(inner: &Inner) {
     }
 }
 
-/// Stores whose background checkpoints stop before rewriting buckets in place, after
-/// settling their frozen delta (unit tests only), and those that got there.
-static STALLED_REWRITES: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-static REWRITES_REACHED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// Stores whose background checkpoints stop once they have settled their frozen
+/// delta's counters, with whether it is a growth's (unit tests only); and those that
+/// got there.
+static STALLED_SETTLED: Mutex<Vec<(usize, bool)>> = Mutex::new(Vec::new());
+static SETTLED_REACHED: Mutex<Vec<(usize, bool)>> = Mutex::new(Vec::new());
 
-/// Called by a checkpoint between settling its frozen delta's counters and rewriting
-/// the buckets in place (unit tests only).
-pub(super) fn rewrite_may_run(inner: &Inner) {
-    let me = std::ptr::from_ref(inner) as usize;
-    if STALLED_REWRITES.lock().contains(&me) {
-        REWRITES_REACHED.lock().push(me);
+/// Called by a checkpoint between settling its frozen delta's counters and writing
+/// buckets (in place, or the new region of a `growth`) (unit tests only).
+pub(super) fn settled_may_go_on(inner: &Inner, growth: bool) {
+    let me = (std::ptr::from_ref(inner) as usize, growth);
+    if STALLED_SETTLED.lock().contains(&me) {
+        SETTLED_REACHED.lock().push(me);
     }
-    while STALLED_REWRITES.lock().contains(&me) {
+    while STALLED_SETTLED.lock().contains(&me) {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
-/// `len()` and `stats()` do not wait for a checkpoint that is rewriting buckets: once
-/// the checkpoint has looked up what its keys replaced, the counters are exact without
-/// it. (They waited for the whole checkpoint: seconds at 10M keys.)
-#[test]
-fn counters_do_not_wait_for_a_checkpoint_rewriting_buckets() {
+/// `len()` and `stats()` do not wait for a checkpoint that is writing buckets, in place
+/// or a growth's new region: once the checkpoint has looked up what its keys replaced,
+/// the counters are exact without it. (They waited for the whole checkpoint: seconds
+/// at 10M keys.)
+fn counters_do_not_wait_for_a_checkpoint_writing_buckets(growth: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let opts = Options::default()
         .durability(Durability::None)
         .checkpoint_keys(1_000)
         .auto_compact_off();
     let store = Store::open(dir.path().join("counters.mkv"), opts).expect("open");
-    for i in 0..3_000u32 {
+    let base = 3_000u32;
+    for i in 0..base {
         store.put(i.to_le_bytes(), [1u8; 20]).expect("put");
     }
     store
@@ -323,29 +325,46 @@ fn counters_do_not_wait_for_a_checkpoint_rewriting_buckets() {
         .finish_job(&mut store.inner.writer.lock())
         .expect("checkpoint");
     let before = store.stats();
-    assert_eq!(before.live_keys, 3_000);
-    let me = std::ptr::from_ref(&*store.inner) as usize;
-    let unstall = Listed::new(&STALLED_REWRITES, me);
-    // Overwrites of keys the buckets hold (the writes defer those lookups), then new
-    // keys, until a checkpoint starts and stops before its rewrite.
-    let mut written = 0u32;
+    assert_eq!(before.live_keys, u64::from(base));
+    let buckets = before.index_bytes / crate::format::BUCKET_SIZE as u64;
+    let room = super::checkpoint::max_keys_for(buckets).saturating_sub(u64::from(base));
+    let me = (std::ptr::from_ref(&*store.inner) as usize, growth);
+    let unstall = StalledSettled(me);
+    STALLED_SETTLED.lock().push(me);
+    // Overwrites of keys the buckets hold (the writes defer those lookups; each makes
+    // one record of the same size dead) and new keys (for a growth, new keys first,
+    // more than the index has room for), until a checkpoint of the kind asked for stops
+    // after settling.
+    let new_first = u64::from(if growth { room as u32 + 1_000 } else { 0 });
+    let (mut overwritten, mut added) = (0u64, 0u64);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !REWRITES_REACHED.lock().contains(&me) {
+    while !SETTLED_REACHED.lock().contains(&me) {
         assert!(
             std::time::Instant::now() < deadline,
-            "no checkpoint started"
+            "no checkpoint of that kind started"
         );
-        if written < 5_000 {
-            store.put(written.to_le_bytes(), [2u8; 20]).expect("put");
-            written += 1;
+        if added < new_first {
+            store
+                .put((base + added as u32).to_le_bytes(), [2u8; 20])
+                .expect("put");
+            added += 1;
         } else {
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            // (Writes go on: a job that finds a bucket full hands over to a growth job
+            // when the writer next looks. Slowly once a checkpoint is due, so that the
+            // writer never reaches the delta's hard limit, which would make it wait
+            // for the stalled job.)
+            store
+                .put((overwritten as u32 % base).to_le_bytes(), [2u8; 20])
+                .expect("put");
+            overwritten += 1;
+            if overwritten > 1_000 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
     }
-    let expect = u64::from(written.max(3_000));
-    let overwritten = u64::from(written.min(3_000));
+    let expect = u64::from(base) + added;
     // Every record here has the same size.
-    let record = before.live_bytes / 3_000;
+    let record = before.live_bytes / u64::from(base);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -353,20 +372,88 @@ fn counters_do_not_wait_for_a_checkpoint_rewriting_buckets() {
             let st = store.stats();
             tx.send((n, st)).expect("send");
         });
-        // Not a timing assertion: without the fix this call waits until the rewrite is
-        // let go, which happens only after this wait ends.
+        // Not a timing assertion: without the fix this call waits until the checkpoint
+        // is let go, which happens only after this wait ends.
         let got = rx.recv_timeout(std::time::Duration::from_secs(30));
-        REWRITES_REACHED.lock().retain(|&a| a != me);
         drop(unstall);
-        let (n, st) = got.expect("len() and stats() waited for the checkpoint's rewrite");
+        let (n, st) = got.expect("len() and stats() waited for the checkpoint");
         assert_eq!(n as u64, expect);
         assert_eq!(st.live_keys, expect);
         assert!(st.maintenance.checkpoint_running, "{:?}", st.maintenance);
-        // Every overwrite made the record it replaced dead.
-        assert_eq!(st.dead_bytes, before.dead_bytes + overwritten * record);
+        // Every overwrite made the record it replaced dead (and a growth's jump over
+        // its region counts as dead).
+        let jump = if growth { crate::format::JUMP_LEN } else { 0 };
+        assert_eq!(
+            st.dead_bytes,
+            before.dead_bytes + overwritten * record + jump
+        );
         assert_eq!(st.live_bytes, expect * record);
     });
+    store
+        .inner
+        .finish_job(&mut store.inner.writer.lock())
+        .expect("checkpoint");
+    let after = store.stats();
+    assert_eq!(after.live_keys, expect);
+    assert_eq!(after.index_bytes > before.index_bytes, growth);
+    store.close().expect("close");
+    let store = Store::open(dir.path().join("counters.mkv"), Options::default()).expect("open");
     assert_eq!(store.len() as u64, expect);
+}
+
+/// Takes a stalled checkpoint off [`STALLED_SETTLED`] (and [`SETTLED_REACHED`]) however
+/// the test ends.
+struct StalledSettled((usize, bool));
+
+impl Drop for StalledSettled {
+    fn drop(&mut self) {
+        STALLED_SETTLED.lock().retain(|&a| a != self.0);
+        SETTLED_REACHED.lock().retain(|&a| a != self.0);
+    }
+}
+
+#[test]
+fn counters_do_not_wait_for_a_checkpoint_rewriting_buckets() {
+    counters_do_not_wait_for_a_checkpoint_writing_buckets(false);
+}
+
+#[test]
+fn counters_do_not_wait_for_a_growth_writing_its_region() {
+    counters_do_not_wait_for_a_checkpoint_writing_buckets(true);
+}
+
+/// Whether a writer could have taken the state lock when `Store::stats` made its system
+/// calls, per store that asked (unit tests only).
+static STATS_LOCK_FREE: Mutex<Vec<(usize, Option<bool>)>> = Mutex::new(Vec::new());
+
+/// Called by `Store::stats` before its system calls (`mincore` over the mapping, which
+/// takes tens of milliseconds at gigabytes) (unit tests only).
+pub(super) fn stats_system_calls(inner: &Inner) {
+    let me = std::ptr::from_ref(inner) as usize;
+    let mut seen = STATS_LOCK_FREE.lock();
+    if let Some(e) = seen.iter_mut().find(|e| e.0 == me) {
+        e.1 = Some(inner.state.try_write().is_some());
+    }
+}
+
+/// `stats()` makes its slow system calls without holding the state lock, which would
+/// keep writers waiting (50 ms of `mincore` at 10M keys).
+#[test]
+fn stats_makes_its_system_calls_without_the_state_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path().join("stats.mkv"), Options::default()).expect("open");
+    store.put(b"k", b"v").expect("put");
+    let me = std::ptr::from_ref(&*store.inner) as usize;
+    STATS_LOCK_FREE.lock().push((me, None));
+    let st = store.stats();
+    let seen = STATS_LOCK_FREE
+        .lock()
+        .iter()
+        .find(|e| e.0 == me)
+        .and_then(|e| e.1);
+    STATS_LOCK_FREE.lock().retain(|e| e.0 != me);
+    assert_eq!(seen, Some(true), "the state lock was held");
+    assert!(st.resident_pages > 0);
     store.close().expect("close");
 }
 
