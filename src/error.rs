@@ -94,6 +94,17 @@ pub enum Error {
         /// The store file, when known.
         path: Option<PathBuf>,
     },
+    /// A [`Follower`](crate::Follower) in a reader process found that the writer
+    /// compacted the store more than once since the reader last called it: the file in
+    /// between, and the changes made in it, are gone (compaction folded them into the
+    /// current file). The follower has moved on to the current file; the changes it
+    /// reports from there are complete. To resynchronize, take a fresh snapshot with
+    /// [`Store::follow`](crate::Store::follow).
+    #[non_exhaustive]
+    Lagged {
+        /// The store file, when known.
+        path: Option<PathBuf>,
+    },
     /// A write was attempted on a store opened with `read_only(true)`.
     ReadOnly,
     /// An earlier sync or write failed, so the durable state is unknown. Close the store
@@ -160,7 +171,8 @@ impl Error {
             | Error::Corrupt { path, .. }
             | Error::NotAStore { path, .. }
             | Error::Version { path, .. }
-            | Error::Locked { path } => path.as_deref(),
+            | Error::Locked { path }
+            | Error::Lagged { path } => path.as_deref(),
             Error::NotFound { path } => Some(path),
             _ => None,
         }
@@ -203,6 +215,7 @@ impl Error {
                 path: fill(path),
             },
             Error::Locked { path } => Error::Locked { path: fill(path) },
+            Error::Lagged { path } => Error::Lagged { path: fill(path) },
             other => other,
         }
     }
@@ -306,10 +319,17 @@ impl fmt::Display for Error {
             ),
             Error::Locked { path } => write!(
                 f,
-                "{} is open for writing by another handle (in another process or this one); \
-                 a store has one writer at a time: close that handle first, or open this one \
-                 with Options::read_only(true) to read beside the writer (as the mapkv \
-                 get/scan/stats/verify/backup commands do)",
+                "store locked: {} is open for writing by another handle (in another process \
+                 or this one); a store has one writer at a time: close that handle first, or \
+                 open this one with Options::read_only(true) to read beside the writer (as \
+                 the mapkv get/scan/stats/verify/backup commands do)",
+                Name(path.as_deref(), "the store"),
+            ),
+            Error::Lagged { path } => write!(
+                f,
+                "{} was compacted more than once since this reader last called it: the \
+                 changes made in the file in between are lost to this follower, which goes \
+                 on from the current file (call Store::follow for a fresh snapshot)",
                 Name(path.as_deref(), "the store"),
             ),
             Error::ReadOnly => write!(

@@ -62,8 +62,11 @@ pub struct StaticHeader {
     /// the copied records for a compacted one. Changes after it are the writes made since
     /// (what a follower reads); 0 in version 1 files (read as `log_start`).
     pub origin_end: [u8; 8],
+    /// Compactions since the store was created: 0 for a new store, the source file's
+    /// plus one for a compacted file (0 in files written before mapkv 2.0 set it).
+    pub generation: [u8; 8],
     /// Reserved, zero.
-    pub reserved: [u8; 460],
+    pub reserved: [u8; 452],
     /// CRC-32 of bytes `0..508`.
     pub crc: [u8; 4],
 }
@@ -250,6 +253,8 @@ pub struct StaticInfo {
     pub first_index: u64,
     /// See [`StaticHeader::origin_end`] (`log_start` when the file says 0).
     pub origin_end: u64,
+    /// See [`StaticHeader::generation`].
+    pub generation: u64,
     /// Major version the file was written with ([`VERSION_MAJOR`] or
     /// [`VERSION_MAJOR_V1`]); [`encode_static`] always writes [`VERSION_MAJOR`].
     pub major: u16,
@@ -317,6 +322,7 @@ pub fn encode_static(info: &StaticInfo) -> [u8; SECTOR as usize] {
     h.log_start = info.log_start.to_le_bytes();
     h.first_index = info.first_index.to_le_bytes();
     h.origin_end = info.origin_end.to_le_bytes();
+    h.generation = info.generation.to_le_bytes();
     let mut out = [0u8; SECTOR as usize];
     out.copy_from_slice(bytemuck::bytes_of(&h));
     let crc = crc32fast::hash(&out[..SECTOR_CRC_SPAN]);
@@ -358,6 +364,7 @@ pub fn decode_static(bytes: &[u8]) -> Result<StaticInfo, HeaderError> {
             0 => u64_at(h.log_start),
             e => e,
         },
+        generation: u64_at(h.generation),
         major,
     };
     if info.first_index != PAGE
@@ -885,6 +892,7 @@ mod tests {
             log_start: 3 * PAGE,
             first_index: PAGE,
             origin_end: 3 * PAGE,
+            generation: 7,
             major: VERSION_MAJOR,
         }
     }

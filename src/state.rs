@@ -141,15 +141,23 @@ pub(crate) struct FileGen {
     pub(crate) seed: u64,
     /// The file that replaced this one.
     pub(crate) next: std::sync::OnceLock<Arc<FileGen>>,
+    /// The file's generation (compactions since the store was created; 0 if unknown).
+    pub(crate) generation: u64,
+    /// Set on a file a reader reached by skipping one or more files it never opened
+    /// (compacted away while it did not call the store): their changes are lost to
+    /// followers, who report [`Error::Lagged`](crate::Error::Lagged) on reaching it.
+    pub(crate) after_gap: std::sync::atomic::AtomicBool,
 }
 
 impl FileGen {
-    pub(crate) fn new(map: Arc<Mapping>, start: u64, seed: u64) -> Arc<FileGen> {
+    pub(crate) fn new(map: Arc<Mapping>, start: u64, seed: u64, generation: u64) -> Arc<FileGen> {
         Arc::new(FileGen {
             map: parking_lot::Mutex::new(map),
             start,
             seed,
             next: std::sync::OnceLock::new(),
+            generation,
+            after_gap: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

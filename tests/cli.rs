@@ -136,6 +136,122 @@ fn scan_follow_prints_the_pairs_then_each_change_once() {
     );
 }
 
+/// Sends `sig` to process `pid` (`kill -SIG PID`) and, for a stop, waits until it is
+/// stopped.
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    if sig == "STOP" {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+            // The state follows the parenthesized command name.
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            if state == Some("T") || state == Some("t") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the scan did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// `scan --follow` that sleeps through two compactions (the file in between, and its
+/// changes, are gone when it looks again): a notice on stderr, then the live pairs again,
+/// which hold what the lost changes did; then changes as before.
+#[test]
+fn scan_follow_lists_the_pairs_again_after_missing_a_file() {
+    let (_dir, path) = tmp();
+    let w = Store::open(&path, Options::default()).expect("writer");
+    for i in 0..5 {
+        w.put(format!("k{i}"), format!("v{i}")).expect("put");
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mapkv"))
+        .args(["scan", "--follow", path.to_str().expect("utf-8")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn scan --follow");
+    let out = child.stdout.take().expect("stdout");
+    let err = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            if tx2.send(format!("stderr: {line}")).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let next = |n: usize| {
+        let mut lines = Vec::new();
+        while lines.len() < n && Instant::now() < deadline {
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+                lines.push(l);
+            }
+        }
+        lines
+    };
+    let mut first = next(5);
+    first.sort();
+    assert_eq!(first, ["k0\tv0", "k1\tv1", "k2\tv2", "k3\tv3", "k4\tv4"]);
+    signal(child.id(), "STOP");
+    w.put(b"before", b"1").expect("put");
+    w.compact().expect("compact");
+    w.put(b"lost", b"2").expect("put");
+    w.delete(b"k0").expect("delete");
+    w.compact().expect("compact");
+    w.put(b"after", b"3").expect("put");
+    signal(child.id(), "CONT");
+    // The change before the gap, the notice, then the seven live pairs.
+    let got = next(9);
+    w.put(b"later", b"4").expect("put");
+    let later = next(1);
+    let _ = child.kill();
+    let _ = child.wait();
+    // (Two pipes, read by two threads: the notice may come in anywhere.)
+    let (notice, out): (Vec<&String>, Vec<&String>) =
+        got.iter().partition(|l| l.starts_with("stderr: "));
+    assert!(notice.len() == 1 && notice[0].contains("lost"), "{got:?}");
+    assert_eq!(
+        out.first().map(|l| l.as_str()),
+        Some("+\tbefore\t1"),
+        "{got:?}"
+    );
+    let mut pairs: Vec<&str> = out.iter().skip(1).map(|l| l.as_str()).collect();
+    pairs.sort_unstable();
+    assert_eq!(
+        pairs,
+        [
+            "after\t3",
+            "before\t1",
+            "k1\tv1",
+            "k2\tv2",
+            "k3\tv3",
+            "k4\tv4",
+            "lost\t2"
+        ],
+        "{got:?}"
+    );
+    assert_eq!(later, ["+\tlater\t4"]);
+}
+
 /// A damaged record in the middle of a store's durable log: `mapkv get` and `verify`
 /// name the damage (the store is left as it was), `verify --repair` skips the damaged
 /// record and keeps every other pair.

@@ -99,6 +99,7 @@ fn tables() -> Vec<Table> {
                 field!("log_start", StaticHeader, log_start),
                 field!("first_index", StaticHeader, first_index),
                 field!("origin_end", StaticHeader, origin_end),
+                field!("generation", StaticHeader, generation),
                 field!("reserved", StaticHeader, reserved),
                 field!("CRC-32", StaticHeader, crc),
             ],

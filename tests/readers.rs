@@ -492,6 +492,79 @@ fn follow_in_a_reader_process_reconstructs_the_writer_state() {
     assert_eq!(state, contents(&fresh), "snapshot + changes == the store");
 }
 
+/// A reader that did not call the store while the writer compacted twice never saw the
+/// file in between (it is gone): its follower reports that with `Error::Lagged` rather
+/// than silently skipping the writes made there, then goes on from the current file;
+/// a new `follow` resynchronizes.
+#[test]
+fn a_follower_that_misses_a_whole_file_says_so() {
+    let (_dir, path) = tmp();
+    let w = Store::open(&path, Options::default()).expect("writer");
+    for i in 0..3u64 {
+        w.put(key(i), value(i)).expect("put");
+    }
+    let reader = Store::open(&path, Options::default().read_only(true)).expect("reader");
+    let (snapshot, mut follower) = reader.follow().expect("follow");
+    let mut state: std::collections::BTreeMap<_, _> =
+        snapshot.map(|r| r.expect("snapshot")).collect();
+    for i in 3..6u64 {
+        w.put(key(i), value(i)).expect("put");
+    }
+    w.compact().expect("compact");
+    // Made in the file the reader never opens, and a delete it could not infer.
+    for i in 6..9u64 {
+        w.put(key(i), value(i)).expect("put");
+    }
+    w.delete(key(0)).expect("delete");
+    w.compact().expect("compact");
+    for i in 9..12u64 {
+        w.put(key(i), value(i)).expect("put");
+    }
+    let mut got = Vec::new();
+    let lagged = loop {
+        match follower.poll() {
+            Ok(c) if c.is_empty() => break false,
+            Ok(c) => got.extend(c),
+            Err(mapkv::Error::Lagged { .. }) => break true,
+            Err(e) => panic!("poll: {e}"),
+        }
+    };
+    assert!(lagged, "the follower skipped a file silently: {got:?}");
+    // The writes of the first file, all of them, before the error.
+    let first: Vec<_> = (3..6u64)
+        .map(|i| mapkv::Change::Put {
+            key: key(i),
+            value: value(i),
+        })
+        .collect();
+    assert_eq!(got, first);
+    replay_into(&mut state, got);
+    // After it, the follower goes on in the current file.
+    let after = follower.poll().expect("poll after the gap");
+    assert_eq!(
+        after,
+        (9..12u64)
+            .map(|i| mapkv::Change::Put {
+                key: key(i),
+                value: value(i),
+            })
+            .collect::<Vec<_>>()
+    );
+    w.put(key(12), value(12)).expect("put");
+    assert_eq!(follower.poll().expect("poll").len(), 1);
+    // A new snapshot resynchronizes.
+    let (snapshot, _) = reader.follow().expect("follow again");
+    let state: std::collections::BTreeMap<_, _> = snapshot.map(|r| r.expect("snapshot")).collect();
+    assert_eq!(state, contents(&w));
+    // One compaction between two polls is followed without a gap.
+    let (_, mut follower) = reader.follow().expect("follow");
+    w.put(key(13), value(13)).expect("put");
+    w.compact().expect("compact");
+    w.put(key(14), value(14)).expect("put");
+    let got = follower.poll().expect("poll across one compaction");
+    assert_eq!(got.len(), 2, "{got:?}");
+}
+
 /// Damage made by another program to what the writer committed: the reader's catch-up
 /// reports it as an error (never a panic, never a silently shorter history); and a file
 /// replaced by something that is not a store is a clear error when the reader follows

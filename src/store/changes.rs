@@ -7,6 +7,7 @@
 //! or repeat a change: it finishes the old file, then goes on where the new one's own
 //! writes start.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,10 @@ impl Follower {
     /// # Errors
     /// [`Error::Corrupt`] if a record the writer committed fails its checksum; I/O errors
     /// of a reader catching up. The follower stays where it was and may be polled again.
+    /// [`Error::Lagged`] (in a reader process) once, after the changes before it, if the
+    /// writer compacted the store more than once since the reader last called it: the
+    /// changes made in the file in between are lost; the follower goes on from the
+    /// current file.
     pub fn poll(&mut self) -> Result<Vec<Change>> {
         // A reader first catches up with its writer (which moves it to a new file after
         // compaction, and publishes what it replayed).
@@ -100,6 +105,18 @@ impl Follower {
                 self.pos = end;
             }
             match next {
+                Some(n) if n.after_gap.load(Ordering::Acquire) => {
+                    // The changes of the files in between are lost: report that after
+                    // the ones before (the next call), then go on from the new file.
+                    if !out.is_empty() {
+                        return Ok(out);
+                    }
+                    self.pos = n.start;
+                    self.gen = n;
+                    return Err(Error::Lagged {
+                        path: Some(self.inner.path.clone()),
+                    });
+                }
                 Some(n) => {
                     self.pos = n.start;
                     self.gen = n;

@@ -68,6 +68,8 @@ pub(crate) struct Compacted {
     pub(crate) alloc: u64,
     pub(crate) counters: Counters,
     pub(crate) ckpt: CheckpointInfo,
+    /// The file's generation (see `StaticInfo::generation`).
+    pub(crate) generation: u64,
     /// The caught-up writes (past `ckpt.log_end`), as the index delta recovery would
     /// replay them into: built while they were copied, installed by the switch as is.
     pub(crate) delta: Delta,
@@ -595,6 +597,7 @@ fn seal(inner: &Inner, mut b: Built, tmp: &std::path::Path) -> Result<Compacted>
         alloc: b.alloc,
         counters: b.counters,
         ckpt: b.ckpt,
+        generation: b.info.generation,
         delta: b.delta,
     })
 }
@@ -861,6 +864,7 @@ fn build(
             log_start,
             first_index: PAGE,
             origin_end: log_end,
+            generation: inner.state.read().gen.generation + 1,
             major: VERSION_MAJOR,
         };
         fh.write_at(&encode_static(&info), 0)?;
@@ -922,7 +926,7 @@ impl Inner {
             let old_map = std::mem::replace(&mut st.map, Arc::clone(&c.map));
             let old_file = std::mem::replace(&mut st.file, Arc::clone(&c.file));
             st.live = Arc::clone(&c.live);
-            let gen = FileGen::new(Arc::clone(&c.map), c.log_end, self.seed);
+            let gen = FileGen::new(Arc::clone(&c.map), c.log_end, self.seed, c.generation);
             st.gen.replaced_by(&gen);
             st.gen = gen;
             st.set_index(c.index);

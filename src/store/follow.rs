@@ -321,6 +321,13 @@ impl Inner {
                     replay(st, pos, committed)?;
                 }
                 let fresh = self.reopen_state()?;
+                // A file in between was never opened here (the path named it only while
+                // this reader did not call the store): its changes are lost to followers.
+                // (Generation 0: a file that does not say.)
+                let next = st.gen.generation + 1;
+                if fresh.gen.generation != 0 && fresh.gen.generation != next {
+                    fresh.gen.after_gap.store(true, Ordering::Release);
+                }
                 st.gen.replaced_by(&fresh.gen);
                 *st = fresh;
                 Ok(())

@@ -74,6 +74,7 @@ fn init_store(fh: &FileHandle, opts: &Options) -> Result<()> {
         log_start,
         first_index: PAGE,
         origin_end: log_start,
+        generation: 0,
         major: crate::format::VERSION_MAJOR,
     };
     fh.write_at(&encode_static(&info), 0)?;
@@ -551,7 +552,7 @@ fn load(path: PathBuf, opts: Options, fh: Arc<FileHandle>) -> Result<Inner> {
                 committed,
                 stale_pending: None,
             },
-            gen: FileGen::new(Arc::clone(&map), info.origin_end, seed),
+            gen: FileGen::new(Arc::clone(&map), info.origin_end, seed, info.generation),
             checked: crate::state::BucketChecks::for_buckets(ckpt.index_buckets),
             filter: None,
             filter_tried: false,

@@ -162,7 +162,9 @@ pub struct ScanArgs {
     /// After the live pairs, print every change as the writer commits it, like
     /// `tail -f`, until interrupted: `+<TAB>key<TAB>value` for a put, `-<TAB>key` for a
     /// delete (deletes of keys that did not exist included). No change is missed or
-    /// printed twice between the pairs and the changes.
+    /// printed twice between the pairs and the changes. If the store is compacted twice
+    /// while the scan waits (the changes made in between are then gone), a notice goes
+    /// to stderr and the live pairs are printed again, as at the start.
     #[arg(long, conflicts_with = "limit")]
     pub follow: bool,
     #[command(flatten)]
@@ -332,9 +334,35 @@ pub fn scan(a: &ScanArgs) -> Result<(), Failure> {
         return Ok(());
     };
     loop {
-        let changes = follower
-            .wait(std::time::Duration::from_millis(200))
-            .map_err(|e| fail(&a.path, &e))?;
+        let changes = match follower.wait(std::time::Duration::from_millis(200)) {
+            Err(mapkv::Error::Lagged { .. }) => {
+                // Compacted twice while this scan did not look: the changes made in the
+                // file in between are gone. Start over from a fresh snapshot, listed as
+                // at the start (lines without a `+`/`-` mark).
+                eprintln!(
+                    "mapkv: {}: changes were lost to this scan (the store was compacted \
+                     twice while it waited); the live pairs again:",
+                    a.path.display()
+                );
+                let (it, f) = store.follow().map_err(|e| fail(&a.path, &e))?;
+                for item in it {
+                    let (k, v) = item.map_err(|e| fail(&a.path, &e))?;
+                    if !k.starts_with(&prefix) {
+                        continue;
+                    }
+                    let r = if a.keys_only {
+                        line(&mut out, a, &[&k])
+                    } else {
+                        line(&mut out, a, &[&k, &v])
+                    };
+                    r.map_err(Failure::stdout)?;
+                }
+                out.flush().map_err(Failure::stdout)?;
+                follower = f;
+                continue;
+            }
+            r => r.map_err(|e| fail(&a.path, &e))?,
+        };
         for c in changes {
             let r = match c {
                 mapkv::Change::Put { key, value } if key.starts_with(&prefix) => {
