@@ -319,7 +319,7 @@ impl fmt::Display for Error {
             ),
             Error::Locked { path } => write!(
                 f,
-                "store locked: {} is open for writing by another handle (in another process \
+                "{} is locked: it is open for writing by another handle (in another process \
                  or this one); a store has one writer at a time: close that handle first, or \
                  open this one with Options::read_only(true) to read beside the writer (as \
                  the mapkv get/scan/stats/verify/backup commands do)",

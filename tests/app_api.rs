@@ -533,6 +533,7 @@ fn open_errors_name_the_file_and_say_what_to_do() {
     let msg = e.to_string();
     assert!(msg.starts_with(&p), "{msg}");
     assert!(msg.contains("open for writing by another"), "{msg}");
+    assert!(msg.contains("is locked"), "{msg}");
     assert!(msg.contains("read_only(true)"), "{msg}");
     drop(w);
 

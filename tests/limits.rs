@@ -397,7 +397,13 @@ fn growth_with_concurrent_readers() {
         for t in readers {
             total_reads += t.join().expect("reader thread panicked");
         }
-        let st = store.stats();
+        let mut st = store.stats();
+        // (`stats` does not wait for a running checkpoint: let the last one end.)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while st.maintenance.checkpoint_running && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            st = store.stats();
+        }
         assert_eq!(st.live_keys, next);
         assert!(st.file_size >= st.log_end);
         if round == targets.len() - 1 {

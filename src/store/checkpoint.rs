@@ -247,8 +247,10 @@ impl Inner {
     fn spawn_job(self: &Arc<Self>, w: &mut Writer, plan: JobPlan) -> Result<()> {
         let me = Arc::clone(self);
         let job_plan = plan.clone();
+        self.job_running.store(true, Ordering::Release);
         match super::threads::spawn("mapkv-checkpoint", self.thread_nice, move || {
             let r = me.run_job(&job_plan);
+            me.job_running.store(false, Ordering::Release);
             // The checkpoint made the counters exact (it looked up every key's old
             // record): the moment to ask whether automatic compaction is due, which
             // the write path checks only against what it has resolved so far.
@@ -262,6 +264,7 @@ impl Inner {
                 Ok(())
             }
             Err(_) => {
+                self.job_running.store(false, Ordering::Release);
                 let r = self.run_job(&plan);
                 self.job_done(w, &plan, r, false)
             }

@@ -117,6 +117,9 @@ pub(crate) struct Inner {
     /// such wait in microseconds (`Stats::maintenance`).
     pub(super) checkpoint_waits: AtomicU64,
     pub(super) checkpoint_wait_max_us: AtomicU64,
+    /// True while a background checkpoint job runs (from its spawn to its end), readable
+    /// without the writer mutex (`Store::stats` waits a little for it).
+    pub(super) job_running: AtomicBool,
     /// Bumped (under the writer mutex) when the index is rebuilt from the log: buckets
     /// read before a rebuild may be half-rewritten, so a compaction snapshot that saw
     /// one starts over.
@@ -235,6 +238,7 @@ impl Inner {
             regions_unallocated: AtomicU64::new(0),
             checkpoint_waits: AtomicU64::new(0),
             checkpoint_wait_max_us: AtomicU64::new(0),
+            job_running: AtomicBool::new(false),
             rebuilds: AtomicU64::new(0),
             thread_nice,
             background: Mutex::new(Background::default()),

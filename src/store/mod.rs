@@ -60,6 +60,9 @@ pub use iter::Iter;
 use sync::ASYNC_BOUND;
 pub use verify::VerifyReport;
 
+/// Longest [`Store::stats`] waits for a running background checkpoint to end.
+const STATS_CHECKPOINT_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// An open mapkv store. `Send + Sync`: share it between threads with `Arc`.
 ///
 /// Readers run concurrently with each other and with the writer; writers are serialized,
@@ -550,9 +553,24 @@ impl Store {
 
     /// Counters and sizes; see [`Stats`]. The key and byte counters are exact, at the
     /// cost described in [`Store::len`].
+    ///
+    /// A background checkpoint that is running is given up to 250 ms to end, so that
+    /// one about to end is counted in [`Stats::checkpoints`] (a small store's takes
+    /// milliseconds); a longer one (seconds at millions of keys) is not waited for, and
+    /// [`MaintenanceStats::checkpoint_running`](crate::MaintenanceStats) says it runs.
     #[must_use]
     pub fn stats(&self) -> Stats {
         let inner = &*self.inner;
+        // A background checkpoint about to end is let end, so that it is counted (a
+        // small store's takes milliseconds); a long one (seconds at millions of keys)
+        // is reported running instead of waited for.
+        if inner.check_not_in_update().is_ok() && inner.check_not_in_observer().is_ok() {
+            let deadline = std::time::Instant::now() + STATS_CHECKPOINT_WAIT;
+            while inner.job_running.load(Ordering::Acquire) && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
         // First: a reader's counters catch up with its writer, so the ends below are
         // the caught-up view's.
         let c = self.counters();
