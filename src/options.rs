@@ -40,9 +40,14 @@ pub enum Durability {
     /// folios (which on ext4 can be 2 MiB).
     Async,
     /// A background thread makes everything durable at least once per interval
-    /// (`fdatasync` only when something is dirty). On power loss at most about one
-    /// interval of writes may be lost. Writers never wait for the flusher. Appends are a
-    /// `memcpy` into the mapping, with the same background write-back and prefault as
+    /// (`fdatasync` only when something is dirty), also in the middle of longer work of
+    /// its own. On power loss at most about one interval of writes may be lost, plus
+    /// what was written during the sync in flight. Writers do not wait for the flusher
+    /// while it keeps up; when the disk cannot take the writes as fast as they come and
+    /// the flusher is a whole interval late (checked every 8 MiB of appends), the write
+    /// that finds it so makes itself durable (a sync) before it returns, so the window
+    /// stays bounded at about two intervals and a sync. Appends are a `memcpy` into the
+    /// mapping, with the same background write-back and prefault as
     /// [`Durability::None`].
     Periodic(Duration),
     /// A write returns only once it is durable (`pwrite`, then `fdatasync`). Concurrent

@@ -26,8 +26,10 @@ pub(super) const TAIL_FOLIO: u64 = 2 << 20;
 /// The background thread: runs the tail work the write path hands over (see
 /// `Inner::tail_work`) and, every `every`, a sync of everything published.
 pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
-    let mut next = every.map(|e| std::time::Instant::now() + e);
+    inner.background.lock().sync_every = every.map(|e| (e, std::time::Instant::now() + e));
     loop {
+        #[cfg(test)]
+        super::tests::background_may_run(inner);
         let (prefault, writeback, allocate, garbage, resolve, spare, next_delta) = {
             let mut bg = inner.background.lock();
             loop {
@@ -44,9 +46,9 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                 {
                     break;
                 }
-                match next {
-                    Some(n) if std::time::Instant::now() >= n => break,
-                    Some(n) => {
+                match bg.sync_every {
+                    Some((_, n)) if std::time::Instant::now() >= n => break,
+                    Some((_, n)) => {
                         let _ = inner.background_cv.wait_until(&mut bg, n);
                     }
                     None => inner.background_cv.wait(&mut bg),
@@ -106,14 +108,7 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                 inner.urgent_work();
             }
         }
-        if let (Some(every), Some(n)) = (every, next) {
-            if std::time::Instant::now() >= n {
-                next = Some(std::time::Instant::now() + every);
-                let (gen, end) = inner.published_end();
-                // An error poisons the store; writers will report it.
-                let _ = inner.sync_to(gen, end);
-            }
-        }
+        inner.periodic_sync();
     }
 }
 
@@ -159,7 +154,10 @@ impl Inner {
     /// soon wait for, the allocation of the next growth step and the prefault ahead of
     /// the tail. (Resolving counters during a long overwrite can go on for seconds; the
     /// writer then ran out of allocated space and grew the file itself.)
-    fn urgent_work(&self) {
+    pub(super) fn urgent_work(&self) {
+        // The promise of `Periodic` and `Async` first: counter resolution during a long
+        // overwrite went on for seconds, and the syncs due meanwhile waited for it.
+        self.periodic_sync();
         self.prefault_asked();
         let spare = self.background.lock().spare_ask.take();
         if let Some(slots) = spare {
@@ -169,6 +167,22 @@ impl Inner {
         if let Some((file, from, to)) = allocate {
             self.allocate_ahead(&file, from, to);
         }
+    }
+
+    /// The sync of everything published, if `Periodic`'s or `Async`'s interval says one
+    /// is due.
+    pub(super) fn periodic_sync(&self) {
+        {
+            let mut bg = self.background.lock();
+            let now = std::time::Instant::now();
+            match bg.sync_every.as_mut() {
+                Some((every, next)) if now >= *next => *next = now + *every,
+                _ => return,
+            }
+        }
+        let (gen, end) = self.published_end();
+        // An error poisons the store; writers will report it.
+        let _ = self.sync_to(gen, end);
     }
 
     /// Allocates the delta table of `slots` slots that the writer asked for (see
@@ -232,7 +246,13 @@ impl Inner {
     /// prefaulted again: an eighth of what it wrote since the sync before, at most the
     /// window, so a slow writer under `Periodic` does not have megabytes of zeros
     /// written at every sync.
-    pub(super) fn tail_work(&self, w: &mut Writer) {
+    ///
+    /// Returns true if `Periodic`'s sync is overdue by a whole interval (checked every
+    /// `WRITEBACK_STEP` of appends): the flusher cannot keep up with the writer (the
+    /// disk is slower than the writes), and the caller makes this write durable itself
+    /// before it returns, which bounds what a power loss can take to about two
+    /// intervals and a sync.
+    pub(super) fn tail_work(&self, w: &mut Writer) -> bool {
         let mut prefault = None;
         let syncs = self.syncs.load(Ordering::Relaxed);
         if syncs != w.syncs_seen {
@@ -262,15 +282,22 @@ impl Inner {
             w.written_back = behind;
         }
         if prefault.is_none() && writeback.is_none() {
-            return;
+            return false;
         }
         let mut bg = self.background.lock();
         if let Some(p) = prefault {
             Background::merge(&mut bg.prefault, p);
         }
+        let mut overdue = false;
         if let Some(wb) = writeback {
             Background::merge(&mut bg.writeback, wb);
+            if let (crate::Durability::Periodic(_), Some((every, next))) =
+                (self.opts.durability, bg.sync_every)
+            {
+                overdue = std::time::Instant::now() > next + every;
+            }
         }
         self.background_cv.notify_all();
+        overdue
     }
 }

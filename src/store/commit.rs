@@ -605,9 +605,7 @@ impl Inner {
                 Err(_) => w.backoff(),
             }
         }
-        if !pwrite {
-            self.tail_work(&mut w);
-        }
+        let sync_overdue = !pwrite && self.tail_work(&mut w);
         // Async needs the file after the writer mutex is released; take it from here
         // rather than locking the state again.
         let async_file =
@@ -622,6 +620,8 @@ impl Inner {
                     }
                 }
             }
+            // The flusher is a whole interval late: this write waits for a sync.
+            Durability::Periodic(_) if sync_overdue => self.sync_to(gen, end)?,
             Durability::None | Durability::Periodic(_) => {}
         }
         if self.compaction_due_at(&counters) {

@@ -518,6 +518,9 @@ pub(super) struct Background {
     pub(super) next_delta_ask: Option<usize>,
     /// ...which the next freeze takes from here, instead of starting from an empty one.
     pub(super) next_delta: Option<crate::index::Delta>,
+    /// `Periodic`/`Async`: the interval of the background thread's syncs, and when the
+    /// next one is due (see `Inner::periodic_sync`).
+    pub(super) sync_every: Option<(std::time::Duration, std::time::Instant)>,
 }
 
 impl Background {

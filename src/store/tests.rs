@@ -457,6 +457,83 @@ fn stats_makes_its_system_calls_without_the_state_lock() {
     store.close().expect("close");
 }
 
+/// Stores whose background thread stops at the top of its loop (unit tests only).
+static STALLED_BACKGROUND: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// Called by the background thread before it looks for work (unit tests only).
+pub(super) fn background_may_run(inner: &Inner) {
+    let me = std::ptr::from_ref(inner) as usize;
+    while STALLED_BACKGROUND.lock().contains(&me) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// `Periodic`'s sync is part of the background thread's urgent work, which it does
+/// between the pieces of longer work (counter resolution during a long overwrite went
+/// on for seconds, and the syncs due meanwhile waited: gaps of 1-2 s between syncs at
+/// an interval of 50 ms).
+#[test]
+fn an_overdue_periodic_sync_is_urgent_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let every = std::time::Duration::from_millis(1);
+    let opts = Options::default().durability(Durability::Periodic(every));
+    let store = Store::open(dir.path().join("periodic.mkv"), opts).expect("open");
+    let me = std::ptr::from_ref(&*store.inner) as usize;
+    let stall = Listed::new(&STALLED_BACKGROUND, me);
+    // Let a sync in flight end, and the thread reach its stall.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    store.put(b"k", b"v").expect("put");
+    // (The rest of the urgent work first: an allocation asked for makes a sync of its
+    // own.)
+    store.inner.urgent_work();
+    store.put(b"k2", b"v").expect("put");
+    std::thread::sleep(every * 5);
+    let syncs = store.stats().syncs;
+    assert!(store.stats().bytes_at_risk > 0);
+    store.inner.urgent_work();
+    let st = store.stats();
+    assert_eq!(st.bytes_at_risk, 0, "{st:?}");
+    assert_eq!(st.syncs, syncs + 1);
+    drop(stall);
+    store.close().expect("close");
+}
+
+/// Under `Periodic`, a writer that finds the flusher a whole interval late (checked
+/// every `WRITEBACK_STEP` of appends) makes its write durable itself: what a power loss
+/// can take stays bounded when the disk cannot keep up (here, a background thread that
+/// does nothing at all).
+#[test]
+fn a_periodic_writer_syncs_when_the_flusher_falls_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let every = std::time::Duration::from_millis(1);
+    let opts = Options::default().durability(Durability::Periodic(every));
+    let store = Store::open(dir.path().join("behind.mkv"), opts).expect("open");
+    let me = std::ptr::from_ref(&*store.inner) as usize;
+    let stall = Listed::new(&STALLED_BACKGROUND, me);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let syncs = store.stats().syncs;
+    let value = vec![7u8; 4_000];
+    let total = 4 * super::background::WRITEBACK_STEP;
+    let mut i = 0u32;
+    while u64::from(i) * 4_000 < total {
+        store.put(i.to_le_bytes(), &value).expect("put");
+        i += 1;
+    }
+    let st = store.stats();
+    assert!(
+        st.syncs >= syncs + 2,
+        "{} syncs, {} before",
+        st.syncs,
+        syncs
+    );
+    assert!(
+        st.bytes_at_risk < 2 * super::background::WRITEBACK_STEP,
+        "{st:?}"
+    );
+    drop(stall);
+    store.close().expect("close");
+}
+
 /// A writer that reaches the delta's hard limit (four times `checkpoint_keys`) while a
 /// checkpoint runs waits for it, and `Stats` counts the wait.
 #[test]
