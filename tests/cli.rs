@@ -292,6 +292,44 @@ fn verify_repair_keeps_the_records_after_a_damaged_one() {
     assert!(stdout(&o).is_empty(), "the damaged pair is gone: {o:?}");
 }
 
+/// `mapkv bench` shows its progress on stderr also where stderr is not a terminal (a CI
+/// log, a script): one line per step, each naming what runs.
+#[test]
+fn bench_progress_goes_to_stderr_when_it_is_a_pipe() {
+    let (dir, _path) = tmp();
+    let d = dir.path().to_str().expect("utf-8 path");
+    let o = mapkv(&[
+        "bench",
+        "--quick",
+        "--keys",
+        "20000",
+        "--policies",
+        "none",
+        "--populate",
+        "off",
+        "--write-secs",
+        "0.3",
+        "--readers",
+        "off",
+        "--dir",
+        d,
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    for step in [
+        "raw sync cost",
+        "filling the base store",
+        "none populate=off",
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with("mapkv: [") && l.contains(step)),
+            "no progress line for {step}:\n{err}"
+        );
+    }
+    assert!(stdout(&o).contains("none"), "{o:?}");
+}
+
 /// `mapkv bench --sweep`: one table row per size and phase, the plain-mapping baseline
 /// beside each size, `--json` with both sizes, and a clear error for a bad size.
 #[test]

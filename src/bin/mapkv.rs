@@ -21,6 +21,8 @@ mod killopen;
 mod measure;
 #[path = "mapkv/plot.rs"]
 mod plot;
+#[path = "mapkv/progress.rs"]
+mod progress;
 #[path = "mapkv/readers.rs"]
 mod readers;
 #[path = "mapkv/sweep.rs"]

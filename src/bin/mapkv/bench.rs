@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use comfy_table::{CellAlignment, ContentArrangement, Table};
-use indicatif::{ProgressBar, ProgressStyle};
 use mapkv::{Durability, Options, Store};
 use serde::Serialize;
 
@@ -381,12 +380,7 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
         } else {
             0
         };
-    let pb = ProgressBar::new(steps);
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb.enable_steady_tick(Duration::from_millis(120));
+    let pb = crate::progress::bar(steps);
 
     pb.set_message("raw sync cost");
     let raw_start = measure::raw_sync(&dir, 200, Duration::from_millis(700))

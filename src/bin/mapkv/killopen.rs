@@ -43,7 +43,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use comfy_table::{CellAlignment, ContentArrangement, Table};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use mapkv::format::{
     checkpoint_off, decode_checkpoint, decode_static, LIVE_INDEX_SEQ_OFF, PAGE, SECTOR,
     STATE_CHECKPOINTING, STATE_CLEAN, STATE_DIRTY,
@@ -687,12 +687,7 @@ pub fn run_only(
         .map_or(1, |d| {
             u64::try_from(d.as_nanos() & 0xffff_ffff_ffff).unwrap_or(1)
         });
-    let pb = ProgressBar::new(kills + 1);
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb.enable_steady_tick(Duration::from_millis(120));
+    let pb = crate::progress::bar(kills + 1);
     pb.set_message(format!("filling the store ({} keys)", a.keys));
     let path = dir.join("kill.mkv");
     crate::bench::fill_base(&path, a.keys, a.value_size)?;

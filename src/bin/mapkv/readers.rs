@@ -1235,14 +1235,7 @@ pub fn render(r: &ReadersReport) -> String {
 
 /// `mapkv bench --readers only`: the section alone, in `dir`.
 pub fn run_only(dir: &Path, filesystem: &str, json: bool) -> Result<(), Failure> {
-    let pb = ProgressBar::new(STEPS);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    pb.enable_steady_tick(Duration::from_millis(120));
+    let pb = crate::progress::bar(STEPS);
     let report = run(dir, &pb)?;
     pb.finish_and_clear();
     #[derive(Serialize)]

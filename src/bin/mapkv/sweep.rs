@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use comfy_table::{CellAlignment, ContentArrangement, Table};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use mapkv::{Durability, Options, Stats, Store};
 use serde::Serialize;
 
@@ -958,12 +958,7 @@ pub fn run_only(
     if sizes.0.is_empty() {
         return Err(Failure::msg("--sweep: no sizes given"));
     }
-    let pb = ProgressBar::new(sizes.0.len() as u64 * 4);
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb.enable_steady_tick(Duration::from_millis(120));
+    let pb = crate::progress::bar(sizes.0.len() as u64 * 4);
     let dirty_limits = DirtyLimits::read();
     let mut reports = Vec::new();
     let mut skipped = Vec::new();
