@@ -231,9 +231,11 @@ impl Options {
         self
     }
 
-    /// Open read-only: takes a shared lock (many readers, no writer), maps the file
-    /// read-only and refuses writes with [`Error::ReadOnly`]. A store that was not closed
-    /// cleanly is recovered in memory; the file is not changed. Defaults to `false`.
+    /// Open read-only, as a reader: takes no lock (any number of readers, in this and
+    /// other processes, beside at most one writer), maps the file read-only, sees every
+    /// write the writer committed before each call, and refuses writes with
+    /// [`Error::ReadOnly`]. A store that was not closed cleanly is recovered in memory;
+    /// the file is not changed. Defaults to `false`.
     #[must_use]
     pub fn read_only(mut self, on: bool) -> Self {
         self.read_only = on;

@@ -919,8 +919,8 @@ fn render(a: &BenchArgs, r: &Report) -> String {
         let _ = writeln!(
             s,
             "populate(true) moves the cold read of the data into open (MADV_POPULATE_READ of the \
-             used range: MAP_POPULATE for a range) and, for the memcpy policies, prefaults the \
-             tail writable (MADV_POPULATE_WRITE):\n{}",
+             used range: MAP_POPULATE for a range; the write prefault of the tail, \
+             MADV_POPULATE_WRITE, runs for the memcpy policies whatever the option):\n{}",
             lines.join("\n")
         );
     }
