@@ -330,6 +330,38 @@ fn bench_progress_goes_to_stderr_when_it_is_a_pipe() {
     assert!(stdout(&o).contains("none"), "{o:?}");
 }
 
+/// The disk-full writer of `mapkv crashtest` (a child whose files may not grow past 24
+/// MiB): growth fails with an I/O error, never a signal; every write made before is read
+/// back there and after reopening.
+#[test]
+fn a_writer_on_a_full_disk_gets_an_error_and_loses_nothing() {
+    let (_dir, path) = tmp();
+    for policy in ["None", "Always"] {
+        let _ = std::fs::remove_file(&path);
+        let o = Command::new(env!("CARGO_BIN_EXE_mapkv"))
+            .arg("crashtest")
+            .env("MAPKV_CRASHTEST_DISK_FULL_PATH", &path)
+            .env("MAPKV_CRASHTEST_DISK_FULL_POLICY", policy)
+            .output()
+            .expect("run the disk-full child");
+        assert!(o.status.success(), "{policy}: {o:?}");
+        let out = stdout(&o);
+        let acked: u64 = out
+            .strip_prefix("acked ")
+            .and_then(|t| t.split(':').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{policy}: {out}"));
+        assert!(out.contains("fallocate"), "{policy}: {out}");
+        assert!(acked > 1_000, "{policy}: {out}");
+        let s = Store::open(&path, Options::default()).expect("reopen");
+        for i in 0..acked {
+            let v = s.get(i.to_le_bytes()).expect("get").expect("a write made");
+            assert_eq!(v[..8], i.to_le_bytes());
+        }
+        s.close().expect("close");
+    }
+}
+
 /// `mapkv bench --sweep`: one table row per size and phase, the plain-mapping baseline
 /// beside each size, `--json` with both sizes, and a clear error for a bad size.
 #[test]

@@ -10,7 +10,8 @@
 //! scratch-file opener) are in `common.rs`.
 #![expect(
     unsafe_code,
-    reason = "mmap of scratch files, getrusage, posix_fadvise, mincore and clock_gettime"
+    reason = "mmap of scratch files, getrusage, posix_fadvise, mincore, clock_gettime and \
+              setrlimit"
 )]
 
 use std::fs::File;
@@ -308,4 +309,29 @@ impl Drop for WordMap {
             libc::munmap(self.ptr.as_ptr().cast(), self.len);
         }
     }
+}
+
+/// Limits the size of the files this process may write to `bytes` (the soft
+/// `RLIMIT_FSIZE`) and ignores `SIGXFSZ`, so that a write or `fallocate` past it fails
+/// with `EFBIG` instead of killing the process: a disk that fills up, without root
+/// (`mapkv crashtest`'s resource faults, in a child process of their own).
+pub fn limit_file_size(bytes: u64) -> io::Result<()> {
+    let mut lim = std::mem::MaybeUninit::<libc::rlimit>::uninit();
+    // SAFETY: getrlimit writes one `rlimit` through a pointer to space for exactly one.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, lim.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: initialized by the successful getrlimit above.
+    let mut lim = unsafe { lim.assume_init() };
+    lim.rlim_cur = bytes.min(lim.rlim_max);
+    // SAFETY: setrlimit reads one valid `rlimit`.
+    if unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &raw const lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIG_IGN is a valid disposition for SIGXFSZ, and no handler code runs.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
