@@ -30,7 +30,10 @@ const VALUE_SIZES: [usize; 3] = [100, 1_024, 16_384];
 fn policies() -> [(&'static str, Durability); 4] {
     [
         ("none", Durability::None),
-        ("periodic_100ms", Durability::Periodic(Duration::from_millis(100))),
+        (
+            "periodic_100ms",
+            Durability::Periodic(Duration::from_millis(100)),
+        ),
         ("async", Durability::Async),
         ("always", Durability::Always),
     ]
@@ -68,15 +71,19 @@ fn benches(c: &mut Criterion) {
     for len in VALUE_SIZES {
         let path = dir.path().join(format!("read-{len}.mkv"));
         {
-            let s = Store::open(&path, Options::default().durability(Durability::None))
-                .expect("open");
+            let s =
+                Store::open(&path, Options::default().durability(Durability::None)).expect("open");
             for i in 0..keys {
                 s.put(key(i), value(i, len)).expect("put");
             }
             s.close().expect("close");
         }
         for populate in [false, true] {
-            let name = if populate { "populate_on" } else { "populate_off" };
+            let name = if populate {
+                "populate_on"
+            } else {
+                "populate_off"
+            };
             g.bench_function(BenchmarkId::new(name, len), |b| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;

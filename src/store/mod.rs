@@ -352,7 +352,6 @@ impl Store {
     /// counter read. Otherwise O(1). A call during a background checkpoint waits only
     /// while the checkpoint looks up the records its keys replaced (not while it writes
     /// buckets), or, if the checkpoint grows the index, until the new index is written.
-    #[must_use]
     pub fn len(&self) -> usize {
         // (A reader's counters catch up with its writer first.)
         usize::try_from(self.counters().live_keys).unwrap_or(usize::MAX)
@@ -558,7 +557,6 @@ impl Store {
     /// one about to end is counted in [`Stats::checkpoints`] (a small store's takes
     /// milliseconds); a longer one (seconds at millions of keys) is not waited for, and
     /// [`MaintenanceStats::checkpoint_running`](crate::MaintenanceStats) says it runs.
-    #[must_use]
     pub fn stats(&self) -> Stats {
         let inner = &*self.inner;
         // A background checkpoint about to end is let end, so that it is counted (a
