@@ -826,3 +826,75 @@ fn the_stores_threads_nice_is_relative_to_the_opening_thread() {
     );
     s.close_shared().unwrap();
 }
+
+/// Calls `stats()` and `len()` of its store from inside every sync callback.
+#[derive(Default)]
+struct CountsInsideSyncs {
+    store: std::sync::OnceLock<std::sync::Weak<Store>>,
+    calls: AtomicU64,
+}
+
+impl mapkv::SyncObserver for CountsInsideSyncs {
+    fn synced(&self, _path: &std::path::Path, _event: mapkv::SyncEvent) {
+        if let Some(s) = self.store.get().and_then(std::sync::Weak::upgrade) {
+            let _ = s.stats().live_keys;
+            let _ = s.len();
+            self.calls.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// `stats()` and `len()` from inside a sync observer callback, while the close's own
+/// checkpoint syncs on the same thread (it holds the counter lock): they return, not
+/// deadlock (found by a review; it hung before).
+#[test]
+fn counters_from_a_sync_observer_during_the_close_checkpoint_return() {
+    let (_dir, path) = tmp();
+    let obs = Arc::new(CountsInsideSyncs::default());
+    let store = Arc::new(
+        Store::open(
+            &path,
+            Options::default()
+                .durability(Durability::None)
+                .sync_observer(Arc::clone(&obs) as Arc<dyn mapkv::SyncObserver>),
+        )
+        .expect("open"),
+    );
+    for i in 0..100u32 {
+        store.put(i.to_le_bytes(), b"v").expect("put");
+    }
+    obs.store.set(Arc::downgrade(&store)).ok();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = Arc::clone(&store);
+    std::thread::spawn(move || {
+        let _ = tx.send(s.close_shared());
+    });
+    // Not a timing assertion: a deadlock never returns.
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("close_shared deadlocked in the observer")
+        .expect("close");
+    assert!(obs.calls.load(Ordering::Relaxed) > 0);
+    drop(store);
+    let s = Store::open(&path, Options::default()).expect("reopen");
+    assert_eq!(s.len(), 100);
+}
+
+/// A `Periodic` interval too long for the clock (`Instant` cannot add it) means no
+/// periodic sync, not a panic in a writer's `put` (found by a review).
+#[test]
+fn a_huge_periodic_interval_is_no_panic() {
+    let (_dir, path) = tmp();
+    let store = Store::open(
+        &path,
+        Options::default().durability(Durability::Periodic(std::time::Duration::from_secs(
+            1 << 62,
+        ))),
+    )
+    .expect("open");
+    let v = vec![1u8; 4_000];
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    for i in 0..6_000u32 {
+        store.put(i.to_le_bytes(), &v).expect("put");
+    }
+    store.close().expect("close");
+}

@@ -26,7 +26,9 @@ pub(super) const TAIL_FOLIO: u64 = 2 << 20;
 /// The background thread: runs the tail work the write path hands over (see
 /// `Inner::tail_work`) and, every `every`, a sync of everything published.
 pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
-    inner.background.lock().sync_every = every.map(|e| (e, std::time::Instant::now() + e));
+    // (An interval too long for the clock to reach means no periodic sync at all.)
+    inner.background.lock().sync_every =
+        every.and_then(|e| Some((e, std::time::Instant::now().checked_add(e)?)));
     loop {
         #[cfg(test)]
         super::tests::background_may_run(inner);
@@ -169,14 +171,26 @@ impl Inner {
         }
     }
 
+    /// True under `Periodic` if the flusher's next sync is a whole interval late.
+    pub(super) fn periodic_overdue(&self, bg: &Background) -> bool {
+        match (self.opts.durability, bg.sync_every) {
+            (crate::Durability::Periodic(_), Some((every, next))) => next
+                .checked_add(every)
+                .is_some_and(|late| std::time::Instant::now() > late),
+            _ => false,
+        }
+    }
+
     /// The sync of everything published, if `Periodic`'s or `Async`'s interval says one
     /// is due.
     pub(super) fn periodic_sync(&self) {
         {
             let mut bg = self.background.lock();
             let now = std::time::Instant::now();
-            match bg.sync_every.as_mut() {
-                Some((every, next)) if now >= *next => *next = now + *every,
+            match bg.sync_every {
+                Some((every, next)) if now >= next => {
+                    bg.sync_every = now.checked_add(every).map(|n| (every, n));
+                }
                 _ => return,
             }
         }
@@ -291,11 +305,7 @@ impl Inner {
         let mut overdue = false;
         if let Some(wb) = writeback {
             Background::merge(&mut bg.writeback, wb);
-            if let (crate::Durability::Periodic(_), Some((every, next))) =
-                (self.opts.durability, bg.sync_every)
-            {
-                overdue = std::time::Instant::now() > next + every;
-            }
+            overdue = self.periodic_overdue(&bg);
         }
         self.background_cv.notify_all();
         overdue

@@ -249,8 +249,11 @@ impl Inner {
         let job_plan = plan.clone();
         self.job_running.store(true, Ordering::Release);
         match super::threads::spawn("mapkv-checkpoint", self.thread_nice, move || {
+            // Cleared however the job ends, a panic included (`collect_job` repairs
+            // that), or every `stats()` would wait for a job that is gone.
+            let running = JobRunning(&me.job_running);
             let r = me.run_job(&job_plan);
-            me.job_running.store(false, Ordering::Release);
+            drop(running);
             // The checkpoint made the counters exact (it looked up every key's old
             // record): the moment to ask whether automatic compaction is due, which
             // the write path checks only against what it has resolved so far.
@@ -358,8 +361,9 @@ impl Inner {
         })
     }
 
-    /// After a failed checkpoint (with `resolving` held): its buckets may be
-    /// half-rewritten, so its entries are no longer resolved against them.
+    /// After a failed checkpoint: its buckets may be half-rewritten, so its entries are
+    /// no longer resolved against them. Called with `resolving` held, unless the job had
+    /// settled its frozen delta and let go of it: then no entry is left to look up.
     pub(super) fn mark_frozen_failed(&self) {
         if let Some(f) = self.state.write().frozen.as_mut() {
             f.failed = true;
@@ -731,5 +735,15 @@ impl Inner {
             let mut w = self.writer.lock();
             let _ = self.finish_job(&mut w);
         }
+    }
+}
+
+/// Clears `Inner::job_running` when dropped: at the end of a checkpoint job's thread,
+/// also when it unwinds.
+struct JobRunning<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for JobRunning<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }

@@ -605,7 +605,14 @@ impl Inner {
                 Err(_) => w.backoff(),
             }
         }
-        let sync_overdue = !pwrite && self.tail_work(&mut w);
+        let sync_overdue = if pwrite {
+            // (Appends by `pwrite` under `Periodic`: a file system that copies on write.
+            // The same check, as the log passes each write-back step.)
+            let step = super::background::WRITEBACK_STEP;
+            base / step != end / step && self.periodic_overdue(&self.background.lock())
+        } else {
+            self.tail_work(&mut w)
+        };
         // Async needs the file after the writer mutex is released; take it from here
         // rather than locking the state again.
         let async_file =

@@ -350,8 +350,11 @@ impl Store {
     /// the index may already hold, the first `len` (or [`Store::stats`]) finishes those
     /// lookups, in bucket order: at most one per key written since the last checkpoint or
     /// counter read. Otherwise O(1). A call during a background checkpoint waits only
-    /// while the checkpoint looks up the records its keys replaced (not while it writes
-    /// buckets), or, if the checkpoint grows the index, until the new index is written.
+    /// while the checkpoint looks up the records its keys replaced (in the buckets, or in
+    /// the old region before an index growth), not while it writes buckets or a new
+    /// region. From inside a [`SyncObserver`](crate::SyncObserver) callback it never
+    /// waits: if a checkpoint holds the lookups, it returns the count as it stands
+    /// (exact once that checkpoint ends).
     pub fn len(&self) -> usize {
         // (A reader's counters catch up with its writer first.)
         usize::try_from(self.counters().live_keys).unwrap_or(usize::MAX)
@@ -365,6 +368,16 @@ impl Store {
         }
         if self.inner.check_not_in_update().is_ok() {
             return self.inner.resolve_counters();
+        }
+        if self.inner.check_not_in_observer().is_err() {
+            // A sync observer runs on whichever thread synced: a checkpoint that holds
+            // `resolving` on this very thread (the writer's, at close), or a writer that
+            // holds the sync mutex a background checkpoint holding `resolving` waits for.
+            // Waiting here would deadlock either way.
+            return match self.inner.resolving.try_lock() {
+                Some(_resolving) => self.inner.resolve_counters_locked(),
+                None => self.inner.state.read().counters,
+            };
         }
         let _resolving = self.inner.resolving.lock();
         self.inner.resolve_counters_locked()
