@@ -589,10 +589,7 @@ impl Inner {
             // counters, so that counter readers need not wait for the whole new region.
             let mut by_old = crate::index::sort_by_bucket(entries, plan.old.buckets);
             Self::resolve_in_place(&map, plan.old, &mut by_old, &mut gone)?;
-            self.settle_frozen(std::mem::take(&mut gone))?;
-            drop(resolving.take());
-            #[cfg(test)]
-            super::tests::settled_may_go_on(self, true);
+            self.settle_frozen(std::mem::take(&mut gone), resolving, true)?;
             crate::index::sort_by_bucket(by_old, geom.buckets)
         } else {
             crate::index::sort_by_bucket(entries, geom.buckets)
@@ -624,10 +621,7 @@ impl Inner {
                 // need them exact (`Store::len`, `Store::stats`) need not wait for the
                 // slow part. A failure from here on leaves no frozen entry unresolved, so
                 // no counter reader looks one up in a half-rewritten bucket.
-                self.settle_frozen(std::mem::take(&mut gone))?;
-                drop(resolving.take());
-                #[cfg(test)]
-                super::tests::settled_may_go_on(self, false);
+                self.settle_frozen(std::mem::take(&mut gone), resolving, false)?;
                 let mut c = slots.last;
                 c.state = STATE_CHECKPOINTING;
                 c.redo = Some(RedoInfo {
@@ -707,15 +701,29 @@ impl Inner {
     }
 
     /// Takes the old records a checkpoint found for its frozen delta's entries (all of
-    /// them: none is left unresolved) out of the counters.
-    fn settle_frozen(&self, gone: Resolved) -> Result<()> {
-        let mut st = self.state.write();
-        gone.take_from(&mut st.counters);
-        let Some(f) = st.frozen.as_mut() else {
-            return Err(Error::Unsupported("internal: no frozen delta"));
-        };
-        gone.take_from(&mut f.counters);
-        f.delta.mark_all_resolved();
+    /// them: none is left unresolved) out of the counters, then drops the `resolving`
+    /// guard the caller handed over, if any (before the buckets of an in-place
+    /// checkpoint, or a `growth`'s new region, are written).
+    fn settle_frozen(
+        &self,
+        gone: Resolved,
+        resolving: &mut Option<MutexGuard<'_, ()>>,
+        growth: bool,
+    ) -> Result<()> {
+        {
+            let mut st = self.state.write();
+            gone.take_from(&mut st.counters);
+            let Some(f) = st.frozen.as_mut() else {
+                return Err(Error::Unsupported("internal: no frozen delta"));
+            };
+            gone.take_from(&mut f.counters);
+            f.delta.mark_all_resolved();
+        }
+        drop(resolving.take());
+        #[cfg(test)]
+        super::tests::settled_may_go_on(self, growth);
+        #[cfg(not(test))]
+        let _ = growth;
         Ok(())
     }
 

@@ -311,25 +311,15 @@ pub fn scan(a: &ScanArgs) -> Result<(), Failure> {
     let store = open_ro(&a.path)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let (pairs, follower): (Box<dyn Iterator<Item = mapkv::Result<_>>>, _) = if a.follow {
-        let (it, f) = store.follow().map_err(|e| fail(&a.path, &e))?;
-        let it = it.filter(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)));
-        (Box::new(it), Some(f))
+        let (it, f) = follow_prefix(&store, a, &prefix)?;
+        (it, Some(f))
     } else {
         (Box::new(store.iter_prefix(&prefix)), None)
     };
     let limit = a
         .limit
         .map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
-    for item in pairs.take(limit) {
-        let (k, v): (Vec<u8>, Vec<u8>) = item.map_err(|e| fail(&a.path, &e))?;
-        let r = if a.keys_only {
-            line(&mut out, a, &[&k])
-        } else {
-            line(&mut out, a, &[&k, &v])
-        };
-        r.map_err(Failure::stdout)?;
-    }
-    out.flush().map_err(Failure::stdout)?;
+    pair_lines(&mut out, a, pairs.take(limit))?;
     let Some(mut follower) = follower else {
         return Ok(());
     };
@@ -344,20 +334,8 @@ pub fn scan(a: &ScanArgs) -> Result<(), Failure> {
                      twice while it waited); the live pairs again:",
                     a.path.display()
                 );
-                let (it, f) = store.follow().map_err(|e| fail(&a.path, &e))?;
-                for item in it {
-                    let (k, v) = item.map_err(|e| fail(&a.path, &e))?;
-                    if !k.starts_with(&prefix) {
-                        continue;
-                    }
-                    let r = if a.keys_only {
-                        line(&mut out, a, &[&k])
-                    } else {
-                        line(&mut out, a, &[&k, &v])
-                    };
-                    r.map_err(Failure::stdout)?;
-                }
-                out.flush().map_err(Failure::stdout)?;
+                let (it, f) = follow_prefix(&store, a, &prefix)?;
+                pair_lines(&mut out, a, it)?;
                 follower = f;
                 continue;
             }
@@ -381,6 +359,39 @@ pub fn scan(a: &ScanArgs) -> Result<(), Failure> {
         }
         out.flush().map_err(Failure::stdout)?;
     }
+}
+
+/// A snapshot of the pairs whose key starts with `prefix`, and a follower of every
+/// change after it.
+fn follow_prefix<'p>(
+    store: &Store,
+    a: &ScanArgs,
+    prefix: &'p [u8],
+) -> Result<(PairIter<'p>, mapkv::Follower), Failure> {
+    let (it, f) = store.follow().map_err(|e| fail(&a.path, &e))?;
+    let it = it.filter(move |item| item.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)));
+    Ok((Box::new(it), f))
+}
+
+/// Pairs as `scan` lists them.
+type PairIter<'p> = Box<dyn Iterator<Item = mapkv::Result<(Vec<u8>, Vec<u8>)>> + 'p>;
+
+/// Prints `pairs` as `scan` does (`key<TAB>value`, or the key alone), then flushes.
+fn pair_lines(
+    out: &mut impl Write,
+    a: &ScanArgs,
+    pairs: impl Iterator<Item = mapkv::Result<(Vec<u8>, Vec<u8>)>>,
+) -> Result<(), Failure> {
+    for item in pairs {
+        let (k, v) = item.map_err(|e| fail(&a.path, &e))?;
+        let r = if a.keys_only {
+            line(out, a, &[&k])
+        } else {
+            line(out, a, &[&k, &v])
+        };
+        r.map_err(Failure::stdout)?;
+    }
+    out.flush().map_err(Failure::stdout)
 }
 
 /// Runs `backup`: a consistent copy of the committed state, beside a running writer.
