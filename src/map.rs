@@ -791,6 +791,21 @@ pub(crate) fn prefetch_write_addr(addr: usize) {
     let _ = addr;
 }
 
+/// Hints the CPU to fetch the cache line at `addr` for reading. Any address is fine, as
+/// for [`prefetch_write_addr`].
+pub(crate) fn prefetch_read_addr(addr: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p = std::ptr::without_provenance::<i8>(addr);
+        // SAFETY: as in `prefetch_write_addr`: a hint that never faults and has no
+        // effect the program can observe, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

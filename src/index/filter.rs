@@ -74,6 +74,13 @@ fn split(hash: u64, blocks: u64) -> (usize, u32) {
     (block as usize, m as u32)
 }
 
+/// Address of the block of `hash` in a filter whose [`KeyFilter::layout`] is
+/// `(base, blocks)`: for a prefetch only (a stale layout gives a harmless address).
+pub(crate) fn block_addr(base: usize, blocks: u64, hash: u64) -> usize {
+    let (block, _) = split(hash, blocks);
+    base.wrapping_add(block.wrapping_mul(LANES * 4))
+}
+
 impl KeyFilter {
     /// An empty filter sized for `keys` keys (at least a few thousand), or `None` if the
     /// memory cannot be had (lookups then go to the buckets, as without a filter).
@@ -99,6 +106,11 @@ impl KeyFilter {
             .words()
             .get(block * LANES..(block + 1) * LANES)
             .unwrap_or(&[])
+    }
+
+    /// Where the filter's words start, and its block count: what [`block_addr`] needs.
+    pub(crate) fn layout(&self) -> (usize, u64) {
+        (self.words.words().as_ptr() as usize, self.blocks)
     }
 
     /// Adds a key hash.

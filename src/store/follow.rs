@@ -121,6 +121,7 @@ impl Inner {
         &self,
         key: &[u8],
     ) -> Result<(RwLockReadGuard<'_, State>, Option<RecordRef>)> {
+        let (seed, hash) = self.lookup_hint.prefetch(key);
         loop {
             let st = self.view()?;
             if self.wants_filter(&st) {
@@ -129,8 +130,14 @@ impl Inner {
                 self.ensure_filter();
                 continue;
             }
+            self.lookup_hint.refresh(&st);
             // The view's seed: a reader may have followed its path to another file.
-            let found = st.find_live(key_hash(st.seed, key), key);
+            let hash = if st.seed == seed {
+                hash
+            } else {
+                key_hash(st.seed, key)
+            };
+            let found = st.find_live(hash, key);
             if !st.shared || self.index_unchanged(&st) {
                 return found.map(|r| (st, r));
             }
@@ -414,5 +421,66 @@ fn rebase(
     } else {
         // Keep the old delta (it is still right, only larger).
         (st.delta, st.counters, st.seen.base) = old;
+    }
+}
+
+/// What a lookup needs to ask for its filter block before it takes the state lock: the
+/// seed and the filter layout of the view the last lookup used. A miss then costs about
+/// one memory access, overlapped with the lock's own work, instead of one after it.
+/// Only a hint: a stale one computes a useless address, which a prefetch tolerates.
+#[derive(Debug, Default)]
+pub(crate) struct LookupHint {
+    seed: std::sync::atomic::AtomicU64,
+    base: std::sync::atomic::AtomicUsize,
+    blocks: std::sync::atomic::AtomicU64,
+}
+
+impl LookupHint {
+    /// Hashes `key` with the hinted seed and prefetches its filter block; returns the
+    /// seed and the hash.
+    fn prefetch(&self, key: &[u8]) -> (u64, u64) {
+        let seed = self.seed.load(Ordering::Relaxed);
+        let hash = key_hash(seed, key);
+        let blocks = self.blocks.load(Ordering::Relaxed);
+        if blocks != 0 {
+            let base = self.base.load(Ordering::Relaxed);
+            crate::map::prefetch_read_addr(crate::index::filter::block_addr(base, blocks, hash));
+        }
+        (seed, hash)
+    }
+
+    /// Makes the hint wrong in every field (unit tests only).
+    #[cfg(test)]
+    pub(super) fn scramble(&self) {
+        self.seed.fetch_xor(0x5a5a, Ordering::Relaxed);
+        self.base.store(4096, Ordering::Relaxed);
+        self.blocks.store(3, Ordering::Relaxed);
+    }
+
+    /// The hinted seed and filter layout (unit tests only).
+    #[cfg(test)]
+    pub(super) fn get(&self) -> (u64, usize, u64) {
+        (
+            self.seed.load(Ordering::Relaxed),
+            self.base.load(Ordering::Relaxed),
+            self.blocks.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Brings the hint up to `st` (its seed, its filter once ready).
+    fn refresh(&self, st: &State) {
+        let (base, blocks) = st
+            .filter
+            .as_ref()
+            .filter(|f| f.ready())
+            .map_or((0, 0), |f| f.layout());
+        if self.seed.load(Ordering::Relaxed) != st.seed
+            || self.base.load(Ordering::Relaxed) != base
+            || self.blocks.load(Ordering::Relaxed) != blocks
+        {
+            self.seed.store(st.seed, Ordering::Relaxed);
+            self.base.store(base, Ordering::Relaxed);
+            self.blocks.store(blocks, Ordering::Relaxed);
+        }
     }
 }

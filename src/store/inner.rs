@@ -155,6 +155,8 @@ pub(crate) struct Inner {
     /// another thread when the tail passed its window would fault released pages back
     /// in (a prefault skips only what is published when it starts).
     pub(super) released_to: Mutex<(u64, u64)>,
+    /// The seed and filter layout of the last view a lookup used (see `LookupHint`).
+    pub(super) lookup_hint: super::follow::LookupHint,
     /// The last piece of counter resolution found the index buckets out of memory (its
     /// lookups were slow): the next pieces read their buckets in first.
     pub(super) index_cold: std::sync::atomic::AtomicBool,
@@ -251,6 +253,7 @@ impl Inner {
             prefaulted_bytes: AtomicU64::new(0),
             next_deltas_taken: AtomicU64::new(0),
             released_to: Mutex::new((0, end)),
+            lookup_hint: super::follow::LookupHint::default(),
             index_cold: std::sync::atomic::AtomicBool::new(false),
             resolved_pieces: AtomicU64::new(0),
             prefetched_pieces: AtomicU64::new(0),

@@ -1998,3 +1998,44 @@ fn a_close_gives_back_what_was_allocated_ahead_of_the_writer() {
         "a closed store of {end} log bytes kept {len} bytes"
     );
 }
+
+#[test]
+fn a_stale_lookup_hint_changes_no_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(
+        dir.path().join("hint.mkv"),
+        Options::default()
+            .durability(Durability::None)
+            .checkpoint_keys(2_000),
+    )
+    .expect("open");
+    let key = |i: u32| format!("hint-key-{i}");
+    for i in 0..20_000u32 {
+        store.put(key(i), i.to_le_bytes()).expect("put");
+    }
+    // Lookups start the filter's build; wait until lookups use it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while store.stats().key_filter_bytes == 0 || store.inner.lookup_hint.get().2 == 0 {
+        assert!(std::time::Instant::now() < deadline, "no filter was built");
+        let _ = store.get(b"nudge").expect("get");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let seed = store.inner.state.read().seed;
+    assert_eq!(store.inner.lookup_hint.get().0, seed);
+    for i in (0..20_000u32).step_by(7) {
+        store.inner.lookup_hint.scramble();
+        assert_eq!(
+            store.get(key(i)).expect("get").as_deref(),
+            Some(&i.to_le_bytes()[..]),
+            "key {i} after a wrong hint"
+        );
+        store.inner.lookup_hint.scramble();
+        assert_eq!(store.get(key(i + 50_000)).expect("get"), None);
+    }
+    // A lookup brings the hint back to the view.
+    let _ = store.get(key(1)).expect("get");
+    let (s, base, blocks) = store.inner.lookup_hint.get();
+    assert_eq!(s, seed);
+    assert!(base != 4096 && blocks != 3);
+    store.close().expect("close");
+}
