@@ -292,6 +292,73 @@ fn verify_repair_keeps_the_records_after_a_damaged_one() {
     assert!(stdout(&o).is_empty(), "the damaged pair is gone: {o:?}");
 }
 
+/// `mapkv bench`'s table is the matrix of value sizes x policies x populate: by default
+/// 100 B and 4 KiB values, each size's store holding about the same bytes; the JSON has
+/// one row per cell, each naming its size.
+#[test]
+fn bench_rows_cover_every_value_size() {
+    let (dir, _path) = tmp();
+    let d = dir.path().to_str().expect("utf-8 path");
+    let args = [
+        "bench",
+        "--quick",
+        "--keys",
+        "20000",
+        "--policies",
+        "none,always",
+        "--write-secs",
+        "0.2",
+        "--read-secs",
+        "0.05",
+        "--dir",
+        d,
+    ];
+    let o = mapkv(&[&args[..], &["--json"]].concat());
+    assert!(o.status.success(), "{o:?}");
+    let j: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON");
+    let rows = j["rows"].as_array().expect("rows");
+    let mut cells: Vec<(u64, String, bool)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["value_size"].as_u64().expect("value_size"),
+                r["policy"].as_str().expect("policy").to_owned(),
+                r["populate"].as_bool().expect("populate"),
+            )
+        })
+        .collect();
+    cells.sort();
+    let mut want = Vec::new();
+    for size in [100u64, 4096] {
+        for policy in ["always", "none"] {
+            for populate in [false, true] {
+                want.push((size, policy.to_owned(), populate));
+            }
+        }
+    }
+    assert_eq!(cells, want);
+    // About the same bytes at each size: 20,000 keys of 100 B, 564 of 4 KiB (the floor
+    // of 1,000 keys applies).
+    let keys = |size: u64| {
+        rows.iter()
+            .find(|r| r["value_size"].as_u64() == Some(size))
+            .and_then(|r| r["keys"].as_u64())
+    };
+    assert_eq!(keys(100), Some(20_000));
+    assert_eq!(keys(4096), Some(1_000));
+    assert_eq!(j["value_sizes"], serde_json::json!([100, 4096]));
+
+    // The table names the size of each row; one size alone gives its rows only.
+    let o = mapkv(&[&args[..], &["--value-size", "512"]].concat());
+    assert!(o.status.success(), "{o:?}");
+    let out = stdout(&o);
+    assert!(out.contains("20000 keys x 512 B values"), "{out}");
+    let table_rows = out.lines().filter(|l| l.starts_with("│ 512 B ")).count();
+    assert_eq!(table_rows, 4, "{out}");
+    let o = mapkv(&["bench", "--value-size", "", "--dir", d]);
+    assert!(!o.status.success(), "{o:?}");
+}
+
 /// `mapkv bench` shows its progress on stderr also where stderr is not a terminal (a CI
 /// log, a script): one line per step, each naming what runs.
 #[test]

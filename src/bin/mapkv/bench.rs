@@ -54,9 +54,12 @@ pub struct BenchArgs {
     /// Keys in the store every row opens and reads; also the most writes one row makes.
     #[arg(long, default_value_t = 500_000)]
     pub keys: u64,
-    /// Value size in bytes (keys are 16 bytes).
-    #[arg(long, default_value_t = 100)]
-    pub value_size: usize,
+    /// Value sizes in bytes, comma-separated (keys are 16 bytes): the table has the
+    /// policy x populate rows for each. The first size's store holds `--keys` keys, each
+    /// further size's as many bytes of keys and values (at least 1,000 keys). Group
+    /// commit, `--sweep` and `--kill-recovery` use the first size.
+    #[arg(long = "value-size", value_name = "BYTES", value_delimiter = ',', default_value = "100,4096", num_args = 1..)]
+    pub value_sizes: Vec<usize>,
     /// Writer threads. More than one shows group commit: concurrent `always` writers
     /// share syncs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -110,6 +113,26 @@ pub struct BenchArgs {
     /// writer for the store's own threads; 0: the writer's priority).
     #[arg(long, value_name = "STEPS", default_value_t = mapkv::Options::DEFAULT_BACKGROUND_NICE)]
     pub background_nice: u8,
+}
+
+impl BenchArgs {
+    /// The first of `--value-size` (what the sections with one size use).
+    pub fn value_size(&self) -> usize {
+        self.value_sizes.first().copied().unwrap_or(100)
+    }
+
+    /// Keys of the store for the rows of values of `size` bytes: `--keys` for the first
+    /// size, as many bytes of keys and values for the others (at least 1,000 keys).
+    fn keys_for(&self, size: usize) -> u64 {
+        if size == self.value_size() {
+            return self.keys;
+        }
+        let bytes = u128::from(self.keys) * (16 + self.value_size() as u128);
+        let keys = bytes / (16 + size as u128);
+        u64::try_from(keys)
+            .unwrap_or(u64::MAX)
+            .clamp(self.keys.min(1_000), self.keys)
+    }
 }
 
 /// A durability policy chosen on the command line.
@@ -188,9 +211,13 @@ pub enum ReadersSel {
     Only,
 }
 
-/// One row of the table: one policy with populate on or off.
+/// One row of the table: one value size and policy, with populate on or off.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
+    /// Value size in bytes.
+    pub value_size: usize,
+    /// Keys in the store the row opened.
+    pub keys: u64,
     /// Durability policy.
     pub policy: String,
     /// `Options::populate`.
@@ -271,12 +298,17 @@ pub struct Report {
     pub filesystem: String,
     /// Benchmark directory.
     pub dir: String,
-    /// Keys in the store.
+    /// Keys in the store of the first value size.
     pub keys: u64,
-    /// Value size.
+    /// The first value size (the in-memory baselines and group commit use it).
     pub value_size: usize,
-    /// Puts per second filling the base store (`Durability::None`, one thread).
+    /// Every value size of the table, in order.
+    pub value_sizes: Vec<usize>,
+    /// Puts per second filling the base store of the first value size
+    /// (`Durability::None`, one thread).
     pub unsynced_fill_per_s: f64,
+    /// The same for each value size: `(value size, keys, puts per second)`.
+    pub unsynced_fill_by_size: Vec<(usize, u64, f64)>,
     /// Appends per second of the same records into a `Vec` (the memcpy floor).
     pub in_memory_append_per_s: f64,
     /// Puts per second into a `Vec` log (memory touched beforehand) plus a `HashMap`
@@ -323,6 +355,9 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
     if a.policies.is_empty() {
         return Err(Failure::msg("--policies is empty"));
     }
+    if a.value_sizes.is_empty() {
+        return Err(Failure::msg("--value-size is empty"));
+    }
     // The temporary directory (if any) lives until the end of the run.
     let (_tmp, dir) = match &a.dir {
         Some(d) => {
@@ -358,7 +393,7 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
             &dir,
             &filesystem,
             sizes,
-            a.value_size,
+            a.value_size(),
             a.background_nice,
             a.json,
         );
@@ -371,8 +406,9 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
     }
     let with_readers = !a.quick && a.readers == ReadersSel::On;
 
-    let rows_n = a.policies.len() * a.populate.values().len();
-    let steps = 3
+    let rows_n = a.value_sizes.len() * a.policies.len() * a.populate.values().len();
+    let steps = 2
+        + a.value_sizes.len() as u64
         + rows_n as u64
         + if a.quick { 0 } else { 2 + crate::flags::STEPS }
         + if with_readers {
@@ -387,28 +423,33 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
         .map_err(|e| io_fail("raw sync measurement", &e))?;
     pb.inc(1);
 
-    pb.set_message(format!("filling the base store ({} keys)", a.keys));
-    let base = dir.join("base.mkv");
-    let fill_rate = fill_base(&base, a.keys, a.value_size)?;
-    pb.inc(1);
     pb.set_message("in-memory append baseline");
-    let append_rate = measure::in_memory_append_rate(a.keys.min(1_000_000), a.value_size);
-    let mem_store_rate = measure::in_memory_store_rate(a.keys.min(1_000_000), a.value_size, true);
-    let mem_growing_rate =
-        measure::in_memory_store_rate(a.keys.min(1_000_000), a.value_size, false);
+    let (n_mem, size0) = (a.keys.min(1_000_000), a.value_size());
+    let append_rate = measure::in_memory_append_rate(n_mem, size0);
+    let mem_store_rate = measure::in_memory_store_rate(n_mem, size0, true);
+    let mem_growing_rate = measure::in_memory_store_rate(n_mem, size0, false);
     pb.inc(1);
 
-    let perm = Rng::new(42).permutation(a.keys);
+    let base = dir.join("base.mkv");
     let mut rows = Vec::new();
-    for p in &a.policies {
-        for &populate in a.populate.values() {
-            pb.set_message(format!(
-                "{} populate={}",
-                p.label,
-                if populate { "on" } else { "off" }
-            ));
-            rows.push(run_row(a, &dir, &base, &perm, p, populate)?);
-            pb.inc(1);
+    let mut fills = Vec::new();
+    for &size in &a.value_sizes {
+        let keys = a.keys_for(size);
+        pb.set_message(format!("filling the base store ({keys} keys x {size} B)"));
+        fills.push((size, keys, fill_base(&base, keys, size)?));
+        pb.inc(1);
+        let perm = Rng::new(42).permutation(keys);
+        for p in &a.policies {
+            for &populate in a.populate.values() {
+                pb.set_message(format!(
+                    "{size} B, {} populate={}",
+                    p.label,
+                    if populate { "on" } else { "off" }
+                ));
+                let sized = Sized { size, keys };
+                rows.push(run_row(a, sized, &dir, &base, &perm, p, populate)?);
+                pb.inc(1);
+            }
         }
     }
 
@@ -420,7 +461,7 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
             group.push(group_commit(
                 &dir,
                 threads,
-                a.value_size,
+                a.value_size(),
                 a.write_secs.min(2.0),
             )?);
             pb.inc(1);
@@ -443,8 +484,10 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
         filesystem,
         dir: dir.display().to_string(),
         keys: a.keys,
-        value_size: a.value_size,
-        unsynced_fill_per_s: fill_rate,
+        value_size: a.value_size(),
+        value_sizes: a.value_sizes.clone(),
+        unsynced_fill_per_s: fills.first().map_or(0.0, |f| f.2),
+        unsynced_fill_by_size: fills,
         in_memory_append_per_s: append_rate,
         in_memory_store_per_s: mem_store_rate,
         in_memory_store_growing_per_s: mem_growing_rate,
@@ -493,8 +536,16 @@ pub(crate) fn fill_base(path: &Path, keys: u64, value_size: usize) -> Result<f64
     Ok(rate)
 }
 
+/// The value size of a row and the keys of its store.
+#[derive(Debug, Clone, Copy)]
+struct Sized {
+    size: usize,
+    keys: u64,
+}
+
 fn run_row(
     a: &BenchArgs,
+    sized: Sized,
     dir: &Path,
     base: &Path,
     perm: &[u64],
@@ -531,20 +582,21 @@ fn run_row(
     }
     let first_touch_ms = t.elapsed().as_secs_f64() * 1e3;
     let touch_faults = faults_since(f0);
-    if sum != perm.len() * a.value_size {
+    if sum != perm.len() * sized.size {
         return Err(Failure::msg(format!(
             "{}: read back {sum} value bytes, expected {}: the store lost data",
             path.display(),
-            perm.len() * a.value_size
+            perm.len() * sized.size
         )));
     }
     let resident_bytes_after_touch = store.stats().resident_bytes;
 
     // Warm random reads, then of keys the store does not hold.
+    let keys = sized.keys;
     let reads_per_s =
-        random_reads(&store, 0, a.keys, a.read_secs).map_err(|e| store_fail(&path, &e))?;
+        random_reads(&store, 0, keys, a.read_secs).map_err(|e| store_fail(&path, &e))?;
     let misses_per_s =
-        random_reads(&store, a.keys, a.keys, a.read_secs).map_err(|e| store_fail(&path, &e))?;
+        random_reads(&store, keys, keys, a.read_secs).map_err(|e| store_fail(&path, &e))?;
 
     // Writes under the policy.
     let raw_sync = if p.durability == Durability::Always {
@@ -557,15 +609,8 @@ fn run_row(
     };
     let before = store.stats();
     let f0 = crate::sys::page_faults();
-    let w = write_phase(
-        &store,
-        a.keys,
-        a.keys,
-        a.threads,
-        a.value_size,
-        a.write_secs,
-    )
-    .map_err(|e| store_fail(&path, &e))?;
+    let w = write_phase(&store, keys, keys, a.threads, sized.size, a.write_secs)
+        .map_err(|e| store_fail(&path, &e))?;
     let write_faults = faults_since(f0);
     let after = store.stats();
     let t = Instant::now();
@@ -575,6 +620,8 @@ fn run_row(
 
     let p50 = w.latency.p50_ns.max(1) as f64;
     Ok(Row {
+        value_size: sized.size,
+        keys,
         policy: p.label.clone(),
         populate,
         threads: a.threads,
@@ -766,13 +813,20 @@ fn faults(f: (u64, u64)) -> String {
 fn render(a: &BenchArgs, r: &Report) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
+    let sizes = r
+        .unsynced_fill_by_size
+        .iter()
+        .map(|&(size, keys, _)| format!("{keys} keys x {size} B"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let _ = writeln!(
         s,
-        "mapkv bench: {} keys x {} B values, {} writer thread(s); {} in {}; kernel {}",
-        r.keys, r.value_size, a.threads, r.filesystem, r.dir, r.kernel
+        "mapkv bench: {sizes} values, {} writer thread(s); {} in {}; kernel {}",
+        a.threads, r.filesystem, r.dir, r.kernel
     );
     let mut t = table();
     t.set_header(vec![
+        "value",
         "policy",
         "populate",
         "writes/s",
@@ -792,6 +846,7 @@ fn render(a: &BenchArgs, r: &Report) -> String {
     ]);
     for row in &r.rows {
         t.add_row(vec![
+            fmt_bytes(row.value_size as u64),
             row.policy.clone(),
             if row.populate { "on" } else { "off" }.into(),
             fmt_rate(row.writes_per_s),
@@ -814,18 +869,26 @@ fn render(a: &BenchArgs, r: &Report) -> String {
             fmt_secs(row.close_ms / 1e3),
         ]);
     }
-    right_align(&mut t, 2);
+    right_align(&mut t, 3);
     let _ = writeln!(s, "{t}");
 
     // Cache state.
     let cold = r.rows.iter().all(|x| x.resident_pages_before_open == 0);
-    let pages = r.rows.first().map_or(0, |x| x.file_pages);
-    let _ = writeln!(
+    let mut pages = Vec::new();
+    for row in &r.rows {
+        let p = format!("{} pages at {} B", row.file_pages, row.value_size);
+        if !pages.contains(&p) {
+            pages.push(p);
+        }
+    }
+    let _ =
+        writeln!(
         s,
-        "Cache: every row opened a copy of the same cleanly closed store ({} pages), evicted first \
-         (fdatasync + POSIX_FADV_DONTNEED); mincore before open: {}. `open` and `first touch` \
-         (one get of every key, random order) are cold; reads/s is warm (second pass, 1 thread).",
-        pages,
+        "Cache: every row opened a copy of the same cleanly closed store of its value size ({}), \
+         evicted first (fdatasync + POSIX_FADV_DONTNEED); mincore before open: {}. `open` and \
+         `first touch` (one get of every key, random order) are cold; reads/s is warm (second \
+         pass, 1 thread).",
+        pages.join(", "),
         if cold {
             "0 pages resident in every row, so cold".to_owned()
         } else {
@@ -860,8 +923,9 @@ fn render(a: &BenchArgs, r: &Report) -> String {
         {
             let _ = writeln!(
                 s,
-                "  always, populate {}: p50 write = {ratio:.2}x one raw sync ({} measured just before, {}); \
+                "  {} B, always, populate {}: p50 write = {ratio:.2}x one raw sync ({} measured just before, {}); \
                  p99/p50 = {tail:.2}; {:.2} syncs per write; {} writes/s = {:.2}x the raw sync rate.",
+                row.value_size,
                 if row.populate { "on " } else { "off" },
                 fmt_ns(raw.median_ns()),
                 if Regime::of(raw.median_ns()) == Regime::Fast { "fast regime" } else { "slow regime" },
@@ -878,11 +942,12 @@ fn render(a: &BenchArgs, r: &Report) -> String {
     let fill = r.unsynced_fill_per_s.max(1e-9);
     let _ = writeln!(
         s,
-        "Unsynced fill of the fresh base store (Durability::None, 1 thread, one clock for the \
-         loop): {} puts/s. In memory, the same records ({} of them): {} puts/s into a Vec \
+        "Unsynced fill of the fresh base store of {} B values (Durability::None, 1 thread, one \
+         clock for the loop): {} puts/s. In memory, the same records ({} of them): {} puts/s into a Vec \
          log + HashMap index (log memory touched beforehand) = {:.2}x the store; {} puts/s \
          with the log grown as it goes = {:.2}x; {} appends/s into a Vec alone (memcpy floor) \
          = {:.1}x.",
+        r.value_size,
         fmt_rate(r.unsynced_fill_per_s),
         r.keys.min(1_000_000),
         fmt_rate(r.in_memory_store_per_s),
@@ -896,10 +961,15 @@ fn render(a: &BenchArgs, r: &Report) -> String {
     // Populate: what it costs at open and saves on first touch, per policy.
     let mut lines = Vec::new();
     for off in r.rows.iter().filter(|x| !x.populate) {
-        if let Some(on) = r.rows.iter().find(|x| x.populate && x.policy == off.policy) {
+        if let Some(on) = r
+            .rows
+            .iter()
+            .find(|x| x.populate && x.policy == off.policy && x.value_size == off.value_size)
+        {
             lines.push(format!(
-                "  {}: open {} -> {} (+{}), first touch {} -> {}, faults on first touch {} -> {}, \
+                "  {} B, {}: open {} -> {} (+{}), first touch {} -> {}, faults on first touch {} -> {}, \
                  write faults {} -> {}, writes/s {} -> {}",
+                off.value_size,
                 off.policy,
                 fmt_secs(off.open_ms / 1e3),
                 fmt_secs(on.open_ms / 1e3),

@@ -584,7 +584,7 @@ fn one_kill(
         "--max-keys".into(),
         max_keys.max(keys_before).to_string(),
         "--value-size".into(),
-        a.value_size.to_string(),
+        a.value_size().to_string(),
         "--seed".into(),
         seed.to_string(),
     ];
@@ -690,7 +690,7 @@ pub fn run_only(
     let pb = crate::progress::bar(kills + 1);
     pb.set_message(format!("filling the store ({} keys)", a.keys));
     let path = dir.join("kill.mkv");
-    crate::bench::fill_base(&path, a.keys, a.value_size)?;
+    crate::bench::fill_base(&path, a.keys, a.value_size())?;
     let first_clean_open_ms = clean_open(&path)?;
     pb.inc(1);
 
@@ -750,7 +750,7 @@ fn summarize(
         dir: dir.display().to_string(),
         kernel: measure::kernel(),
         keys: a.keys,
-        value_size: a.value_size,
+        value_size: a.value_size(),
         seed,
         first_clean_open_ms,
         worst_over_median: open_after_kill.ratio(),

@@ -25,14 +25,24 @@ fn si(v: f64) -> String {
 /// Draws the report's rows into an SVG at `path`: one group of bars per policy, populate
 /// off in full colour and populate on lighter, right beside it.
 pub fn draw(path: &Path, r: &Report) -> Result<(), Box<dyn std::error::Error>> {
-    let mut policies: Vec<&str> = Vec::new();
+    // One group per policy, or per value size and policy when there are several sizes.
+    let group = |row: &crate::bench::Row| {
+        if r.value_sizes.len() > 1 {
+            format!("{} {}B", row.policy, row.value_size)
+        } else {
+            row.policy.clone()
+        }
+    };
+    let mut policies: Vec<String> = Vec::new();
     for row in &r.rows {
-        if !policies.contains(&row.policy.as_str()) {
-            policies.push(&row.policy);
+        let g = group(row);
+        if !policies.contains(&g) {
+            policies.push(g);
         }
     }
     let slot = |row: &crate::bench::Row| -> (f64, f64) {
-        let g = policies.iter().position(|p| *p == row.policy).unwrap_or(0) as f64;
+        let name = group(row);
+        let g = policies.iter().position(|p| *p == name).unwrap_or(0) as f64;
         (g, if row.populate { 1.0 } else { 0.0 })
     };
     let n = policies.len().max(1) as f64;
@@ -40,7 +50,7 @@ pub fn draw(path: &Path, r: &Report) -> Result<(), Box<dyn std::error::Error>> {
     root.fill(&WHITE)?;
     let root = root.titled(
         &format!(
-            "mapkv bench: {} keys x {} B values, {}; raw sync median {:.0} us; lighter bars: populate on",
+            "mapkv bench: {} keys x {} B values (and as many bytes at each other size), {}; raw sync median {:.0} us; lighter bars: populate on",
             r.keys,
             r.value_size,
             r.filesystem,
