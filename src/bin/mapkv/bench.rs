@@ -51,12 +51,15 @@ pub struct BenchArgs {
     /// afterwards). Must be on the disk you want to measure; tmpfs makes syncs free.
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Keys in the store every row opens and reads; also the most writes one row makes.
+    /// Keys in the store every row of the first value size opens and reads; also the most
+    /// writes one such row makes (see `--value-size` for the other sizes).
     #[arg(long, default_value_t = 500_000)]
     pub keys: u64,
-    /// Value sizes in bytes, comma-separated (keys are 16 bytes): the table has the
-    /// policy x populate rows for each. The first size's store holds `--keys` keys, each
-    /// further size's as many bytes of keys and values (at least 1,000 keys). Group
+    /// Value sizes in bytes, comma-separated (keys are 16 bytes; a size given twice
+    /// counts once): the table has the policy x populate rows for each. The first size's
+    /// store holds `--keys` keys, each further size's as many bytes of keys and values
+    /// (at least 100 keys), and its rows write at most four times that many bytes, so
+    /// that a write phase at large values still spans a few `periodic` intervals. Group
     /// commit, `--sweep` and `--kill-recovery` use the first size.
     #[arg(long = "value-size", value_name = "BYTES", value_delimiter = ',', default_value = "100,4096", num_args = 1..)]
     pub value_sizes: Vec<usize>,
@@ -121,17 +124,29 @@ impl BenchArgs {
         self.value_sizes.first().copied().unwrap_or(100)
     }
 
-    /// Keys of the store for the rows of values of `size` bytes: `--keys` for the first
-    /// size, as many bytes of keys and values for the others (at least 1,000 keys).
-    fn keys_for(&self, size: usize) -> u64 {
+    /// The value sizes, each once, in the order given.
+    fn sizes(&self) -> Vec<usize> {
+        let mut sizes = Vec::new();
+        for &s in &self.value_sizes {
+            if !sizes.contains(&s) {
+                sizes.push(s);
+            }
+        }
+        sizes
+    }
+
+    /// Keys of the store for the rows of values of `size` bytes, and the most writes one
+    /// of those rows makes: `--keys` both for the first size; for the others, as many
+    /// bytes of keys and values (at least 100 keys) and four times as many writes.
+    fn keys_for(&self, size: usize) -> (u64, u64) {
         if size == self.value_size() {
-            return self.keys;
+            return (self.keys, self.keys);
         }
         let bytes = u128::from(self.keys) * (16 + self.value_size() as u128);
-        let keys = bytes / (16 + size as u128);
-        u64::try_from(keys)
+        let keys = u64::try_from(bytes / (16 + size as u128))
             .unwrap_or(u64::MAX)
-            .clamp(self.keys.min(1_000), self.keys)
+            .max(self.keys.min(100));
+        (keys, keys.saturating_mul(4))
     }
 }
 
@@ -406,9 +421,10 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
     }
     let with_readers = !a.quick && a.readers == ReadersSel::On;
 
-    let rows_n = a.value_sizes.len() * a.policies.len() * a.populate.values().len();
+    let sizes = a.sizes();
+    let rows_n = sizes.len() * a.policies.len() * a.populate.values().len();
     let steps = 2
-        + a.value_sizes.len() as u64
+        + sizes.len() as u64
         + rows_n as u64
         + if a.quick { 0 } else { 2 + crate::flags::STEPS }
         + if with_readers {
@@ -433,8 +449,8 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
     let base = dir.join("base.mkv");
     let mut rows = Vec::new();
     let mut fills = Vec::new();
-    for &size in &a.value_sizes {
-        let keys = a.keys_for(size);
+    for &size in &sizes {
+        let (keys, writes) = a.keys_for(size);
         pb.set_message(format!("filling the base store ({keys} keys x {size} B)"));
         fills.push((size, keys, fill_base(&base, keys, size)?));
         pb.inc(1);
@@ -446,7 +462,7 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
                     p.label,
                     if populate { "on" } else { "off" }
                 ));
-                let sized = Sized { size, keys };
+                let sized = Sized { size, keys, writes };
                 rows.push(run_row(a, sized, &dir, &base, &perm, p, populate)?);
                 pb.inc(1);
             }
@@ -485,7 +501,7 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
         dir: dir.display().to_string(),
         keys: a.keys,
         value_size: a.value_size(),
-        value_sizes: a.value_sizes.clone(),
+        value_sizes: sizes,
         unsynced_fill_per_s: fills.first().map_or(0.0, |f| f.2),
         unsynced_fill_by_size: fills,
         in_memory_append_per_s: append_rate,
@@ -517,12 +533,15 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
 /// returns puts per second (the close's sync not included).
 pub(crate) fn fill_base(path: &Path, keys: u64, value_size: usize) -> Result<f64, Failure> {
     let _ = std::fs::remove_file(path);
-    let est = keys * (value_size as u64 + 16 + 32) * 2;
+    // Room for the records and their index up front (at most 1 GiB: the store grows).
+    let est = keys
+        .saturating_mul(value_size as u64 + 16 + 32)
+        .saturating_mul(2);
     let store = Store::open(
         path,
         Options::default()
             .durability(Durability::None)
-            .initial_size(est.max(1 << 20)),
+            .initial_size(est.clamp(1 << 20, 1 << 30)),
     )
     .map_err(|e| store_fail(path, &e))?;
     let mut val = measure::value(0, value_size);
@@ -536,11 +555,12 @@ pub(crate) fn fill_base(path: &Path, keys: u64, value_size: usize) -> Result<f64
     Ok(rate)
 }
 
-/// The value size of a row and the keys of its store.
+/// The value size of a row, the keys of its store and the most writes it makes.
 #[derive(Debug, Clone, Copy)]
 struct Sized {
     size: usize,
     keys: u64,
+    writes: u64,
 }
 
 fn run_row(
@@ -609,8 +629,15 @@ fn run_row(
     };
     let before = store.stats();
     let f0 = crate::sys::page_faults();
-    let w = write_phase(&store, keys, keys, a.threads, sized.size, a.write_secs)
-        .map_err(|e| store_fail(&path, &e))?;
+    let w = write_phase(
+        &store,
+        keys,
+        sized.writes,
+        a.threads,
+        sized.size,
+        a.write_secs,
+    )
+    .map_err(|e| store_fail(&path, &e))?;
     let write_faults = faults_since(f0);
     let after = store.stats();
     let t = Instant::now();
