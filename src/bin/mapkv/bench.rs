@@ -58,9 +58,10 @@ pub struct BenchArgs {
     /// Value sizes in bytes, comma-separated (keys are 16 bytes; a size given twice
     /// counts once): the table has the policy x populate rows for each. The first size's
     /// store holds `--keys` keys, each further size's as many bytes of keys and values
-    /// (at least 100 keys), and its rows write at most four times that many bytes, so
-    /// that a write phase at large values still spans a few `periodic` intervals. Group
-    /// commit, `--sweep` and `--kill-recovery` use the first size.
+    /// (at least 100 keys), and its rows write at most four times that many bytes (so
+    /// that a write phase at large values still spans a few `periodic` intervals), for at
+    /// most 1 s, and read for at most 0.25 s (so the default run stays near a minute).
+    /// Group commit, `--sweep` and `--kill-recovery` use the first size.
     #[arg(long = "value-size", value_name = "BYTES", value_delimiter = ',', default_value = "100,4096", num_args = 1..)]
     pub value_sizes: Vec<usize>,
     /// Writer threads. More than one shows group commit: concurrent `always` writers
@@ -462,7 +463,22 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
                     p.label,
                     if populate { "on" } else { "off" }
                 ));
-                let sized = Sized { size, keys, writes };
+                let first = size == a.value_size();
+                let sized = Sized {
+                    size,
+                    keys,
+                    writes,
+                    write_secs: if first {
+                        a.write_secs
+                    } else {
+                        a.write_secs.min(1.0)
+                    },
+                    read_secs: if first {
+                        a.read_secs
+                    } else {
+                        a.read_secs.min(0.25)
+                    },
+                };
                 rows.push(run_row(a, sized, &dir, &base, &perm, p, populate)?);
                 pb.inc(1);
             }
@@ -555,12 +571,15 @@ pub(crate) fn fill_base(path: &Path, keys: u64, value_size: usize) -> Result<f64
     Ok(rate)
 }
 
-/// The value size of a row, the keys of its store and the most writes it makes.
+/// The value size of a row, the keys of its store, the most writes it makes, and its
+/// write and read phases' most seconds.
 #[derive(Debug, Clone, Copy)]
 struct Sized {
     size: usize,
     keys: u64,
     writes: u64,
+    write_secs: f64,
+    read_secs: f64,
 }
 
 fn run_row(
@@ -614,9 +633,9 @@ fn run_row(
     // Warm random reads, then of keys the store does not hold.
     let keys = sized.keys;
     let reads_per_s =
-        random_reads(&store, 0, keys, a.read_secs).map_err(|e| store_fail(&path, &e))?;
+        random_reads(&store, 0, keys, sized.read_secs).map_err(|e| store_fail(&path, &e))?;
     let misses_per_s =
-        random_reads(&store, keys, keys, a.read_secs).map_err(|e| store_fail(&path, &e))?;
+        random_reads(&store, keys, keys, sized.read_secs).map_err(|e| store_fail(&path, &e))?;
 
     // Writes under the policy.
     let raw_sync = if p.durability == Durability::Always {
@@ -635,7 +654,7 @@ fn run_row(
         sized.writes,
         a.threads,
         sized.size,
-        a.write_secs,
+        sized.write_secs,
     )
     .map_err(|e| store_fail(&path, &e))?;
     let write_faults = faults_since(f0);
