@@ -346,6 +346,11 @@ fn bench_rows_cover_every_value_size() {
     assert_eq!(keys(100), Some(20_000));
     assert_eq!(keys(4096), Some(564));
     assert_eq!(j["value_sizes"], serde_json::json!([100, 4096]));
+    let fills = j["unsynced_fill_by_size"].as_array().expect("fills");
+    assert_eq!(fills.len(), 2);
+    assert_eq!(fills[1]["value_size"], 4096);
+    assert_eq!(fills[1]["keys"], 564);
+    assert!(fills[1]["puts_per_s"].as_f64().is_some_and(|r| r > 0.0));
 
     // The table names the size of each row; one size alone gives its rows only.
     let o = mapkv(&[&args[..], &["--value-size", "512"]].concat());

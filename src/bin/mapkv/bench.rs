@@ -305,6 +305,17 @@ pub struct GroupCommit {
     pub writes_per_sync: f64,
 }
 
+/// The fill of one value size's base store.
+#[derive(Debug, Clone, Serialize)]
+pub struct SizeFill {
+    /// Value size in bytes.
+    pub value_size: usize,
+    /// Keys put.
+    pub keys: u64,
+    /// Puts per second (`Durability::None`, one thread, the close not included).
+    pub puts_per_s: f64,
+}
+
 /// Everything one `mapkv bench` run measured (the `--json` output).
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -323,8 +334,8 @@ pub struct Report {
     /// Puts per second filling the base store of the first value size
     /// (`Durability::None`, one thread).
     pub unsynced_fill_per_s: f64,
-    /// The same for each value size: `(value size, keys, puts per second)`.
-    pub unsynced_fill_by_size: Vec<(usize, u64, f64)>,
+    /// The same for each value size.
+    pub unsynced_fill_by_size: Vec<SizeFill>,
     /// Appends per second of the same records into a `Vec` (the memcpy floor).
     pub in_memory_append_per_s: f64,
     /// Puts per second into a `Vec` log (memory touched beforehand) plus a `HashMap`
@@ -453,7 +464,11 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
     for &size in &sizes {
         let (keys, writes) = a.keys_for(size);
         pb.set_message(format!("filling the base store ({keys} keys x {size} B)"));
-        fills.push((size, keys, fill_base(&base, keys, size)?));
+        fills.push(SizeFill {
+            value_size: size,
+            keys,
+            puts_per_s: fill_base(&base, keys, size)?,
+        });
         pb.inc(1);
         let perm = Rng::new(42).permutation(keys);
         for p in &a.policies {
@@ -518,7 +533,7 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
         keys: a.keys,
         value_size: a.value_size(),
         value_sizes: sizes,
-        unsynced_fill_per_s: fills.first().map_or(0.0, |f| f.2),
+        unsynced_fill_per_s: fills.first().map_or(0.0, |f| f.puts_per_s),
         unsynced_fill_by_size: fills,
         in_memory_append_per_s: append_rate,
         in_memory_store_per_s: mem_store_rate,
@@ -862,7 +877,7 @@ fn render(a: &BenchArgs, r: &Report) -> String {
     let sizes = r
         .unsynced_fill_by_size
         .iter()
-        .map(|&(size, keys, _)| format!("{keys} keys x {size} B"))
+        .map(|f| format!("{} keys x {} B", f.keys, f.value_size))
         .collect::<Vec<_>>()
         .join(", ");
     let _ = writeln!(
