@@ -428,7 +428,10 @@ fn rebase(
 /// seed and the filter layout of the view the last lookup used. A miss then costs about
 /// one memory access, overlapped with the lock's own work, instead of one after it.
 /// Only a hint: a stale one computes a useless address, which a prefetch tolerates.
+/// Read by every lookup and written almost never, it has a cache line of its own, so
+/// that the writer's counters cannot share (and keep invalidating) it.
 #[derive(Debug, Default)]
+#[repr(align(64))]
 pub(crate) struct LookupHint {
     seed: std::sync::atomic::AtomicU64,
     base: std::sync::atomic::AtomicUsize,
