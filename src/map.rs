@@ -780,13 +780,7 @@ impl std::fmt::Debug for AtomicWords {
 /// effect the program can observe. Nothing happens off x86-64.
 pub(crate) fn prefetch_write_addr(addr: usize) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
-        let p = std::ptr::without_provenance::<i8>(addr);
-        // SAFETY: a prefetch is a hint that never faults and never reads or writes
-        // memory as far as the program can observe, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_ET0>(p) };
-    }
+    prefetch_addr::<{ std::arch::x86_64::_MM_HINT_ET0 }>(addr);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;
 }
@@ -795,15 +789,18 @@ pub(crate) fn prefetch_write_addr(addr: usize) {
 /// for [`prefetch_write_addr`].
 pub(crate) fn prefetch_read_addr(addr: usize) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let p = std::ptr::without_provenance::<i8>(addr);
-        // SAFETY: as in `prefetch_write_addr`: a hint that never faults and has no
-        // effect the program can observe, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
-    }
+    prefetch_addr::<{ std::arch::x86_64::_MM_HINT_T0 }>(addr);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;
+}
+
+/// `_mm_prefetch` with hint `HINT` of the line at `addr`, whatever the address.
+#[cfg(target_arch = "x86_64")]
+fn prefetch_addr<const HINT: i32>(addr: usize) {
+    let p = std::ptr::without_provenance::<i8>(addr);
+    // SAFETY: a prefetch is a hint that never faults and never reads or writes memory
+    // as far as the program can observe, whatever the address.
+    unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(p) };
 }
 
 #[cfg(test)]

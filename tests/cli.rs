@@ -75,6 +75,32 @@ fn reading_commands_work_beside_a_writer_and_writing_ones_are_locked() {
     assert_eq!(w.get(b"x").expect("get"), None, "nothing was written");
 }
 
+/// `mapkv scan --follow PATH`, its stdout piped.
+fn follow(path: &std::path::Path, stderr: Stdio) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_mapkv"))
+        .args(["scan", "--follow", path.to_str().expect("utf-8")])
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn scan --follow")
+}
+
+/// Sends each line read from `r`, after `prefix`, to `tx`, on a thread of its own.
+fn forward_lines(
+    r: impl std::io::Read + Send + 'static,
+    prefix: &'static str,
+    tx: std::sync::mpsc::Sender<String>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(format!("{prefix}{line}")).is_err() {
+                break;
+            }
+        }
+    });
+}
+
 #[test]
 fn scan_follow_prints_the_pairs_then_each_change_once() {
     let (_dir, path) = tmp();
@@ -82,22 +108,9 @@ fn scan_follow_prints_the_pairs_then_each_change_once() {
     for i in 0..50 {
         w.put(format!("k{i:02}"), format!("v{i}")).expect("put");
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mapkv"))
-        .args(["scan", "--follow", path.to_str().expect("utf-8")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn scan --follow");
-    let out = child.stdout.take().expect("stdout");
+    let mut child = follow(&path, Stdio::null());
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    forward_lines(child.stdout.take().expect("stdout"), "", tx);
     let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while lines.len() < 50 && Instant::now() < deadline {
@@ -172,32 +185,10 @@ fn scan_follow_lists_the_pairs_again_after_missing_a_file() {
     for i in 0..5 {
         w.put(format!("k{i}"), format!("v{i}")).expect("put");
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mapkv"))
-        .args(["scan", "--follow", path.to_str().expect("utf-8")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn scan --follow");
-    let out = child.stdout.take().expect("stdout");
-    let err = child.stderr.take().expect("stderr");
+    let mut child = follow(&path, Stdio::piped());
     let (tx, rx) = std::sync::mpsc::channel();
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines() {
-            let Ok(line) = line else { break };
-            if tx2.send(format!("stderr: {line}")).is_err() {
-                break;
-            }
-        }
-    });
+    forward_lines(child.stdout.take().expect("stdout"), "", tx.clone());
+    forward_lines(child.stderr.take().expect("stderr"), "stderr: ", tx);
     let deadline = Instant::now() + Duration::from_secs(60);
     let next = |n: usize| {
         let mut lines = Vec::new();
