@@ -376,7 +376,10 @@ impl Options {
     /// throughput in that phase (264k/s against 348k/s). So
     /// the trade-off is memory, not write latency: the delta costs 23-46 bytes of heap
     /// per key (a table of 16-byte slots at most 70% full), and a checkpoint of `n` keys
-    /// holds its frozen delta plus 32 bytes per key of sorted entries. With 450,000 keys,
+    /// holds its frozen delta plus 32 bytes per key of sorted entries. (The delta's queue
+    /// of keys whose old records are not looked up yet, 8 bytes a key, is in 64 KiB
+    /// chunks from a pool of the process that keeps 2 MiB ready and at most 8 MiB, also
+    /// once the store is closed.) With 450,000 keys,
     /// about 30-40 MB while a checkpoint runs, 90-120 MB at most when the disk is far
     /// behind the writer; with 1.05M keys about 2.3 times that. Fewer keys mean more
     /// checkpoints, each of which rewrites the index buckets it touches. Recovery after

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
+use super::queue::HashQueue;
 use crate::anon::AnonVec;
 use crate::format::bucket_of;
 
@@ -267,7 +268,11 @@ impl Table {
     fn insert_new(&mut self, hash: u64, tagged: u64) {
         self.move_some(Self::MOVE_PER_INSERT);
         // At most 70% full: an insert then probes about 6 slots, within 2 cache lines.
-        if (self.len + 1) * 10 > self.slots.len() * 7 {
+        // A large table whose next one was asked for but not handed in yet waits for it
+        // up to 85% (about 20 slots a probe for that while) rather than allocate tens of
+        // MB on the writer's thread (see `LOCAL_SPARE_MAX`).
+        let full = (self.len + 1) * 10 > self.slots.len() * 7;
+        if full && !(self.spare_late() && (self.len + 1) * 20 <= self.slots.len() * 17) {
             self.grow();
         } else {
             self.prepare_spare();
@@ -309,6 +314,12 @@ impl Table {
             && want > Self::LOCAL_SPARE_MAX
             && self.spare.len() != want)
             .then_some(want)
+    }
+
+    /// True if the next table is one that is handed in, and it has not been.
+    fn spare_late(&self) -> bool {
+        let want = self.slots.len() * 2;
+        want > Self::LOCAL_SPARE_MAX && self.spare.len() != want
     }
 
     /// Takes `t` as the next table if it is the size growth needs and none is prepared
@@ -454,7 +465,7 @@ pub(crate) struct Delta {
     first: Table,
     more: IdMap<Vec<u64>>,
     len: usize,
-    unresolved: std::collections::VecDeque<u64>,
+    unresolved: HashQueue,
     /// Set once a checkpoint has taken every entry's old state into the counters: the
     /// per-entry marks no longer count.
     all_resolved: bool,
@@ -506,7 +517,7 @@ impl Delta {
         self.id = DeltaId::fresh();
         self.first = Table::default();
         self.more = IdMap::default();
-        self.unresolved = std::collections::VecDeque::new();
+        self.unresolved.clear();
         self.len = 0;
         self.all_resolved = false;
     }
@@ -519,7 +530,7 @@ impl Delta {
         for v in self.first.values_mut().chain(more) {
             *v &= !UNRESOLVED_TAG;
         }
-        self.unresolved = std::collections::VecDeque::new();
+        self.unresolved.clear();
     }
 
     /// Marks every entry resolved (their old states were taken into the counters), and
@@ -527,7 +538,7 @@ impl Delta {
     /// cleared.
     pub(crate) fn mark_all_resolved(&mut self) {
         self.all_resolved = true;
-        self.unresolved = std::collections::VecDeque::new();
+        self.unresolved.clear();
     }
 
     /// The newest records of all keys with this hash: (offset, is a delete).
@@ -606,8 +617,7 @@ impl Delta {
     /// [`Delta::peek_unresolved`] shows), ordered by `order` so that their lookups walk
     /// the index in order.
     pub(crate) fn take_unresolved(&mut self, max: usize, order: impl Fn(u64) -> u64) -> Vec<u64> {
-        let n = max.min(self.unresolved.len());
-        let mut out: Vec<u64> = self.unresolved.drain(..n).collect();
+        let mut out = self.unresolved.pop_front(max);
         out.sort_unstable_by_key(|&h| order(h));
         out
     }
@@ -615,7 +625,7 @@ impl Delta {
     /// The hashes the next [`Delta::take_unresolved`] of `max` takes (unless it is
     /// cleared meanwhile): to prefetch their buckets before taking a lock.
     pub(crate) fn peek_unresolved(&self, max: usize) -> impl Iterator<Item = u64> + '_ {
-        self.unresolved.iter().take(max).copied()
+        self.unresolved.iter().take(max)
     }
 
     /// The offsets of the unresolved entries with this hash (the ones
@@ -733,11 +743,12 @@ impl Delta {
     /// writer's (the store's background thread, before a checkpoint freezes the current
     /// one): its table at the largest size the writer would allocate itself
     /// ([`Table::LOCAL_SPARE_MAX`] slots, or less if `keys` need less), every page
-    /// written once, and the queue of unresolved keys with room for `keys`. Larger
-    /// tables come from that thread too ([`Delta::spare_wanted`]), so a writer that
-    /// starts from such a delta allocates nothing for it: growing the heap (`brk`,
-    /// `mremap`) needs the process's memory-map lock exclusively, and a put waited
-    /// 369 ms in `brk` at 30M keys while other threads held it.
+    /// written once, and the pool of queue chunks stocked for `keys` unresolved keys
+    /// (see [`HashQueue`]). Larger tables come from that thread too
+    /// ([`Delta::spare_wanted`]), so a writer that starts from such a delta allocates
+    /// nothing for it: growing the heap (`brk`, `mremap`) needs the process's
+    /// memory-map lock exclusively, and a put waited 369 ms in `brk` at 30M keys while
+    /// other threads held it.
     pub(crate) fn prepared(keys: usize) -> Delta {
         // Under half full with `keys` keys: from half full on, a table writes a page of
         // its next one per insert, allocating it first if it is small.
@@ -747,10 +758,12 @@ impl Delta {
             .checked_next_power_of_two()
             .unwrap_or(Table::LOCAL_SPARE_MAX)
             .clamp(Table::MIN_SLOTS, Table::LOCAL_SPARE_MAX);
+        super::queue::stock(
+            keys.div_ceil(super::queue::CHUNK)
+                .max(super::queue::POOL_TARGET),
+        );
         Delta {
             first: Table::prepared(slots),
-            // (Bounded: `checkpoint_keys` may be set to anything.)
-            unresolved: std::collections::VecDeque::with_capacity(keys.min(1 << 22)),
             ..Delta::default()
         }
     }
@@ -791,7 +804,7 @@ impl Delta {
 
     /// Approximate heap bytes used.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.first.bytes() + self.more.capacity() * 33 + self.unresolved.capacity() * 8
+        self.first.bytes() + self.more.capacity() * 33 + self.unresolved.bytes()
     }
 }
 
@@ -853,15 +866,14 @@ mod tests {
         assert_numbered(&t, next);
     }
 
-    /// A prepared delta takes `keys` keys without allocating: its table does not grow
-    /// (nor, below `LOCAL_SPARE_MAX` slots, prepare a next one of its own) and its queue
-    /// of unresolved keys keeps its room.
+    /// A prepared delta takes `keys` keys without allocating a table: its table does
+    /// not grow (nor, below `LOCAL_SPARE_MAX` slots, prepare a next one of its own). (Its
+    /// queue of unresolved keys takes chunks from a pool: see `queue`.)
     #[test]
     fn a_prepared_delta_takes_its_keys_without_growing() {
         for keys in [1usize, 1000, 30_000, 1 << 20] {
             let mut d = Delta::prepared(keys);
-            let (slots, queue) = (d.table_slots(), d.unresolved.capacity());
-            assert!(queue >= keys.min(1 << 22));
+            let slots = d.table_slots();
             let fits = keys.min(slots * 7 / 10 - 1);
             for i in 0..fits as u64 {
                 let hash = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -875,11 +887,7 @@ mod tests {
                     "{keys} keys: a next table was made"
                 );
             }
-            assert_eq!(
-                d.unresolved.capacity(),
-                queue,
-                "{keys} keys: the queue grew"
-            );
+            assert_eq!(d.unresolved_len(), fits);
             for i in 0..fits as u64 {
                 let hash = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 assert_eq!(d.candidates(hash).next(), Some((8 * (i + 1), false)));
@@ -890,7 +898,8 @@ mod tests {
     /// Regression: a large table's next one was allocated on the writer's thread, whose
     /// `brk`/`mmap` then waited for the memory-map lock (194-272 ms at 100M keys). Past
     /// `LOCAL_SPARE_MAX` the table asks for it instead, takes one of the right size when
-    /// handed in (and gives back any other), and still grows if none came.
+    /// handed in (and gives back any other), and still grows if none came, later (85%
+    /// full instead of 70%: the writer's own allocation is the last resort).
     #[test]
     fn a_large_table_asks_for_its_next_table() {
         let mut t = Table::default();
@@ -927,10 +936,17 @@ mod tests {
             prepared,
             "growth did not take the handed-in table"
         );
-        // None handed in: growth allocates the next table itself.
-        while t.slots.len() < want * 2 {
+        // None handed in: the table waits for one up to 85% full, then allocates the
+        // next table itself.
+        while (t.len + 1) * 20 <= t.slots.len() * 17 {
             insert(&mut t);
         }
+        assert_eq!(
+            t.slots.len(),
+            want,
+            "grew at 70% with no next table handed in"
+        );
+        insert(&mut t);
         assert_eq!(t.slots.len(), want * 2);
         assert_numbered(&t, next);
     }

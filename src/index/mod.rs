@@ -15,10 +15,13 @@
 //! - [`bucket`]: reading, probing and rewriting one bucket page.
 //! - [`delta`]: the in-memory delta (its own open-addressing table).
 //! - [`filter`]: a Bloom filter over the keys in the buckets, for lookups of missing keys.
+//! - [`queue`]: the delta's queue of keys whose old records are not looked up yet, in
+//!   chunks from a pool that the writer never has to allocate.
 
 pub(crate) mod bucket;
 pub(crate) mod delta;
 pub(crate) mod filter;
+pub(crate) mod queue;
 
 pub(crate) use crate::format::key_hash;
 pub(crate) use bucket::{probe, BucketBuf, BucketFull};

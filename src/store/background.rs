@@ -32,7 +32,7 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
     loop {
         #[cfg(test)]
         super::tests::background_may_run(inner);
-        let (prefault, writeback, allocate, garbage, resolve, spare, next_delta) = {
+        let (prefault, writeback, allocate, garbage, resolve, spare, next_delta, compact) = {
             let mut bg = inner.background.lock();
             loop {
                 if bg.stop {
@@ -45,6 +45,7 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                     || bg.resolve
                     || bg.spare_ask.is_some()
                     || bg.next_delta_ask.is_some()
+                    || bg.compact
                 {
                     break;
                 }
@@ -64,10 +65,13 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                 std::mem::take(&mut bg.resolve),
                 bg.spare_ask.take(),
                 bg.next_delta_ask.take(),
+                std::mem::take(&mut bg.compact),
             )
         };
         // Freed here, with no lock held.
         drop(garbage);
+        // Chunks for the writer's queue of unresolved keys (see `index::queue`).
+        crate::index::queue::stock(crate::index::queue::POOL_TARGET);
         if let Some(slots) = spare {
             inner.prepare_spare(slots);
         }
@@ -78,6 +82,11 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
         }
         if let Some((file, from, to)) = allocate {
             inner.allocate_ahead(&file, from, to);
+        }
+        if compact {
+            if let Some(me) = inner.me.get().and_then(std::sync::Weak::upgrade) {
+                me.start_auto_compaction();
+            }
         }
         if resolve {
             inner.resolve_backlog();
@@ -161,10 +170,7 @@ impl Inner {
         // overwrite went on for seconds, and the syncs due meanwhile waited for it.
         self.periodic_sync();
         self.prefault_asked();
-        let spare = self.background.lock().spare_ask.take();
-        if let Some(slots) = spare {
-            self.prepare_spare(slots);
-        }
+        self.spare_asked();
         let allocate = self.background.lock().allocate.take();
         if let Some((file, from, to)) = allocate {
             self.allocate_ahead(&file, from, to);
@@ -199,6 +205,18 @@ impl Inner {
         let _ = self.sync_to(gen, end);
     }
 
+    /// The writer's asks for memory: the delta table it asked for (see
+    /// `Delta::spare_wanted`), and chunks for its queue of unresolved keys (see
+    /// `index::queue`). Also between the pieces of longer work (allocation, prefault,
+    /// write-back): a table that came late made the writer allocate 2-13 MB itself.
+    pub(super) fn spare_asked(&self) {
+        crate::index::queue::stock(crate::index::queue::POOL_TARGET);
+        let spare = self.background.lock().spare_ask.take();
+        if let Some(slots) = spare {
+            self.prepare_spare(slots);
+        }
+    }
+
     /// Allocates the delta table of `slots` slots that the writer asked for (see
     /// `Delta::spare_wanted`), for the writer to take.
     fn prepare_spare(&self, slots: usize) {
@@ -222,10 +240,12 @@ impl Inner {
         let mut at = from;
         while at < to {
             let end = (at + PREFAULT_PIECE).min(to);
-            let _mark = self.released_to.lock();
+            let mark = self.released_to.lock();
             map.prefault_write(at, end - at);
             self.prefaulted_bytes.fetch_add(end - at, Ordering::Relaxed);
             at = end;
+            drop(mark);
+            self.spare_asked();
         }
     }
 

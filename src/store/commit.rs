@@ -283,6 +283,27 @@ impl Inner {
         self.state.read().counters.live_bytes <= max
     }
 
+    /// Has the background thread start an automatic compaction unless one is running
+    /// (see `start_auto_compaction`): for the writer, which does not spawn the thread
+    /// itself, since a new thread's stack is an `mmap` (when glibc has none cached),
+    /// which waits for the process's memory-map lock while other threads hold it.
+    pub(super) fn ask_auto_compaction(&self) {
+        if self
+            .auto_compactor
+            .lock()
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
+        {
+            return;
+        }
+        let mut bg = self.background.lock();
+        if !bg.compact {
+            bg.compact = true;
+            drop(bg);
+            self.background_cv.notify_all();
+        }
+    }
+
     /// Starts a compaction on a thread of its own unless one is running: the write that
     /// crossed the threshold returns at once, and writers go on during the copy. The
     /// write is applied (and durable as its policy promised) whatever the compaction
@@ -632,7 +653,7 @@ impl Inner {
             Durability::None | Durability::Periodic(_) => {}
         }
         if self.compaction_due_at(&counters) {
-            self.start_auto_compaction();
+            self.ask_auto_compaction();
         }
         if !pace.is_zero() {
             std::thread::sleep(pace);

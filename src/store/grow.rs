@@ -184,6 +184,7 @@ impl Inner {
             // it frees the file's blocks, which must not happen under the lock.
             drop(old);
             self.prefault_asked();
+            self.spare_asked();
         }
     }
 

@@ -517,6 +517,8 @@ pub(super) struct Background {
     pub(super) spare: Option<crate::index::SpareTable>,
     /// Look up the old records of the delta's unresolved keys (see `RESOLVE_BACKLOG`).
     pub(super) resolve: bool,
+    /// Start an automatic compaction (see `Inner::ask_auto_compaction`).
+    pub(super) compact: bool,
     /// Prepare an empty delta for about this many keys (see `Delta::prepared`)...
     pub(super) next_delta_ask: Option<usize>,
     /// ...which the next freeze takes from here, instead of starting from an empty one.
