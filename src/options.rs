@@ -379,7 +379,8 @@ impl Options {
     /// holds its frozen delta plus 32 bytes per key of sorted entries. (The delta's queue
     /// of keys whose old records are not looked up yet, 8 bytes a key, is in 64 KiB
     /// chunks from a pool of the process that keeps 2 MiB ready and at most 8 MiB, also
-    /// once the store is closed.) With 450,000 keys,
+    /// once the store is closed; and the next delta is made ready ahead of each freeze,
+    /// its table up to 16 MiB, so that the writer allocates nothing.) With 450,000 keys,
     /// about 30-40 MB while a checkpoint runs, 90-120 MB at most when the disk is far
     /// behind the writer; with 1.05M keys about 2.3 times that. Fewer keys mean more
     /// checkpoints, each of which rewrites the index buckets it touches. Recovery after

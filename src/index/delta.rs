@@ -142,6 +142,9 @@ struct Table {
     spare_pages: usize,
 }
 
+/// Largest table a prepared delta starts with (see [`Delta::prepared`]): 16 MiB.
+const PREPARED_MAX_SLOTS: usize = 1 << 20;
+
 /// Slots in a 4 KiB page.
 const SLOTS_PER_PAGE: usize = 4096 / std::mem::size_of::<Slot>();
 
@@ -741,14 +744,16 @@ impl Delta {
 
     /// An empty delta made ready for about `keys` keys, by another thread than the
     /// writer's (the store's background thread, before a checkpoint freezes the current
-    /// one): its table at the largest size the writer would allocate itself
-    /// ([`Table::LOCAL_SPARE_MAX`] slots, or less if `keys` need less), every page
-    /// written once, and the pool of queue chunks stocked for `keys` unresolved keys
-    /// (see [`HashQueue`]). Larger tables come from that thread too
-    /// ([`Delta::spare_wanted`]), so a writer that starts from such a delta allocates
-    /// nothing for it: growing the heap (`brk`, `mremap`) needs the process's
-    /// memory-map lock exclusively, and a put waited 369 ms in `brk` at 30M keys while
-    /// other threads held it.
+    /// one): its table at most half full with `keys` keys, up to [`PREPARED_MAX_SLOTS`]
+    /// (16 MiB, 734,000 keys before it grows), every page written once, and the pool of
+    /// queue chunks stocked for `keys` unresolved keys (see [`HashQueue`]). Larger
+    /// tables come from that thread too ([`Delta::spare_wanted`]), so a writer that
+    /// starts from such a delta allocates nothing for it: growing the heap (`brk`,
+    /// `mremap`) needs the process's memory-map lock exclusively, and a put waited
+    /// 369 ms in `brk` at 30M keys while other threads held it. (Prepared only up to
+    /// [`Table::LOCAL_SPARE_MAX`] slots, the next table, asked for at half of those,
+    /// had 20-30 ms to come before the writer allocated it itself, and at 20M keys it
+    /// often did not: 1.6-2.1 MB `brk`s on the writer's thread in every fill.)
     pub(crate) fn prepared(keys: usize) -> Delta {
         // Under half full with `keys` keys: from half full on, a table writes a page of
         // its next one per insert, allocating it first if it is small.
@@ -756,8 +761,8 @@ impl Delta {
             .saturating_mul(2)
             .saturating_add(1)
             .checked_next_power_of_two()
-            .unwrap_or(Table::LOCAL_SPARE_MAX)
-            .clamp(Table::MIN_SLOTS, Table::LOCAL_SPARE_MAX);
+            .unwrap_or(PREPARED_MAX_SLOTS)
+            .clamp(Table::MIN_SLOTS, PREPARED_MAX_SLOTS);
         super::queue::stock(
             keys.div_ceil(super::queue::CHUNK)
                 .max(super::queue::POOL_TARGET),
@@ -868,10 +873,12 @@ mod tests {
 
     /// A prepared delta takes `keys` keys without allocating a table: its table does
     /// not grow (nor, below `LOCAL_SPARE_MAX` slots, prepare a next one of its own). (Its
-    /// queue of unresolved keys takes chunks from a pool: see `queue`.)
+    /// queue of unresolved keys takes chunks from a pool: see `queue`.) Regression: up
+    /// to 450,000 keys (the default `checkpoint_keys`), not only up to the tables the
+    /// writer would allocate itself: the next one came too late at 20M keys.
     #[test]
     fn a_prepared_delta_takes_its_keys_without_growing() {
-        for keys in [1usize, 1000, 30_000, 1 << 20] {
+        for keys in [1usize, 1000, 30_000, 450_000, 1 << 20] {
             let mut d = Delta::prepared(keys);
             let slots = d.table_slots();
             let fits = keys.min(slots * 7 / 10 - 1);
@@ -880,6 +887,10 @@ mod tests {
                 d.set(hash, 8 * (i + 1), false, false, |_| false);
             }
             assert_eq!(d.len(), fits);
+            assert!(
+                fits == keys || keys > 700_000,
+                "{keys} keys: only {fits} fit"
+            );
             assert_eq!(d.table_slots(), slots, "{keys} keys: the table grew");
             if slots < Table::LOCAL_SPARE_MAX {
                 assert!(

@@ -95,8 +95,16 @@ impl ChunkPool {
         if missing == 0 {
             return;
         }
+        // Each page written here, so that the writer's first push into it is no page
+        // fault (fresh memory from the system is mapped on first touch).
         let fresh: Vec<Chunk> = (0..missing)
-            .map(|_| vec![0u64; CHUNK].into_boxed_slice())
+            .map(|_| {
+                let mut c = vec![0u64; CHUNK].into_boxed_slice();
+                for page in c.chunks_mut(4096 / std::mem::size_of::<u64>()) {
+                    *std::hint::black_box(&mut page[0]) = 0;
+                }
+                c
+            })
             .collect();
         self.give(fresh);
     }
