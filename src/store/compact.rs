@@ -661,6 +661,8 @@ struct Built {
     /// Fold `delta` into the index once it holds more keys than this (see
     /// [`fold_delta`]); `None` once a fold found a bucket too full.
     fold_at: Option<usize>,
+    /// The keys `delta` is prepared for (see `Delta::prepared`).
+    prepared_keys: usize,
     /// A read-only mapping of this file for [`fold_delta`], kept from one fold to the
     /// next (mapping and unmapping it each time would take the address-space lock that
     /// the writer's page faults wait for).
@@ -749,7 +751,7 @@ fn fold_delta(b: &mut Built) -> Result<()> {
         &encode_checkpoint(b.info.seed, &b.ckpt),
         checkpoint_off(slot),
     )?;
-    b.delta = Delta::default();
+    b.delta = Delta::prepared(b.prepared_keys);
     b.runs = Vec::new();
     b.folds += 1;
     Ok(())
@@ -896,6 +898,10 @@ fn build(
         live.store(LIVE_SESSION_OFF, sessions);
         fh.sync_data()?;
         inner.notify_path(tmp, SyncEvent::File);
+        let prepared_keys = inner
+            .opts
+            .checkpoint_keys_base()
+            .min(usize::try_from(keys).unwrap_or(usize::MAX));
         return Ok(Built {
             file: Arc::new(fh),
             live,
@@ -906,9 +912,13 @@ fn build(
             alloc,
             counters,
             ckpt,
-            delta: Delta::default(),
+            // Prepared here, on the compaction's thread: after the switch the writer
+            // goes on with this delta, and one grown from empty had it allocate each
+            // table up to 1 MiB itself (a `brk` that waits for the memory-map lock).
+            delta: Delta::prepared(prepared_keys),
             runs: Vec::new(),
             fold_at: Some(fold_at(inner.opts.checkpoint_keys_base(), buckets)),
+            prepared_keys,
             view: None,
             folds: 0,
             zeroed: 0,

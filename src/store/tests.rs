@@ -621,6 +621,34 @@ fn a_write_that_waits_for_a_checkpoint_is_counted() {
     store.close().expect("close");
 }
 
+/// Regression: after a compaction's switch the writer went on with the delta the
+/// compaction built from empty, and allocated its tables up to 1 MiB itself (a `brk`
+/// on the writer's thread at every switch). That delta is now prepared for a
+/// checkpoint's keys (at most the store's), on the compaction's thread.
+#[test]
+fn after_a_compaction_the_writes_go_into_a_prepared_delta() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options::default()
+        .durability(Durability::None)
+        .checkpoint_keys(5000)
+        .auto_compact_off();
+    let store = Store::open(dir.path().join("compacted.mkv"), opts).expect("open");
+    for i in 0..20_000u32 {
+        store.put(i.to_le_bytes(), b"value").expect("put");
+    }
+    for i in 0..20_000u32 {
+        store.put(i.to_le_bytes(), b"again").expect("put");
+    }
+    store.compact().expect("compact");
+    let slots = store.inner.state.read().delta.table_slots();
+    assert!(slots >= 5000 * 10 / 7, "{slots} slots after the switch");
+    assert_eq!(
+        store.get(7u32.to_le_bytes()).expect("get").as_deref(),
+        Some(&b"again"[..])
+    );
+    store.close().expect("close");
+}
+
 /// After a checkpoint freezes the delta, the writes go on into one the background
 /// thread prepared (see `Delta::prepared`), whose table the writer does not allocate.
 #[test]
