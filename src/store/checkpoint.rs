@@ -327,24 +327,30 @@ impl Inner {
         if fresh.is_some() {
             self.next_deltas_taken.fetch_add(1, Ordering::Relaxed);
         }
-        let spare = {
+        let (spare, frozen_keys) = {
             let mut st = self.state.write();
             let mut delta = std::mem::replace(&mut st.delta, fresh.unwrap_or_default());
             let counters = st.counters;
             // A frozen delta does not grow: its next table (tens of MB in a large
             // delta) is freed in the background.
             let spare = delta.take_spare();
+            let keys = delta.len();
             st.frozen = Some(Box::new(Frozen {
                 delta,
                 end: w.end,
                 counters,
                 failed: false,
             }));
-            spare
+            (spare, keys)
         };
         {
-            // And the one after it, for the next freeze.
-            let keys = self.opts.checkpoint_keys_for(geom.buckets, w.end);
+            // And the one after it, for the next freeze: for a checkpoint's keys, or
+            // twice what this one froze if that is less (a small store checkpointed at
+            // a flush or by its log's size gets no 16 MiB table it would not fill).
+            let keys = self
+                .opts
+                .checkpoint_keys_for(geom.buckets, w.end)
+                .min(frozen_keys.saturating_mul(2).max(1024));
             let mut bg = self.background.lock();
             bg.garbage.extend(spare);
             bg.next_delta_ask = Some(keys);
