@@ -84,9 +84,7 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
             inner.allocate_ahead(&file, from, to);
         }
         if compact {
-            if let Some(me) = inner.me.get().and_then(std::sync::Weak::upgrade) {
-                me.start_auto_compaction();
-            }
+            inner.start_asked_compaction();
         }
         if resolve {
             inner.resolve_backlog();
@@ -171,6 +169,9 @@ impl Inner {
         self.periodic_sync();
         self.prefault_asked();
         self.spare_asked();
+        if std::mem::take(&mut self.background.lock().compact) {
+            self.start_asked_compaction();
+        }
         let allocate = self.background.lock().allocate.take();
         if let Some((file, from, to)) = allocate {
             self.allocate_ahead(&file, from, to);
@@ -203,6 +204,14 @@ impl Inner {
         let (gen, end) = self.published_end();
         // An error poisons the store; writers will report it.
         let _ = self.sync_to(gen, end);
+    }
+
+    /// Starts the automatic compaction a writer asked for (see
+    /// `Inner::ask_auto_compaction`).
+    fn start_asked_compaction(&self) {
+        if let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) {
+            me.start_auto_compaction();
+        }
     }
 
     /// The writer's asks for memory: the delta table it asked for (see
