@@ -312,11 +312,7 @@ impl Table {
     /// The size of the next table, in slots, if this table is half full, the next one
     /// is one it does not allocate itself, and none was handed in yet.
     fn spare_wanted(&self) -> Option<usize> {
-        let want = self.slots.len() * 2;
-        (self.len * 2 >= self.slots.len()
-            && want > Self::LOCAL_SPARE_MAX
-            && self.spare.len() != want)
-            .then_some(want)
+        (self.len * 2 >= self.slots.len() && self.spare_late()).then_some(self.slots.len() * 2)
     }
 
     /// True if the next table is one that is handed in, and it has not been.

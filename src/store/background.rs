@@ -32,7 +32,7 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
     loop {
         #[cfg(test)]
         super::tests::background_may_run(inner);
-        let (prefault, writeback, allocate, garbage, resolve, spare, next_delta, compact) = {
+        let (prefault, writeback, allocate, garbage, resolve, next_delta) = {
             let mut bg = inner.background.lock();
             loop {
                 if bg.stop {
@@ -63,18 +63,12 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
                 bg.allocate.take(),
                 std::mem::take(&mut bg.garbage),
                 std::mem::take(&mut bg.resolve),
-                bg.spare_ask.take(),
                 bg.next_delta_ask.take(),
-                std::mem::take(&mut bg.compact),
             )
         };
         // Freed here, with no lock held.
         drop(garbage);
-        // Chunks for the writer's queue of unresolved keys (see `index::queue`).
-        crate::index::queue::stock(crate::index::queue::POOL_TARGET);
-        if let Some(slots) = spare {
-            inner.prepare_spare(slots);
-        }
+        inner.spare_asked();
         if let Some(keys) = next_delta {
             let d = crate::index::Delta::prepared(keys);
             let old = inner.background.lock().next_delta.replace(d);
@@ -83,9 +77,7 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
         if let Some((file, from, to)) = allocate {
             inner.allocate_ahead(&file, from, to);
         }
-        if compact {
-            inner.start_asked_compaction();
-        }
+        inner.compaction_asked();
         if resolve {
             inner.resolve_backlog();
             // The write path checks the threshold only as it writes: a writer that
@@ -169,9 +161,7 @@ impl Inner {
         self.periodic_sync();
         self.prefault_asked();
         self.spare_asked();
-        if std::mem::take(&mut self.background.lock().compact) {
-            self.start_asked_compaction();
-        }
+        self.compaction_asked();
         let allocate = self.background.lock().allocate.take();
         if let Some((file, from, to)) = allocate {
             self.allocate_ahead(&file, from, to);
@@ -206,9 +196,12 @@ impl Inner {
         let _ = self.sync_to(gen, end);
     }
 
-    /// Starts the automatic compaction a writer asked for (see
+    /// Starts the automatic compaction a writer asked for, if it did (see
     /// `Inner::ask_auto_compaction`).
-    fn start_asked_compaction(&self) {
+    fn compaction_asked(&self) {
+        if !std::mem::take(&mut self.background.lock().compact) {
+            return;
+        }
         if let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) {
             me.start_auto_compaction();
         }
