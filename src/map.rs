@@ -775,6 +775,32 @@ impl std::fmt::Debug for AtomicWords {
     }
 }
 
+/// Frees the pages of the anonymous mapping `map` (`MADV_DONTNEED`), `piece` bytes per
+/// call, before it is unmapped: unmapping frees whatever is left under the process's
+/// memory-map lock, which a thread changing the address space meanwhile (`brk`,
+/// `mmap`) waits for (see `anon::POPULATE_PIECE`); each piece holds it only briefly.
+/// Best effort. Afterwards the mapping reads as zeros.
+pub(crate) fn discard_anon(map: &mut memmap2::MmapMut, piece: usize) {
+    let len = map.len();
+    if len <= piece {
+        return;
+    }
+    for off in (0..len).step_by(piece.max(4096)) {
+        // SAFETY: `map` is an anonymous private mapping borrowed exclusively, so no
+        // reference into its bytes exists while this runs. `MADV_DONTNEED` on such a
+        // mapping frees its pages, which then read as zeros: the mapping stays valid
+        // memory, only its contents change, and the caller is about to unmap it (or
+        // keeps it as zeros, which every value it holds allows).
+        let _ = unsafe {
+            map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                off,
+                piece.min(len - off),
+            )
+        };
+    }
+}
+
 /// Hints the CPU to fetch the cache line at `addr` for writing (`prefetchw`). Any
 /// address is fine, even a stale or unmapped one: a prefetch never faults and has no
 /// effect the program can observe. Nothing happens off x86-64.
