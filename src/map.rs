@@ -837,4 +837,21 @@ mod tests {
         assert!(!super::is_copy_on_write(0xef53), "ext4");
         assert!(!super::is_copy_on_write(0x0102_1994), "tmpfs");
     }
+
+    #[test]
+    fn discarding_an_anonymous_mapping_frees_every_piece() {
+        let piece = 64 << 10;
+        let mut map = memmap2::MmapOptions::new()
+            .len(3 * piece + 4096)
+            .map_anon()
+            .unwrap();
+        map.fill(0xFF);
+        super::discard_anon(&mut map, piece);
+        assert!(map.iter().all(|&b| b == 0), "every piece reads as zeros");
+        // A mapping of one piece or less is left to `munmap`.
+        let mut small = memmap2::MmapOptions::new().len(piece).map_anon().unwrap();
+        small.fill(0xFF);
+        super::discard_anon(&mut small, piece);
+        assert!(small.iter().all(|&b| b == 0xFF));
+    }
 }
