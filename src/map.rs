@@ -532,8 +532,8 @@ impl Mapping {
         let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
 
-    /// The mapping's address (tests look its pages up in `/proc/self/pagemap`).
-    #[cfg(test)]
+    /// The mapping's address: for prefetch hints (see [`prefetch_read_addr`]), and for
+    /// tests, which look its pages up in `/proc/self/pagemap`.
     pub(crate) fn base_addr(&self) -> usize {
         self.raw.as_ptr() as usize
     }

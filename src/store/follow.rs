@@ -139,6 +139,7 @@ impl Inner {
             };
             let found = st.find_live(hash, key);
             if !st.shared || self.index_unchanged(&st) {
+                LookupHint::found(matches!(found, Ok(Some(_))));
                 return found.map(|r| (st, r));
             }
             drop(st);
@@ -436,6 +437,15 @@ pub(crate) struct LookupHint {
     seed: std::sync::atomic::AtomicU64,
     base: std::sync::atomic::AtomicUsize,
     blocks: std::sync::atomic::AtomicU64,
+    /// Address of bucket 0 of the view's index in this process, and its bucket count
+    /// (0: no buckets to hint at).
+    index_addr: std::sync::atomic::AtomicUsize,
+    index_buckets: std::sync::atomic::AtomicU64,
+}
+
+std::thread_local! {
+    /// Whether this thread's last lookup found its key (see [`LookupHint::prefetch`]).
+    static LAST_FOUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 impl LookupHint {
@@ -449,7 +459,29 @@ impl LookupHint {
             let base = self.base.load(Ordering::Relaxed);
             crate::map::prefetch_read_addr(crate::index::filter::block_addr(base, blocks, hash));
         }
+        let buckets = self.index_buckets.load(Ordering::Relaxed);
+        if buckets != 0 && LAST_FOUND.with(std::cell::Cell::get) {
+            // After a hit, expect another: ask for the bucket's first line (its magic)
+            // and its home slot's line now, so that their misses overlap the filter
+            // block's instead of following it. After a miss, expect another: the filter
+            // alone answers it, and these lines would only cost it a page walk.
+            let bucket = self.index_addr.load(Ordering::Relaxed).wrapping_add(
+                crate::format::bucket_of(hash, buckets) as usize * crate::format::BUCKET_SIZE,
+            );
+            crate::map::prefetch_read_addr(bucket);
+            crate::map::prefetch_read_addr(bucket.wrapping_add(
+                crate::format::BUCKET_HEADER
+                    + crate::format::home_slot(hash) * crate::format::SLOT_SIZE,
+            ));
+        }
         (seed, hash)
+    }
+
+    /// Notes whether this thread's lookup found its key, for its next [`prefetch`].
+    ///
+    /// [`prefetch`]: LookupHint::prefetch
+    fn found(found: bool) {
+        LAST_FOUND.with(|c| c.set(found));
     }
 
     /// Makes the hint wrong in every field (unit tests only).
@@ -458,15 +490,20 @@ impl LookupHint {
         self.seed.fetch_xor(0x5a5a, Ordering::Relaxed);
         self.base.store(4096, Ordering::Relaxed);
         self.blocks.store(3, Ordering::Relaxed);
+        self.index_addr.store(8192, Ordering::Relaxed);
+        self.index_buckets.store(1 << 20, Ordering::Relaxed);
+        LookupHint::found(true);
     }
 
-    /// The hinted seed and filter layout (unit tests only).
+    /// The hinted seed, filter layout and index (unit tests only).
     #[cfg(test)]
-    pub(super) fn get(&self) -> (u64, usize, u64) {
+    pub(super) fn get(&self) -> (u64, usize, u64, usize, u64) {
         (
             self.seed.load(Ordering::Relaxed),
             self.base.load(Ordering::Relaxed),
             self.blocks.load(Ordering::Relaxed),
+            self.index_addr.load(Ordering::Relaxed),
+            self.index_buckets.load(Ordering::Relaxed),
         )
     }
 
@@ -477,13 +514,25 @@ impl LookupHint {
             .as_ref()
             .filter(|f| f.ready())
             .map_or((0, 0), |f| f.layout());
+        let (index_addr, index_buckets) = if st.delta_only || st.index.buckets == 0 {
+            (0, 0)
+        } else {
+            (
+                st.map.base_addr().wrapping_add(st.index.off as usize),
+                st.index.buckets,
+            )
+        };
         if self.seed.load(Ordering::Relaxed) != st.seed
             || self.base.load(Ordering::Relaxed) != base
             || self.blocks.load(Ordering::Relaxed) != blocks
+            || self.index_addr.load(Ordering::Relaxed) != index_addr
+            || self.index_buckets.load(Ordering::Relaxed) != index_buckets
         {
             self.seed.store(st.seed, Ordering::Relaxed);
             self.base.store(base, Ordering::Relaxed);
             self.blocks.store(blocks, Ordering::Relaxed);
+            self.index_addr.store(index_addr, Ordering::Relaxed);
+            self.index_buckets.store(index_buckets, Ordering::Relaxed);
         }
     }
 }

@@ -2062,8 +2062,12 @@ fn a_stale_lookup_hint_changes_no_answer() {
     }
     // A lookup brings the hint back to the view.
     let _ = store.get(key(1)).expect("get");
-    let (s, base, blocks) = store.inner.lookup_hint.get();
+    let (s, base, blocks, index_addr, index_buckets) = store.inner.lookup_hint.get();
     assert_eq!(s, seed);
     assert!(base != 4096 && blocks != 3);
+    let st = store.inner.state.read();
+    assert_eq!(index_buckets, st.index.buckets);
+    assert_eq!(index_addr, st.map.base_addr() + st.index.off as usize);
+    drop(st);
     store.close().expect("close");
 }
