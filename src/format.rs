@@ -513,6 +513,12 @@ pub fn bucket_of(hash: u64, buckets: u64) -> u64 {
     hash & (buckets - 1)
 }
 
+/// Byte offset of slot `i` inside a bucket.
+#[must_use]
+pub const fn slot_off(i: usize) -> usize {
+    BUCKET_HEADER + i * SLOT_SIZE
+}
+
 /// First slot probed for `hash` inside its bucket (linear probing within the bucket).
 #[must_use]
 pub fn home_slot(hash: u64) -> usize {

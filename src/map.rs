@@ -781,11 +781,11 @@ impl std::fmt::Debug for AtomicWords {
 /// `mmap`) waits for (see `anon::POPULATE_PIECE`); each piece holds it only briefly.
 /// Best effort. Afterwards the mapping reads as zeros.
 pub(crate) fn discard_anon(map: &mut memmap2::MmapMut, piece: usize) {
-    let len = map.len();
+    let (len, piece) = (map.len(), piece.max(4096));
     if len <= piece {
         return;
     }
-    for off in (0..len).step_by(piece.max(4096)) {
+    for off in (0..len).step_by(piece) {
         // SAFETY: `map` is an anonymous private mapping borrowed exclusively, so no
         // reference into its bytes exists while this runs. `MADV_DONTNEED` on such a
         // mapping frees its pages, which then read as zeros: the mapping stays valid

@@ -446,9 +446,7 @@ impl State {
         let off = self.index.bucket_off(b);
         self.map.prefetch_lines(off, 1);
         self.map.prefetch_lines(
-            off + (crate::format::BUCKET_HEADER
-                + crate::format::home_slot(hash) * crate::format::SLOT_SIZE)
-                as u64,
+            off + crate::format::slot_off(crate::format::home_slot(hash)) as u64,
             crate::format::SLOT_SIZE as u64,
         );
         self.check_bucket(b)?;
@@ -668,7 +666,7 @@ pub(crate) fn probe_shared(
         return Err(Error::corrupt(off, "index bucket zeroed or never written"));
     }
     let slot = |i: usize| {
-        let at = (crate::format::BUCKET_HEADER + i * crate::format::SLOT_SIZE) as u64;
+        let at = crate::format::slot_off(i) as u64;
         (word(at).unwrap_or(0), word(at + 8).unwrap_or(0))
     };
     probe_with(slot, hash, &mut is_key)?;

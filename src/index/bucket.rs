@@ -1,14 +1,14 @@
 //! One bucket page of the index: slots, probing, and rewriting it in memory.
 
 use crate::format::{
-    bucket_crc, home_slot, BUCKET_COUNT_OFF, BUCKET_HEADER, BUCKET_MAGIC, BUCKET_MAGIC_OFF,
-    BUCKET_SIZE, SLOTS_PER_BUCKET, SLOT_SIZE,
+    bucket_crc, home_slot, slot_off, BUCKET_COUNT_OFF, BUCKET_MAGIC, BUCKET_MAGIC_OFF, BUCKET_SIZE,
+    SLOTS_PER_BUCKET, SLOT_SIZE,
 };
 
 /// Reads slot `i` of a bucket: (hash, record offset). Offset 0 means empty.
 #[must_use]
 pub(crate) fn slot(bucket: &[u8], i: usize) -> (u64, u64) {
-    let at = BUCKET_HEADER + i * SLOT_SIZE;
+    let at = slot_off(i);
     match bucket.get(at..at + SLOT_SIZE) {
         Some(s) => {
             let (h, o) = s.split_at(8);
@@ -116,7 +116,7 @@ impl BucketBuf {
     }
 
     fn set_slot(&mut self, i: usize, hash: u64, off: u64) {
-        let at = BUCKET_HEADER + i * SLOT_SIZE;
+        let at = slot_off(i);
         self.bytes[at..at + 8].copy_from_slice(&hash.to_le_bytes());
         self.bytes[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
     }

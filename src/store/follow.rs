@@ -469,10 +469,9 @@ impl LookupHint {
                 crate::format::bucket_of(hash, buckets) as usize * crate::format::BUCKET_SIZE,
             );
             crate::map::prefetch_read_addr(bucket);
-            crate::map::prefetch_read_addr(bucket.wrapping_add(
-                crate::format::BUCKET_HEADER
-                    + crate::format::home_slot(hash) * crate::format::SLOT_SIZE,
-            ));
+            crate::map::prefetch_read_addr(
+                bucket.wrapping_add(crate::format::slot_off(crate::format::home_slot(hash))),
+            );
         }
         (seed, hash)
     }
