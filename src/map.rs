@@ -13,7 +13,10 @@
 //! * Readers may only borrow published bytes ([`Mapping::read`] enforces it).
 //! * Published bytes are never written through the mapping. In-place updates of published
 //!   bytes (index buckets, checkpoint slots) go through `pwrite` ([`FileHandle::write_at`]),
-//!   under the store's exclusive state lock, so no reader holds a slice of them meanwhile.
+//!   under the store's index gate, held exclusively. A reader that holds a slice of such
+//!   bytes holds the gate, shared; one that does not (a lookup) reads them a word at a
+//!   time, atomically ([`Mapping::shared_words`]), and checks
+//!   the index sequence afterwards, as readers in other processes do.
 //! * Unpublished bytes are written through the mapping only by the single [`TailWriter`],
 //!   which then publishes them with a release store. A reader can only learn an offset
 //!   from the index or from `published` itself, after that release.
@@ -467,20 +470,47 @@ impl Mapping {
         })
     }
 
-    /// Atomic (relaxed) load of the 8-byte word at `off` of the published range, for
-    /// bytes that another process may rewrite while this one reads them (index buckets
-    /// in a reader process). `None` if `off` is unaligned or not published.
-    pub(crate) fn load_shared(&self, off: u64) -> Option<u64> {
-        if !off.is_multiple_of(8) || off.checked_add(8)? > self.published() {
+    /// The `n` 8-byte words at `off` of the published range, as atomics: for bytes that
+    /// may be rewritten while this thread reads them (index buckets: by a writer
+    /// process, or by this process's checkpoint, see the module docs). Each load reads
+    /// either the old or the new word, never a torn one. `None` if `off` is unaligned or
+    /// the words are not all published.
+    pub(crate) fn shared_words(&self, off: u64, n: usize) -> Option<&[AtomicU64]> {
+        let end = off.checked_add(u64::try_from(n).ok()?.checked_mul(8)?)?;
+        if !off.is_multiple_of(8) || end > self.published() {
             return None;
         }
         // SAFETY: 8-aligned (the mapping is page-aligned and `off` is a multiple of 8)
-        // and inside the published range, hence inside the mapping and the file. This
-        // process never writes these bytes; a writer process may, which is why the load
-        // is atomic: it reads either the old or the new word, never a torn one.
-        let word =
-            unsafe { AtomicU64::from_ptr(self.raw.as_mut_ptr().add(off as usize).cast::<u64>()) };
-        Some(word.load(Ordering::Relaxed))
+        // and inside the published range, hence inside the mapping and the file (no
+        // SIGBUS unless the file is truncated from outside, which the README declares
+        // unsupported). `AtomicU64` has the size and alignment of `u64` and allows
+        // shared mutation, so a concurrent `pwrite` (the kernel's stores) into these
+        // bytes is no data race for loads through it; this process never writes
+        // published bytes through the mapping. The lifetime is tied to `&self`, which
+        // keeps the mapping alive.
+        Some(unsafe {
+            std::slice::from_raw_parts(
+                self.raw.as_mut_ptr().add(off as usize).cast::<AtomicU64>(),
+                n,
+            )
+        })
+    }
+
+    /// Copies `out.len()` bytes (a multiple of 8) from `off` of the published range into
+    /// `out`, a word at a time, atomically (see [`Mapping::shared_words`]): a copy of
+    /// bytes that may be rewritten meanwhile, which the caller validates. False if the
+    /// range is unaligned or not published.
+    pub(crate) fn copy_shared(&self, off: u64, out: &mut [u8]) -> bool {
+        if !out.len().is_multiple_of(8) {
+            return false;
+        }
+        let Some(words) = self.shared_words(off, out.len() / 8) else {
+            return false;
+        };
+        for (w, chunk) in words.iter().zip(out.chunks_exact_mut(8)) {
+            chunk.copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+        true
     }
 
     /// Moves the published end of a reader's (read-only) mapping to `end`, which the

@@ -356,12 +356,19 @@ impl State {
         if self.checked.is_checked(b) {
             return Ok(());
         }
-        let bytes = self.bucket(b)?;
-        if !crate::format::bucket_crc_ok(bytes) {
-            return Err(Error::corrupt(
-                self.index.bucket_off(b),
-                "index bucket checksum mismatch",
-            ));
+        // A copy made word by word, atomically: this process's checkpoint may be
+        // rewriting the bucket (a lookup holds no index gate; it checks the index
+        // sequence after its probe, and a mismatch here is then looked at again).
+        let off = self.index.bucket_off(b);
+        let mut copy = [0u8; BUCKET_SIZE];
+        if !self.map.copy_shared(off, &mut copy) {
+            return Err(Error::corrupt(off, "index bucket outside the file"));
+        }
+        if !bucket_marked(&copy, self.index.style) {
+            return Err(Error::corrupt(off, "index bucket zeroed or never written"));
+        }
+        if !crate::format::bucket_crc_ok(&copy) {
+            return Err(Error::corrupt(off, "index bucket checksum mismatch"));
         }
         self.checked.mark(b);
         Ok(())
@@ -392,7 +399,10 @@ impl State {
         record_if_key_in(&self.map, self.seed, off, key)
     }
 
-    /// The bytes of bucket `b` of the current index.
+    /// The bytes of bucket `b` of the current index, as a slice: in the writer's
+    /// process, for callers that hold the index gate, under which no bucket changes
+    /// (see `Inner::change_index`); a reader process's callers validate what they read
+    /// against the index sequence.
     pub(crate) fn bucket(&self, b: u64) -> Result<&[u8]> {
         let off = self.index.bucket_off(b);
         let bytes = self
@@ -431,7 +441,7 @@ impl State {
 
     /// Probes the index buckets for `hash` (unless the filter rules it out), calling
     /// `is_key` with the offset of each slot whose hash matches until it returns true.
-    fn probe_index(&self, hash: u64, mut is_key: impl FnMut(u64) -> Result<bool>) -> Result<()> {
+    fn probe_index(&self, hash: u64, is_key: impl FnMut(u64) -> Result<bool>) -> Result<()> {
         if self.delta_only {
             return Ok(());
         }
@@ -450,11 +460,10 @@ impl State {
             crate::format::SLOT_SIZE as u64,
         );
         self.check_bucket(b)?;
-        if self.shared {
-            probe_shared(&self.map, &self.index, b, hash, is_key)?;
-        } else {
-            probe(self.bucket(b)?, hash, &mut is_key)?;
-        }
+        // Word by word, atomically: a bucket write (by a writer in another process, or
+        // by this process's checkpoint, which takes no state lock) may be rewriting the
+        // bucket; the caller checks the index sequence afterwards.
+        probe_shared(&self.map, &self.index, b, hash, is_key)?;
         Ok(())
     }
 
@@ -647,7 +656,7 @@ impl State {
 
 /// Probes bucket `b` of `index` for `hash` as [`probe`] does, reading its words
 /// atomically one by one: for a bucket that may be rewritten meanwhile (by a writer in
-/// another process, or by this process's writer while the caller holds no state lock).
+/// another process, or by this process's checkpoint, which takes no state lock).
 /// A slot read half before and half after a rewrite gives a wrong offset at worst,
 /// which `is_key` rejects or reports; the caller validates the outcome.
 pub(crate) fn probe_shared(
@@ -658,16 +667,18 @@ pub(crate) fn probe_shared(
     mut is_key: impl FnMut(u64) -> Result<bool>,
 ) -> Result<()> {
     let off = index.bucket_off(b);
-    let word = |at: u64| map.load_shared(off + at);
-    let head = word(0).ok_or(Error::corrupt(off, "index bucket outside the file"))?;
+    let words = map
+        .shared_words(off, BUCKET_SIZE / 8)
+        .ok_or(Error::corrupt(off, "index bucket outside the file"))?;
+    let word = |i: usize| words[i].load(std::sync::atomic::Ordering::Relaxed);
     if index.style != crate::format::INDEX_SPARSE
-        && (head >> 48) as u16 != crate::format::BUCKET_MAGIC
+        && (word(0) >> 48) as u16 != crate::format::BUCKET_MAGIC
     {
         return Err(Error::corrupt(off, "index bucket zeroed or never written"));
     }
     let slot = |i: usize| {
-        let at = crate::format::slot_off(i) as u64;
-        (word(at).unwrap_or(0), word(at + 8).unwrap_or(0))
+        let at = crate::format::slot_off(i) / 8;
+        (word(at), word(at + 1))
     };
     probe_with(slot, hash, &mut is_key)?;
     Ok(())

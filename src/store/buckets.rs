@@ -8,7 +8,7 @@ use crate::format::{bucket_of, RecordRef};
 use crate::index::bucket::bucket_count;
 use crate::index::DeltaEntry;
 use crate::index::{probe, BucketBuf, BucketFull};
-use crate::map::{FileHandle, Mapping};
+use crate::map::{FileHandle, LiveArea, Mapping};
 use crate::state::{header_in, key_in, IndexGeom, Resolved};
 
 /// A bucket slot: its index and the offset it holds.
@@ -161,8 +161,8 @@ impl Inner {
     }
 
     /// Applies `entries` (sorted by bucket) to the buckets of the current index `geom`
-    /// in place. Consecutive rewritten buckets go out in one `pwrite` (each under the
-    /// exclusive lock: readers must not see a half-written bucket), and their write-back
+    /// in place. Consecutive rewritten buckets go out in one `pwrite` (each an index
+    /// change: readers must not take a half-written bucket), and their write-back
     /// starts at once, so the sync that follows mostly waits for I/O already under way.
     ///
     /// `map` is a mapping that holds every record of `entries` and the region (the
@@ -177,11 +177,14 @@ impl Inner {
         gone: &mut Resolved,
     ) -> Result<(), ApplyError> {
         let mut run = BucketRun::default();
+        // Taken once: each run's index change then takes no state lock at all.
+        let live = self.live_area();
+        let live = Some(&*live);
         let bucket = |e: &DeltaEntry| bucket_of(e.hash, geom.buckets);
         for group in entries.chunk_by(|a, b| bucket(a) == bucket(b)) {
             let b = bucket(&group[0]);
             if !run.extends_to(b) {
-                self.write_run(file, geom, &mut run, true)?;
+                self.write_run(file, geom, &mut run, live)?;
             }
             let off = geom.bucket_off(b);
             let bytes = map
@@ -200,29 +203,29 @@ impl Inner {
             buf.seal();
             run.push(b, &buf);
         }
-        self.write_run(file, geom, &mut run, true)
+        self.write_run(file, geom, &mut run, live)
     }
 
-    /// Writes the buckets collected in `run` to the index region `geom` (under the
-    /// exclusive state lock if `live`: the region is visible to readers) and starts their
-    /// write-back. A failed write poisons the store.
+    /// Writes the buckets collected in `run` to the index region `geom` (as an index
+    /// change if `live`, the file's live area, is given: the region is visible to
+    /// readers) and starts their write-back. A failed write poisons the store.
     pub(super) fn write_run(
         &self,
         file: &FileHandle,
         geom: IndexGeom,
         run: &mut BucketRun,
-        live: bool,
+        live: Option<&LiveArea>,
     ) -> Result<(), ApplyError> {
         if run.bytes.is_empty() {
             return Ok(());
         }
         let off = geom.bucket_off(run.first);
-        let r = if live {
-            // The gate first: a `pwrite` waits for the file's inode lock, which an
+        let r = if let Some(live) = live {
+            // The space gate first: a `pwrite` waits for the file's inode lock, which an
             // allocation or a punch holds while it waits for the disk; that wait must
-            // not happen under the state lock, where writers would wait behind it.
+            // not happen under the index gate, where lookups would wait behind it.
             let _gate = self.space_gate.lock();
-            self.change_index(|| file.write_at(&run.bytes, off))
+            self.change_index_in(live, || file.write_at(&run.bytes, off))
         } else {
             file.write_at(&run.bytes, off)
         };
@@ -284,11 +287,11 @@ impl Inner {
             // the bucket magic is damage.
             buf.seal();
             if !run.extends_to(nb) {
-                self.write_run(file, new, &mut run, false)?;
+                self.write_run(file, new, &mut run, None)?;
             }
             run.push(nb, &buf);
         }
-        self.write_run(file, new, &mut run, false)?;
+        self.write_run(file, new, &mut run, None)?;
         if next != entries.len() {
             // Unreachable with sorted entries; never switch to an index that misses keys.
             return Err(ApplyError::Other(Error::Unsupported(

@@ -17,8 +17,8 @@
 //!    checkpoint covers and the exact counters there (`RedoInfo`), and sync it
 //!    (`fdatasync`, which also makes the log durable: no bucket can ever point at a
 //!    record that is not).
-//! 3. Rewrite every affected bucket (`pwrite`, under the exclusive state lock per run of
-//!    buckets), then sync. A damaged bucket is never re-sealed: the index is rebuilt
+//! 3. Rewrite every affected bucket (`pwrite` per run of buckets, with the index
+//!    sequences odd and under the index gate: see `Inner::change_index`), then sync. A damaged bucket is never re-sealed: the index is rebuilt
 //!    from the log instead.
 //! 4. Write a checkpoint slot (DIRTY, or CLEAN at close) whose `log_end` is the end it
 //!    covers, and sync it. Drop the (frozen) delta.
@@ -191,7 +191,7 @@ impl Inner {
             // a reader process that read the retired region started before the slot
             // write that retired it, which changed the index sequence it validates
             // against, so it retries. The gate keeps a punch (which holds the file's
-            // inode lock) from stalling a bucket write made under the state lock, and
+            // inode lock) from stalling a bucket write made under the index gate, and
             // pieces keep page faults on the file from waiting for a whole region.
             for (off, len, _) in due {
                 let left = punch_in_pieces(&self.space_gate, off, len, |o, l| {

@@ -98,11 +98,8 @@ impl Inner {
         let total = self.check_sizes(ops)?;
         let w = self.lock_for_write()?;
         let hash0 = key_hash(self.seed, ops[0].1);
-        if only_if_present {
-            let st = self.state.read();
-            if st.find_live(hash0, ops[0].1)?.is_none() {
-                return Ok(None);
-            }
+        if only_if_present && self.find_live_fresh(ops[0].1)?.1.is_none() {
+            return Ok(None);
         }
         self.commit_locked(w, ops, total, hash0).map(Some)
     }
@@ -127,8 +124,8 @@ impl Inner {
         let w = self.lock_for_write()?;
         let hash = key_hash(self.seed, key);
         let (equal, unchanged) = {
-            let st = self.state.read();
-            let current = match st.find_live(hash, key)? {
+            let (st, found) = self.find_live_fresh(key)?;
+            let current = match found {
                 Some(rec) => Some(st.value_of(&rec)?),
                 None => None,
             };
@@ -156,8 +153,8 @@ impl Inner {
         let w = self.lock_for_write()?;
         let hash = key_hash(self.seed, key);
         let current = {
-            let st = self.state.read();
-            match st.find_live(hash, key)? {
+            let (st, found) = self.find_live_fresh(key)?;
+            match found {
                 Some(rec) => Some(st.value_of(&rec)?.to_vec()),
                 None => None,
             }

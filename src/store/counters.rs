@@ -42,6 +42,8 @@ impl Inner {
                 lock_free = lock_free.saturating_sub(RESOLVE_PIECE);
                 continue;
             }
+            // Lookups in the buckets under the lock: none may change meanwhile.
+            let _gate = self.index_gate.read();
             let mut st = self.state.write();
             st.resolve(RESOLVE_CHUNK);
             if st.settled() {
@@ -85,7 +87,11 @@ impl Inner {
         }
         // `None`: a checkpoint froze the delta (or a compaction or growth changed the
         // file or the index) meanwhile; the next plan starts from there.
-        if let Some(locked) = plan.apply(&mut self.state.write()) {
+        // The lookups `apply` makes itself read buckets: none may change meanwhile.
+        let gate = self.index_gate.read();
+        let applied = plan.apply(&mut self.state.write());
+        drop(gate);
+        if let Some(locked) = applied {
             self.resolved_pieces.fetch_add(1, Relaxed);
             self.locked_lookups.fetch_add(locked as u64, Relaxed);
         }

@@ -6,10 +6,11 @@
 //!
 //! - **Build.** A thread of its own reads every bucket of the region (checking its CRC:
 //!   a damaged bucket abandons the filter, so that lookups reach the bucket and report
-//!   the damage), a chunk of buckets per hold of the state read lock, and inserts their
-//!   keys. A writer changes buckets only under the exclusive state lock, so each chunk is
-//!   a consistent read; a reader in another process validates each chunk against the
-//!   index sequence, as its lookups do. Only then is the filter *ready*.
+//!   the damage), a chunk of buckets per hold of the index gate and the state read lock,
+//!   and inserts their keys. A writer changes buckets only under the exclusive index
+//!   gate, so each chunk is a consistent read; a reader in another process validates
+//!   each chunk against the index sequence, as its lookups do. Only then is the filter
+//!   *ready*.
 //! - **In-place checkpoint** (the same region): the checkpoint inserts the keys of its
 //!   frozen delta before it drops that delta (lookups find them there until then).
 //!   Whatever the build read of a bucket, before or after the rewrite, the keys the
@@ -33,7 +34,7 @@ use crate::state::State;
 
 /// Smaller indexes get no filter: their few bucket pages stay in cache.
 const MIN_BUCKETS: u64 = 16;
-/// Buckets read per hold of the state read lock while building (256 KiB).
+/// Buckets read per hold of the index gate and state read lock while building (256 KiB).
 const CHUNK: u64 = 64;
 /// A reader's chunk read again this many times because the writer kept changing the
 /// index under it: the build gives up (lookups go to the buckets).
@@ -126,6 +127,9 @@ fn build(me: &Weak<Inner>, f: &Arc<KeyFilter>) {
     let mut retries = 0;
     loop {
         let Some(inner) = me.upgrade() else { return };
+        // A writer's store changes its buckets under the gate (taken before the state
+        // lock); a reader's checks its writer's index sequence below.
+        let gate = inner.index_gate.read();
         let st = inner.state.read();
         if !st.filter.as_ref().is_some_and(|g| Arc::ptr_eq(g, f)) {
             return;
@@ -145,6 +149,7 @@ fn build(me: &Weak<Inner>, f: &Arc<KeyFilter>) {
             st.live.load(LIVE_INDEX_SEQ_OFF) == s && s % 2 == 0
         });
         drop(st);
+        drop(gate);
         if !consistent {
             retries += 1;
             if retries > MAX_RETRIES {

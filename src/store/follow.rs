@@ -137,13 +137,45 @@ impl Inner {
             } else {
                 key_hash(st.seed, key)
             };
+            if st.shared {
+                let found = st.find_live(hash, key);
+                if self.index_unchanged(&st) {
+                    LookupHint::found(matches!(found, Ok(Some(_))));
+                    return found.map(|r| (st, r));
+                }
+                continue;
+            }
+            // The writer's own store: its bucket writes take no state lock (see
+            // `Inner::change_index`), so a probe is checked against them as a reader
+            // in another process checks its writer's.
+            let seq = self.index_seq.begin();
+            #[cfg(test)]
+            super::tests::lookup_hook(self, false);
             let found = st.find_live(hash, key);
-            if !st.shared || self.index_unchanged(&st) {
+            #[cfg(test)]
+            super::tests::lookup_hook(self, true);
+            if self.index_seq.unchanged_since(seq) {
                 LookupHint::found(matches!(found, Ok(Some(_))));
                 return found.map(|r| (st, r));
             }
             drop(st);
+            return self.find_live_gated(key);
         }
+    }
+
+    /// [`Inner::find_live_fresh`] in the writer's own store behind the index gate, where
+    /// no bucket changes: for a lookup that met a bucket write in progress (which takes
+    /// microseconds while its thread runs).
+    fn find_live_gated(
+        &self,
+        key: &[u8],
+    ) -> Result<(RwLockReadGuard<'_, State>, Option<RecordRef>)> {
+        let _gate = self.index_gate.read();
+        let st = self.view()?;
+        self.gated_lookups.fetch_add(1, Ordering::Relaxed);
+        let found = st.find_live(key_hash(st.seed, key), key);
+        LookupHint::found(matches!(found, Ok(Some(_))));
+        found.map(|r| (st, r))
     }
 
     /// True if the index sequence still is the one the view was built on: everything
@@ -159,8 +191,14 @@ impl Inner {
     pub(super) fn with_stable_index<R>(&self, f: impl Fn(&State) -> Result<R>) -> Result<R> {
         loop {
             let st = self.view()?;
+            if !st.shared {
+                drop(st);
+                // No bucket changes while the gate is held (taken before the state lock).
+                let _gate = self.index_gate.read();
+                return f(&*self.view()?);
+            }
             let r = f(&st);
-            if !st.shared || self.index_unchanged(&st) {
+            if self.index_unchanged(&st) {
                 return r;
             }
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::format::CheckpointInfo;
-use crate::map::{FileHandle, TailWriter};
+use crate::map::{FileHandle, LiveArea, TailWriter};
 use crate::state::IndexGeom;
 
 use std::path::{Path, PathBuf};
@@ -166,11 +166,26 @@ pub(crate) struct Inner {
     pub(super) resolved_pieces: AtomicU64,
     pub(super) prefetched_pieces: AtomicU64,
     pub(super) locked_lookups: AtomicU64,
+    /// Lookups that met an index change and were made again behind the index gate
+    /// (tests and diagnosis).
+    pub(super) gated_lookups: AtomicU64,
     /// Taken around what holds the store file's inode lock for long (allocation ahead,
-    /// punching retired index regions) and, before the state lock, around the bucket
-    /// writes made under it: a `pwrite` under the state lock must not queue behind an
-    /// allocation that waits for the disk (the writer would wait behind both).
+    /// punching retired index regions) and, before the index gate, around the bucket
+    /// writes made under it: a `pwrite` under the index gate must not queue behind an
+    /// allocation that waits for the disk (lookups would wait behind both).
     pub(super) space_gate: Mutex<()>,
+    /// Held exclusively around every change of bytes outside the log that readers may
+    /// read (see [`Inner::change_index`]), and shared by this process's readers that
+    /// read index buckets without checking [`Inner::index_seq`] around them (iteration,
+    /// verification, the key filter's build, compaction's snapshot, counter resolution
+    /// under the lock), and by lookups that found a change in progress. Taken before the
+    /// state lock, never under it; the writer's commits never take it.
+    pub(super) index_gate: RwLock<()>,
+    /// This process's count of those changes: odd while one is in progress, moved on
+    /// when it is done (a seqlock's sequence; the live area's index sequence moves with
+    /// it for readers in other processes). A lookup reads it before and after its
+    /// probe and tries again if it moved.
+    pub(super) index_seq: IndexSeq,
     /// How far the background thread has allocated this file ahead of the writer.
     pub(super) ahead: Mutex<Option<(Arc<FileHandle>, u64)>>,
     pub(crate) recovery: Mutex<RecoveryReport>,
@@ -247,6 +262,8 @@ impl Inner {
             background_cv: Condvar::new(),
             ahead: Mutex::new(None),
             space_gate: Mutex::new(()),
+            index_gate: RwLock::new(()),
+            index_seq: IndexSeq::default(),
             resolve_asked: std::sync::atomic::AtomicBool::new(false),
             spare_ready: std::sync::atomic::AtomicBool::new(false),
             spares_taken: AtomicU64::new(0),
@@ -258,6 +275,7 @@ impl Inner {
             resolved_pieces: AtomicU64::new(0),
             prefetched_pieces: AtomicU64::new(0),
             locked_lookups: AtomicU64::new(0),
+            gated_lookups: AtomicU64::new(0),
             region_holds: std::sync::atomic::AtomicUsize::new(0),
             checkpoint_holds: std::sync::atomic::AtomicUsize::new(0),
             recovery: Mutex::new(RecoveryReport::default()),
@@ -266,24 +284,46 @@ impl Inner {
     }
 
     /// Runs `change`, a write of bytes outside the log that readers may be reading (index
-    /// buckets, a checkpoint slot, a punched region), under the exclusive state lock (for
-    /// readers in this process) and with the live area's index sequence odd (for readers
-    /// in other processes, which see it move and read again).
+    /// buckets, a checkpoint slot, the superblock), under the exclusive index gate and
+    /// with the index sequences odd: this process's [`Inner::index_seq`] and the live
+    /// area's, for readers in other processes. Readers see a sequence move and read
+    /// again.
     ///
-    /// Ordering: the first increment is followed by a release fence, so the change
+    /// Not under the state lock: the store's own threads run niced, and one that lost
+    /// its core in the middle of a bucket write held the writer's next commit for as
+    /// long as it stayed off the CPU (15-39 ms at 20M keys, see `docs/BENCH.md`).
+    ///
+    /// Ordering: the first increments are followed by a release fence, so the change
     /// (stores made by the kernel on this thread's behalf) cannot become visible before
-    /// the odd value; the second increment has release semantics, so the change is
-    /// visible to whoever acquires the new, even value.
+    /// the odd values; the second increments have release semantics, so the change is
+    /// visible to whoever acquires the new, even values.
     pub(super) fn change_index<R>(&self, change: impl FnOnce() -> R) -> R {
-        let st = self.state.write();
-        st.live.add(crate::format::LIVE_INDEX_SEQ_OFF, 1);
-        // The change's stores must not become visible before the odd value: an acquire
-        // read-modify-write does not order later stores after its own store on every
-        // architecture, a release fence after it does (the seqlock writer's fence).
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        // The live area before the gate: the state lock is never taken under the gate.
+        self.change_index_in(&self.live_area(), change)
+    }
+
+    /// [`Inner::change_index`] of the file whose live area is `live` (a checkpoint
+    /// takes it once for all its bucket runs: every state lock a niced thread takes
+    /// is a chance for it to lose its core while the writer waits).
+    pub(super) fn change_index_in<R>(&self, live: &LiveArea, change: impl FnOnce() -> R) -> R {
+        let _gate = self.index_gate.write();
+        live.add(crate::format::LIVE_INDEX_SEQ_OFF, 1);
+        self.index_seq.0.fetch_add(1, Ordering::Relaxed);
+        // The change's stores must not become visible before the odd values: an
+        // acquire read-modify-write does not order later stores after its own store on
+        // every architecture, a release fence after it does (the seqlock writer's fence).
+        std::sync::atomic::fence(Ordering::Release);
         let r = change();
-        st.live.add(crate::format::LIVE_INDEX_SEQ_OFF, 1);
+        #[cfg(test)]
+        super::tests::index_change_made(self);
+        self.index_seq.0.fetch_add(1, Ordering::Release);
+        live.add(crate::format::LIVE_INDEX_SEQ_OFF, 1);
         r
+    }
+
+    /// The live area of the current file.
+    pub(super) fn live_area(&self) -> Arc<LiveArea> {
+        Arc::clone(&self.state.read().live)
     }
 
     /// Keeps writers from starting a checkpoint (unless overdue) until the guard drops.
@@ -566,5 +606,26 @@ pub(super) struct Hold<'a>(&'a std::sync::atomic::AtomicUsize);
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// This process's index sequence (see [`Inner::index_seq`]), on a cache line of its own:
+/// every lookup loads it twice, and the lines around it change with every write.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(super) struct IndexSeq(pub(super) AtomicU64);
+
+impl IndexSeq {
+    /// The sequence before a probe (acquire: the probe's loads come after it).
+    pub(super) fn begin(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// True if nothing changed the index since `begin` returned `seq`, so what a probe
+    /// read in between is one consistent version of each bucket.
+    pub(super) fn unchanged_since(&self, seq: u64) -> bool {
+        // Orders the probe's loads before the sequence load (the seqlock read side).
+        std::sync::atomic::fence(Ordering::Acquire);
+        seq.is_multiple_of(2) && self.0.load(Ordering::Relaxed) == seq
     }
 }

@@ -20,7 +20,8 @@ impl Inner {
         }
         let bytes = encode_checkpoint(self.seed, &c);
         let slot = (c.seq % 2) as usize;
-        // The gate before the state lock, as for bucket writes (see `Inner::space_gate`).
+        // The space gate before the index gate, as for bucket writes (see
+        // `Inner::space_gate`).
         let gate = self.space_gate.lock();
         let written = self.change_index(|| file.write_at(&bytes, checkpoint_off(slot)));
         drop(gate);

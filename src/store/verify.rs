@@ -29,6 +29,8 @@ pub(crate) fn verify(inner: &Inner) -> Result<VerifyReport> {
     inner.collect_failed_job();
     let _resolving = inner.resolving.lock();
     inner.resolve_counters_locked();
+    // Every bucket is read: none may change meanwhile (the gate before the state lock).
+    let _gate = inner.index_gate.read();
     let mut st = inner.state.write();
     st.resolve(usize::MAX);
     let st = parking_lot::RwLockWriteGuard::downgrade(st);
