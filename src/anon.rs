@@ -99,12 +99,28 @@ impl<T: Pod> AnonVec<T> {
         for (off, len) in populate_pieces(bytes) {
             let _ = map.advise_range(memmap2::Advice::PopulateWrite, off, len);
         }
+        #[cfg(test)]
+        if self.map.is_some() {
+            GROWTHS.with(|g| g.set(g.get() + 1));
+        }
         let old: &[u8] = bytemuck::cast_slice(&self[..]);
         map[..old.len()].copy_from_slice(old);
         if let Some(mut old) = self.map.replace(map) {
             crate::map::discard_anon(&mut old, POPULATE_PIECE);
         }
     }
+}
+
+std::thread_local! {
+    /// Buffers this thread grew (mapped anew and copied; unit tests only).
+    #[cfg(test)]
+    static GROWTHS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times this thread has grown a buffer (unit tests only).
+#[cfg(test)]
+pub(crate) fn growths_on_this_thread() -> usize {
+    GROWTHS.with(std::cell::Cell::get)
 }
 
 impl<T: Pod> Drop for AnonVec<T> {

@@ -227,7 +227,7 @@ fn keep_mode_and_owner(f: &std::fs::File, real: &Path) -> Result<()> {
 /// a failed checkpoint) starts the snapshot over. Old index regions are not punched
 /// while the buckets are read. A store whose index is in its delta alone (being rebuilt)
 /// is snapshotted from the delta, under the lock.
-fn snapshot(inner: &Inner) -> Result<Snapshot> {
+pub(super) fn snapshot(inner: &Inner) -> Result<Snapshot> {
     let _keep_regions = inner.hold_regions();
     for _ in 0..SNAPSHOT_TRIES {
         if let Some(s) = snapshot_once(inner)? {
@@ -241,7 +241,7 @@ fn snapshot(inner: &Inner) -> Result<Snapshot> {
 
 /// A snapshot: the mapping, the live records' offsets in it, and the log end `E0` they
 /// stand at.
-type Snapshot = (Arc<Mapping>, Vec<u64>, u64);
+pub(super) type Snapshot = (Arc<Mapping>, Vec<u64>, u64);
 
 /// The live delta counts as few writes when it holds at most this fraction (1/n) of the
 /// live keys: the snapshot then reads them back from the log instead of freezing them

@@ -2223,3 +2223,48 @@ fn a_lookup_that_met_a_bucket_write_looks_up_again() {
     );
     store.verify().expect("verify");
 }
+
+/// Regression: compaction's snapshot copied a checkpoint's frozen delta into a buffer
+/// that started empty and doubled as the pieces came in, each doubling under the read
+/// lock (the kernel mapping and zeroing the new buffer meanwhile): at 20M keys the
+/// writer waited up to 40 ms for one piece. The buffer is now sized before the copy.
+#[test]
+fn a_compaction_snapshot_grows_no_buffer_while_it_copies_a_frozen_delta() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options::default()
+        .durability(Durability::None)
+        .checkpoint_keys(2_000)
+        .auto_compact_off();
+    let store = Store::open(dir.path().join("frozen.mkv"), opts).expect("open");
+    for i in 0..20_000u32 {
+        store.put(i.to_le_bytes(), b"before").expect("put");
+    }
+    wait_for_job(&store);
+    let me = std::ptr::from_ref(&*store.inner) as usize;
+    let stalled = Listed::new(&STALLED_CHECKPOINTS, me);
+    // Writes until a checkpoint freezes the delta (and waits to start): the live delta
+    // is then small, so the snapshot reads the writes after the freeze from the log
+    // instead of waiting for that checkpoint.
+    let mut i = 0u32;
+    let frozen = loop {
+        store
+            .put((100_000 + i).to_le_bytes(), b"frozen")
+            .expect("put");
+        i += 1;
+        let st = store.inner.state.read();
+        if let Some(f) = &st.frozen {
+            assert!(st.delta.len() * 16 <= 20_000, "setup: a large live delta");
+            break f.delta.len();
+        }
+        assert!(i < 10_000, "setup: no checkpoint froze the delta");
+    };
+    assert!(frozen >= 1_000, "setup: no large frozen delta ({frozen})");
+    let before = crate::anon::growths_on_this_thread();
+    let (_, offsets, _) = super::compact::snapshot(&store.inner).expect("snapshot");
+    let grown = crate::anon::growths_on_this_thread() - before;
+    drop(stalled);
+    assert_eq!(offsets.len(), 20_000 + i as usize);
+    assert_eq!(grown, 0, "the snapshot grew a buffer {grown} times");
+    wait_for_job(&store);
+    store.verify().expect("verify");
+}
