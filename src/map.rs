@@ -15,8 +15,8 @@
 //!   bytes (index buckets, checkpoint slots) go through `pwrite` ([`FileHandle::write_at`]),
 //!   under the store's index gate, held exclusively. A reader that holds a slice of such
 //!   bytes holds the gate, shared; one that does not (a lookup) reads them a word at a
-//!   time, atomically ([`Mapping::shared_words`]), and checks
-//!   the index sequence afterwards, as readers in other processes do.
+//!   time, atomically ([`Mapping::shared_words`]), and checks the index sequence
+//!   afterwards, as readers in other processes do.
 //! * Unpublished bytes are written through the mapping only by the single [`TailWriter`],
 //!   which then publishes them with a release store. A reader can only learn an offset
 //!   from the index or from `published` itself, after that release.

@@ -18,8 +18,8 @@
 //!    (`fdatasync`, which also makes the log durable: no bucket can ever point at a
 //!    record that is not).
 //! 3. Rewrite every affected bucket (`pwrite` per run of buckets, with the index
-//!    sequences odd and under the index gate: see `Inner::change_index`), then sync. A damaged bucket is never re-sealed: the index is rebuilt
-//!    from the log instead.
+//!    sequences odd and under the index gate: see `Inner::change_index`), then sync.
+//!    A damaged bucket is never re-sealed: the index is rebuilt from the log instead.
 //! 4. Write a checkpoint slot (DIRTY, or CLEAN at close) whose `log_end` is the end it
 //!    covers, and sync it. Drop the (frozen) delta.
 //!
