@@ -13,7 +13,10 @@
 //! 1. [`Plan::take`], under the state read lock, makes no lookup: it notes the next
 //!    piece's unresolved entries, the frozen delta's candidates for their hashes, and
 //!    what the lookups need to go on alone (the mapping, the index geometry, the key
-//!    filter, the live area and the delta's id).
+//!    filter, the live area and the delta's id). The delta slots it reads are asked
+//!    for first, with no lock held ([`Plan::peek`], [`Plan::prefetch_slots`]): the store's
+//!    threads run niced, and the shorter their holds, the rarer it is that one loses
+//!    its core while the writer waits for it.
 //! 2. [`Plan::look_up`], with no lock, finds each entry's old record the way
 //!    `State::old_before_delta` does: the frozen delta's record for the key if it has
 //!    one, else the buckets' (read word by word, atomically: a checkpoint may be
@@ -45,6 +48,7 @@ use std::sync::Arc;
 
 use crate::format::{bucket_of, RecordRef, KIND_PUT, LIVE_INDEX_SEQ_OFF};
 use crate::index::filter::KeyFilter;
+use crate::index::SlotHint;
 use crate::map::{LiveArea, Mapping};
 use crate::state::{claim, header_in, key_in, probe_shared, record_if_key_in, IndexGeom};
 use crate::state::{Resolved, State};
@@ -59,6 +63,9 @@ pub(crate) struct Plan {
     filter: Option<Arc<KeyFilter>>,
     live: Arc<LiveArea>,
     delta_id: u64,
+    /// Where the delta's slots were at step 1, for step 3 to ask for them before it
+    /// takes the lock (stale if the table grew meanwhile: a wasted prefetch).
+    slots: SlotHint,
     /// How many hashes of the delta's queue the piece takes (the ones step 1 saw: the
     /// writer queues more meanwhile).
     hashes: usize,
@@ -82,10 +89,42 @@ struct Entry {
 }
 
 impl Plan {
+    /// Before step 1, under a read lock of its own: the hashes at the front of the
+    /// current delta's queue (at most `max`, into `hashes`, which has room for them),
+    /// and where the live and frozen deltas' slots for them are. Reading the queue is
+    /// sequential; the slots are one cache miss each in tables of up to hundreds of MB.
+    pub(crate) fn peek(
+        st: &State,
+        max: usize,
+        hashes: &mut Vec<u64>,
+    ) -> (SlotHint, Option<SlotHint>) {
+        hashes.clear();
+        hashes.extend(st.delta.peek_unresolved(max));
+        (
+            st.delta.slot_hint(),
+            st.frozen.as_ref().map(|f| f.delta.slot_hint()),
+        )
+    }
+
+    /// Asks for the cache lines of the slots of `hashes` (see [`Plan::peek`]), with no
+    /// lock held: step 1 then reads them from the cache under its lock. (Measured at 20M
+    /// keys: step 1 held the read lock 145 µs on average, nearly all of it misses.)
+    pub(crate) fn prefetch_slots(hashes: &[u64], live: SlotHint, frozen: Option<SlotHint>) {
+        for &h in hashes {
+            if let Some(a) = live.addr(h) {
+                crate::map::prefetch_read_addr(a);
+            }
+            if let Some(a) = frozen.and_then(|f| f.addr(h)) {
+                crate::map::prefetch_read_addr(a);
+            }
+        }
+    }
+
     /// Step 1 (under the state read lock): the next `max` unresolved keys of the
-    /// current delta, or `None` if its queue of them is empty.
+    /// current delta, or `None` if its queue of them is empty. (Put in bucket order by
+    /// [`Plan::order`], outside the lock.)
     pub(crate) fn take(st: &State, max: usize) -> Option<Plan> {
-        let mut entries = Vec::new();
+        let mut entries = Vec::with_capacity(max);
         let mut cands = Vec::new();
         let mut hashes = 0;
         for hash in st.delta.peek_unresolved(max) {
@@ -109,8 +148,6 @@ impl Plan {
         if st.delta.unresolved_len() == 0 {
             return None;
         }
-        let buckets = st.index.buckets.max(1);
-        entries.sort_unstable_by_key(|e| bucket_of(e.hash, buckets));
         Some(Plan {
             map: Arc::clone(&st.map),
             seed: st.seed,
@@ -119,6 +156,7 @@ impl Plan {
             filter: st.filter.clone(),
             live: Arc::clone(&st.live),
             delta_id: st.delta.id(),
+            slots: st.delta.slot_hint(),
             hashes,
             entries,
             cands,
@@ -138,6 +176,13 @@ impl Plan {
             .map(|e| self.index.bucket_off(bucket_of(e.hash, buckets)))
             .collect();
         self.map.prefetch(&offs, crate::format::BUCKET_SIZE as u64);
+    }
+
+    /// Puts the entries in bucket order, for steps 2 and 3 (no lock held).
+    pub(crate) fn order(&mut self) {
+        let buckets = self.index.buckets.max(1);
+        self.entries
+            .sort_unstable_by_key(|e| bucket_of(e.hash, buckets));
     }
 
     /// Step 2 (no lock held): each entry's old record.
@@ -211,6 +256,16 @@ impl Plan {
         match (r, found) {
             (Ok(()), Some(rec)) => ((rec.kind == KIND_PUT).then_some(rec), true),
             _ => (None, stable),
+        }
+    }
+
+    /// Before step 3, with no lock held: asks for the delta slots that claiming the
+    /// piece rewrites, as [`Plan::prefetch_slots`] does for step 1.
+    pub(crate) fn prefetch_claims(&self) {
+        for e in &self.entries {
+            if let Some(a) = self.slots.addr(e.hash) {
+                crate::map::prefetch_write_addr(a);
+            }
         }
     }
 

@@ -60,10 +60,17 @@ impl Inner {
     /// other's keys claimed and look theirs up again under the lock.
     pub(super) fn resolve_piece(&self) -> bool {
         let _one = self.resolve_pieces.lock();
+        // The piece's delta slots asked for before the lock that plans it (a miss
+        // each), so that the niced thread holds the lock for as short a time as it can.
+        let mut hashes = Vec::with_capacity(RESOLVE_PIECE);
+        let (live, frozen) =
+            crate::resolve::Plan::peek(&self.state.read(), RESOLVE_PIECE, &mut hashes);
+        crate::resolve::Plan::prefetch_slots(&hashes, live, frozen);
         let plan = crate::resolve::Plan::take(&self.state.read(), RESOLVE_PIECE);
         let Some(mut plan) = plan else {
             return false;
         };
+        plan.order();
         // Over an index the page cache does not hold (100M keys beside a compaction),
         // each probe's fault read a 128 KiB read-around window for its 4 KiB bucket, one
         // after another: 925 GB read in 19 minutes. After a slow piece, the next ones
@@ -85,12 +92,14 @@ impl Inner {
         if !cold && t.elapsed() > COLD_PIECE {
             self.index_cold.store(true, Relaxed);
         }
-        // `None`: a checkpoint froze the delta (or a compaction or growth changed the
-        // file or the index) meanwhile; the next plan starts from there.
+        // The slots that claiming the piece rewrites, asked for before the lock.
+        plan.prefetch_claims();
         // The lookups `apply` makes itself read buckets: none may change meanwhile.
         let gate = self.index_gate.read();
         let applied = plan.apply(&mut self.state.write());
         drop(gate);
+        // `None`: a checkpoint froze the delta (or a compaction or growth changed the
+        // file or the index) meanwhile; the next plan starts from there.
         if let Some(locked) = applied {
             self.resolved_pieces.fetch_add(1, Relaxed);
             self.locked_lookups.fetch_add(locked as u64, Relaxed);
