@@ -2115,12 +2115,7 @@ pub(super) fn lookup_hook(inner: &Inner, after: bool) {
 #[test]
 fn a_put_does_not_wait_for_a_bucket_write_in_progress() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let opts = Options::default()
-        .durability(Durability::None)
-        .checkpoint_keys(1_000)
-        .auto_compact_off();
-    let path = dir.path().join("stalled.mkv");
-    let store = Arc::new(Store::open(&path, opts).expect("open"));
+    let store = Arc::new(open_unsynced(&dir.path().join("stalled.mkv"), 1_000, false));
     for i in 0..3_000u32 {
         store.put(i.to_le_bytes(), b"before").expect("put");
     }
@@ -2231,11 +2226,7 @@ fn a_lookup_that_met_a_bucket_write_looks_up_again() {
 #[test]
 fn a_compaction_snapshot_grows_no_buffer_while_it_copies_a_frozen_delta() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let opts = Options::default()
-        .durability(Durability::None)
-        .checkpoint_keys(2_000)
-        .auto_compact_off();
-    let store = Store::open(dir.path().join("frozen.mkv"), opts).expect("open");
+    let store = open_unsynced(&dir.path().join("frozen.mkv"), 2_000, false);
     for i in 0..20_000u32 {
         store.put(i.to_le_bytes(), b"before").expect("put");
     }
