@@ -8,9 +8,12 @@
 //! the counters exact. Made under the exclusive state lock, a piece of 256 lookups
 //! that missed the CPU caches or faulted an index page in held the lock for
 //! milliseconds, and the store's own threads run at a lower priority: at 20M keys a
-//! writer waited up to 73 ms for one. So a piece goes in three steps:
+//! writer waited up to 73 ms for one. So a piece goes in three steps, the first and
+//! the last under the state lock: the writer's own, while it writes (a store thread
+//! hands it those steps: see `store::handoff`), else a lock the resolving
+//! thread takes itself.
 //!
-//! 1. [`Plan::take`], under the state read lock, makes no lookup: it notes the next
+//! 1. [`Plan::take`], under the state lock (read), makes no lookup: it notes the next
 //!    piece's unresolved entries, the frozen delta's candidates for their hashes, and
 //!    what the lookups need to go on alone (the mapping, the index geometry, the key
 //!    filter, the live area and the delta's id). The delta slots it reads are asked
@@ -272,8 +275,10 @@ impl Plan {
     /// Step 3 (under the exclusive state lock): claims the piece and takes the old
     /// records from the counters. Returns how many lookups it had to make itself,
     /// under the lock, or `None` if the plan no longer applies (the delta, the file or
-    /// the index region changed: nothing was claimed; take a new plan).
-    pub(crate) fn apply(self, st: &mut State) -> Option<usize> {
+    /// the index region changed: nothing was claimed; take a new plan). The plan is
+    /// spent either way; it is left for its thread to drop (it may hold the last
+    /// reference to a mapping a compaction replaced, whose unmapping takes long).
+    pub(crate) fn apply(&mut self, st: &mut State) -> Option<usize> {
         if st.delta.id() != self.delta_id
             || !Arc::ptr_eq(&st.map, &self.map)
             || st.index != self.index
@@ -281,7 +286,7 @@ impl Plan {
         {
             return None;
         }
-        let mut entries = self.entries;
+        let mut entries = std::mem::take(&mut self.entries);
         entries.sort_unstable_by_key(|e| (e.hash, e.off));
         let buckets = st.index.buckets.max(1);
         let claimed = claim(&mut st.delta, self.hashes, |h| bucket_of(h, buckets));

@@ -70,9 +70,7 @@ pub(super) fn background(inner: &Inner, every: Option<std::time::Duration>) {
         drop(garbage);
         inner.spare_asked();
         if let Some(keys) = next_delta {
-            let d = crate::index::Delta::prepared(keys);
-            let old = inner.background.lock().next_delta.replace(d);
-            drop(old);
+            inner.prepare_next_delta(keys);
         }
         if let Some((file, from, to)) = allocate {
             inner.allocate_ahead(&file, from, to);
@@ -161,6 +159,15 @@ impl Inner {
         self.periodic_sync();
         self.prefault_asked();
         self.spare_asked();
+        // The delta tables retired meanwhile, hundreds of MB at 20M keys: resolution
+        // that went on through a whole 20M-key fill kept 205 of them, and the fill's
+        // anonymous memory peaked at 1 GiB rather than about 300 MiB.
+        let garbage = std::mem::take(&mut self.background.lock().garbage);
+        drop(garbage);
+        let next_delta = self.background.lock().next_delta_ask.take();
+        if let Some(keys) = next_delta {
+            self.prepare_next_delta(keys);
+        }
         self.compaction_asked();
         let allocate = self.background.lock().allocate.take();
         if let Some((file, from, to)) = allocate {
@@ -217,6 +224,14 @@ impl Inner {
         if let Some(slots) = spare {
             self.prepare_spare(slots);
         }
+    }
+
+    /// Prepares the delta of `keys` keys a checkpoint's freeze will take (see
+    /// `Background::next_delta`).
+    fn prepare_next_delta(&self, keys: usize) {
+        let d = crate::index::Delta::prepared(keys);
+        let old = self.background.lock().next_delta.replace(d);
+        drop(old);
     }
 
     /// Allocates the delta table of `slots` slots that the writer asked for (see

@@ -2,14 +2,18 @@
 //!
 //! The current delta's backlog is looked up a piece at a time with no lock held (see
 //! `crate::resolve`), by the background thread and by callers that need the counters
-//! exact (`Store::len`, `Store::stats`). Under the exclusive state lock are only the
-//! lookups a piece must make again (a checkpoint changed what it read) and what is left
-//! of a frozen delta whose checkpoint failed (`State::resolve`; a running checkpoint
-//! resolves its own frozen delta, holding `resolving`).
+//! exact (`Store::len`, `Store::stats`). The store's own threads hand each piece's two
+//! locked steps to the writer while it writes (see `super::handoff`). Under the
+//! exclusive state lock are only the lookups a piece must make again (a checkpoint
+//! changed what it read) and what is left of a frozen delta whose checkpoint failed
+//! (`State::resolve`; a running checkpoint resolves its own frozen delta, holding
+//! `resolving`).
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use super::handoff::Step;
 use super::inner::Inner;
+use crate::resolve::Plan;
 
 /// Deferred index lookups done per hold of the state lock when they cannot be made
 /// without it (see `resolve_counters_locked`): a few milliseconds at most.
@@ -58,22 +62,33 @@ impl Inner {
     /// nothing to look up. One piece at a time (`resolve_pieces`): a piece claims the
     /// front of the delta's queue that it noted, so two at once would find each
     /// other's keys claimed and look theirs up again under the lock.
+    ///
+    /// On a store thread, the two locked steps are handed to the writer while it
+    /// writes (see `super::handoff`).
     pub(super) fn resolve_piece(&self) -> bool {
-        let _one = self.resolve_pieces.lock();
-        // The piece's delta slots asked for before the lock that plans it (a miss
-        // each), so that the niced thread holds the lock for as short a time as it can.
-        let mut hashes = Vec::with_capacity(RESOLVE_PIECE);
-        let (live, frozen) =
-            crate::resolve::Plan::peek(&self.state.read(), RESOLVE_PIECE, &mut hashes);
-        crate::resolve::Plan::prefetch_slots(&hashes, live, frozen);
-        // A yield before each lock: a niced thread that has used its time runs again
-        // with its next turn ahead of it, rather than losing its core in the middle of
-        // a hold while the writer waits. (20M sweeps, three traced pairs: the writer's
-        // waits over 3 ms fell from 93-120 to 21-35, its overwrite puts over 1 ms from
-        // about 3,100 to 1,300; see `docs/BENCH.md`.)
-        std::thread::yield_now();
-        let plan = crate::resolve::Plan::take(&self.state.read(), RESOLVE_PIECE);
-        let Some(mut plan) = plan else {
+        let hand = super::threads::on_store_thread();
+        let _one = if hand {
+            self.resolve_pieces.lock()
+        } else {
+            // A store thread that holds it waiting for the writer stops waiting.
+            let callers = &self.handoff.callers;
+            callers.fetch_add(1, Relaxed);
+            let one = self.resolve_pieces.lock();
+            callers.fetch_sub(1, Relaxed);
+            one
+        };
+        let handed = hand.then(|| {
+            // (A yield before each step, as before a lock of its own: see `plan_piece`.
+            // Without them here, the writer's time spent runnable but waiting for a
+            // core in a 20M-key overwrite went back up from about 4 s to 7-9 s.)
+            std::thread::yield_now();
+            self.hand_to_writer(Step::Plan(RESOLVE_PIECE))
+        });
+        let planned = match handed {
+            Some(Ok(Step::Planned(plan))) => plan.map(|p| *p),
+            _ => self.plan_piece(),
+        };
+        let Some(mut plan) = planned else {
             return false;
         };
         plan.order();
@@ -100,11 +115,17 @@ impl Inner {
         }
         // The slots that claiming the piece rewrites, asked for before the lock.
         plan.prefetch_claims();
-        // The lookups `apply` makes itself read buckets: none may change meanwhile.
-        let gate = self.index_gate.read();
-        std::thread::yield_now();
-        let applied = plan.apply(&mut self.state.write());
-        drop(gate);
+        let applied = if hand {
+            std::thread::yield_now();
+            match self.hand_to_writer(Step::Count(Box::new(plan))) {
+                Ok(Step::Counted(applied, _spent)) => applied,
+                Err(Step::Count(plan)) => self.count_piece(*plan),
+                // (Not an answer to this step: nothing was claimed, so nothing is lost.)
+                Ok(_) | Err(_) => None,
+            }
+        } else {
+            self.count_piece(plan)
+        };
         // `None`: a checkpoint froze the delta (or a compaction or growth changed the
         // file or the index) meanwhile; the next plan starts from there.
         if let Some(locked) = applied {
@@ -112,5 +133,38 @@ impl Inner {
             self.locked_lookups.fetch_add(locked as u64, Relaxed);
         }
         true
+    }
+
+    /// Step 1 of a piece, under a read lock of its own (see `crate::resolve`).
+    fn plan_piece(&self) -> Option<Plan> {
+        // The piece's delta slots asked for before the lock that plans it (a miss
+        // each), so that a niced thread holds the lock for as short a time as it can.
+        let mut hashes = Vec::with_capacity(RESOLVE_PIECE);
+        let (live, frozen) = Plan::peek(&self.state.read(), RESOLVE_PIECE, &mut hashes);
+        Plan::prefetch_slots(&hashes, live, frozen);
+        // A yield before each lock: a niced thread that has used its time runs again
+        // with its next turn ahead of it, rather than losing its core in the middle of
+        // a hold while the writer waits. (20M sweeps, three traced pairs: the writer's
+        // waits over 3 ms fell from 93-120 to 21-35, its overwrite puts over 1 ms from
+        // about 3,100 to 1,300; see `docs/BENCH.md`.)
+        std::thread::yield_now();
+        let st = self.state.read();
+        #[cfg(test)]
+        super::tests::resolution_lock_held(self);
+        Plan::take(&st, RESOLVE_PIECE)
+    }
+
+    /// Step 3 of a piece, under the exclusive lock taken here (see `crate::resolve`).
+    fn count_piece(&self, mut plan: Plan) -> Option<usize> {
+        // The lookups `apply` makes itself read buckets: none may change meanwhile.
+        let gate = self.index_gate.read();
+        std::thread::yield_now();
+        let mut st = self.state.write();
+        #[cfg(test)]
+        super::tests::resolution_lock_held(self);
+        let applied = plan.apply(&mut st);
+        drop(st);
+        drop(gate);
+        applied
     }
 }

@@ -36,6 +36,9 @@ pub(crate) struct Inner {
     /// from its plan to its count. Taken after `resolving` and the writer mutex, before
     /// the state lock.
     pub(super) resolve_pieces: Mutex<()>,
+    /// Where a store thread hands the writer the locked steps of a piece (see
+    /// `super::handoff`).
+    pub(super) handoff: super::handoff::Handoff,
     /// Held for a whole compaction (one at a time); taken before anything else.
     pub(super) compacting: Mutex<()>,
     /// The thread running an automatic compaction, if one was started
@@ -215,6 +218,7 @@ impl Inner {
             writer: Mutex::new(writer),
             resolving: Mutex::new(()),
             resolve_pieces: Mutex::new(()),
+            handoff: super::handoff::Handoff::default(),
             compacting: Mutex::new(()),
             auto_compactor: Mutex::new(None),
             checkpoint_end: AtomicU64::new(ckpt.log_end),

@@ -24,6 +24,7 @@ mod counters;
 mod filter;
 mod follow;
 mod grow;
+mod handoff;
 mod inner;
 mod iter;
 mod many;

@@ -24,11 +24,23 @@ pub(super) fn spawn<T: Send + 'static>(
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            STORE_THREAD.set(true);
             if let Some(n) = nice {
                 set_nice(n);
             }
             f()
         })
+}
+
+std::thread_local! {
+    /// Set on the threads [`spawn`] starts.
+    static STORE_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True on one of the store's own threads (started by [`spawn`]), false on the
+/// application's.
+pub(super) fn on_store_thread() -> bool {
+    STORE_THREAD.get()
 }
 
 /// This thread's nice value (0 if it cannot be read).
