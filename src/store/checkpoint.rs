@@ -112,6 +112,7 @@ impl Inner {
     /// durable (with an `fdatasync` that also writes the log) before touching a bucket, and
     /// the growth path writes only into unused space until one sync covers log and index.
     pub(crate) fn checkpoint(&self, w: &mut Writer, fin: u32) -> Result<()> {
+        let _held = WriterHeld::new(self);
         let _resolving = self.resolving.lock();
         let (keys, delta_only, delta_empty, frozen) = {
             let st = self.state.read();
@@ -396,9 +397,7 @@ impl Inner {
         let Some(job) = w.job.take() else {
             return Ok(());
         };
-        let r = job.thread.join().unwrap_or(Err(Error::Unsupported(
-            "internal: the checkpoint thread panicked",
-        )));
+        let r = self.join_job(job.thread);
         if let Ok(JobEnd::NeedsGrowth(keys)) = r {
             let plan = {
                 let _resolving = self.resolving.lock();
@@ -417,10 +416,20 @@ impl Inner {
         let Some(job) = w.job.take() else {
             return Ok(());
         };
-        let r = job.thread.join().unwrap_or(Err(Error::Unsupported(
-            "internal: the checkpoint thread panicked",
-        )));
+        let r = self.join_job(job.thread);
         self.job_done(w, &job.plan, r, true)
+    }
+
+    /// Waits for a checkpoint job's thread. Meanwhile this thread holds the writer
+    /// mutex, so no commit makes the steps the job would hand the writer: it makes them
+    /// itself (see `super::handoff`).
+    fn join_job(&self, thread: std::thread::JoinHandle<Result<JobEnd>>) -> Result<JobEnd> {
+        let held = WriterHeld::new(self);
+        let r = thread.join();
+        drop(held);
+        r.unwrap_or(Err(Error::Unsupported(
+            "internal: the checkpoint thread panicked",
+        )))
     }
 
     /// Deals with a checkpoint job's outcome. A job that must grow the index is followed
@@ -565,28 +574,19 @@ impl Inner {
     ) -> Result<JobEnd> {
         let mut slots = self.slots.lock();
         let geom = plan.grow.map_or(plan.old, |g| g.0);
-        let (map, len, frozen_counters) = {
+        let (map, len, end, frozen_counters) = {
             let st = self.state.read();
             let Some(f) = &st.frozen else {
                 return Err(Error::Unsupported("internal: no frozen delta"));
             };
-            (Arc::clone(&st.map), f.delta.len(), f.counters)
+            (Arc::clone(&st.map), f.delta.len(), f.end, f.counters)
         };
-        // Mapped outside the lock (the frozen delta gains no entries).
-        let mut entries = crate::anon::AnonVec::with_capacity(len);
-        // Copied in pieces, each under a short read lock (a copy of a million entries
-        // under one kept the writer waiting 12 ms): the frozen delta gains no entries,
-        // and the resolution marks this copy reads change only under `resolving`,
-        // which the job holds.
-        let mut cursor = 0;
-        loop {
-            let st = self.state.read();
-            let Some(f) = &st.frozen else {
-                return Err(Error::Unsupported("internal: no frozen delta"));
-            };
-            if !f.delta.copy_entries(&mut cursor, COPY_PIECE, &mut entries) {
-                break;
-            }
+        // Mapped outside the lock (the frozen delta gains no entries), and copied in
+        // pieces (a copy of a million entries under one read lock kept the writer
+        // waiting 12 ms), exact: the job holds `resolving`.
+        let (entries, whole) = self.copy_frozen(end, crate::anon::AnonVec::with_capacity(len));
+        if !whole {
+            return Err(Error::Unsupported("internal: no frozen delta"));
         }
         let mut gone = Resolved::default();
         let mut entries = if plan.grow.is_some() && plan.old.buckets > 0 {
@@ -759,5 +759,21 @@ struct JobRunning<'a>(&'a std::sync::atomic::AtomicBool);
 impl Drop for JobRunning<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Counts this thread in `Inner::writer_held` while it lives.
+struct WriterHeld<'a>(&'a Inner);
+
+impl<'a> WriterHeld<'a> {
+    fn new(inner: &'a Inner) -> Self {
+        inner.writer_held.fetch_add(1, Ordering::AcqRel);
+        WriterHeld(inner)
+    }
+}
+
+impl Drop for WriterHeld<'_> {
+    fn drop(&mut self) {
+        self.0.writer_held.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -509,9 +509,9 @@ impl Inner {
                 };
                 st.apply(hash, k, &rec);
             }
-            // A step of counter resolution a store thread handed over (see
-            // `super::handoff`): made here, under the lock this commit holds anyway.
-            self.serve_handoff(&mut st);
+            // Steps store threads handed over (see `super::handoff`): made here, under
+            // the lock this commit holds anyway.
+            self.serve_handoffs(&mut st);
             // (Given back if the delta was replaced or grew meanwhile: freed in the
             // background.)
             let unfit = spare.and_then(|t| {

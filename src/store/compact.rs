@@ -332,22 +332,10 @@ fn snapshot_once(inner: &Inner) -> Result<Option<Snapshot>> {
         let len = (inner.state.read().frozen.as_ref())
             .filter(|f| f.end == fend)
             .map_or(0, |f| f.delta.len());
-        entries = crate::anon::AnonVec::with_capacity(len);
-        let mut cursor = 0;
-        loop {
-            let st = inner.state.read();
-            // Gone (its checkpoint finished: the buckets hold its entries now), or
-            // replaced by the next one: what was copied is enough (see above).
-            let Some(f) = st.frozen.as_ref().filter(|f| f.end == fend) else {
-                break;
-            };
-            if !f
-                .delta
-                .copy_entries(&mut cursor, super::checkpoint::COPY_PIECE, &mut entries)
-            {
-                break;
-            }
-        }
+        // (Gone before the end, because its checkpoint finished and the buckets hold
+        // its entries now, or another replaced it: what was copied is enough, see
+        // above.)
+        (entries, _) = inner.copy_frozen(fend, crate::anon::AnonVec::with_capacity(len));
     }
     let frozen = crate::index::Delta::from_entries(&entries);
     drop(entries);

@@ -82,7 +82,7 @@ impl Inner {
             // Without them here, the writer's time spent runnable but waiting for a
             // core in a 20M-key overwrite went back up from about 4 s to 7-9 s.)
             std::thread::yield_now();
-            self.hand_to_writer(Step::Plan(RESOLVE_PIECE))
+            self.hand_to_writer(&self.handoff, Step::Plan(RESOLVE_PIECE))
         });
         let planned = match handed {
             Some(Ok(Step::Planned(plan))) => plan.map(|p| *p),
@@ -117,7 +117,7 @@ impl Inner {
         plan.prefetch_claims();
         let applied = if hand {
             std::thread::yield_now();
-            match self.hand_to_writer(Step::Count(Box::new(plan))) {
+            match self.hand_to_writer(&self.handoff, Step::Count(Box::new(plan))) {
                 Ok(Step::Counted(applied, _spent)) => applied,
                 Err(Step::Count(plan)) => self.count_piece(*plan),
                 // (Not an answer to this step: nothing was claimed, so nothing is lost.)
@@ -150,7 +150,7 @@ impl Inner {
         std::thread::yield_now();
         let st = self.state.read();
         #[cfg(test)]
-        super::tests::resolution_lock_held(self);
+        super::tests::step_lock_held(self);
         Plan::take(&st, RESOLVE_PIECE)
     }
 
@@ -161,7 +161,7 @@ impl Inner {
         std::thread::yield_now();
         let mut st = self.state.write();
         #[cfg(test)]
-        super::tests::resolution_lock_held(self);
+        super::tests::step_lock_held(self);
         let applied = plan.apply(&mut st);
         drop(st);
         drop(gate);

@@ -39,6 +39,13 @@ pub(crate) struct Inner {
     /// Where a store thread hands the writer the locked steps of a piece (see
     /// `super::handoff`).
     pub(super) handoff: super::handoff::Handoff,
+    /// Where a store thread hands the writer the pieces of a frozen delta's copy (see
+    /// `Inner::copy_frozen`).
+    pub(super) copy_handoff: super::handoff::Handoff,
+    /// Threads that hold the writer mutex for a checkpoint: one waiting for a job (see
+    /// `Inner::join_job`) or running one itself. No commit comes meanwhile, so store
+    /// threads hand the writer nothing (see `super::handoff`).
+    pub(super) writer_held: std::sync::atomic::AtomicUsize,
     /// Held for a whole compaction (one at a time); taken before anything else.
     pub(super) compacting: Mutex<()>,
     /// The thread running an automatic compaction, if one was started
@@ -219,6 +226,8 @@ impl Inner {
             resolving: Mutex::new(()),
             resolve_pieces: Mutex::new(()),
             handoff: super::handoff::Handoff::default(),
+            copy_handoff: super::handoff::Handoff::default(),
+            writer_held: std::sync::atomic::AtomicUsize::new(0),
             compacting: Mutex::new(()),
             auto_compactor: Mutex::new(None),
             checkpoint_end: AtomicU64::new(ckpt.log_end),

@@ -1403,24 +1403,26 @@ fn counter_resolution_looks_up_without_the_state_lock() {
     store.close().expect("close");
 }
 
-/// Stores in which a store thread that holds the state lock for a step of counter
-/// resolution stops there until the test takes the store out of the list: a niced
-/// thread that lost its core in the middle of a hold (unit tests only). And the stores
-/// where one got there.
-static STALLED_RESOLUTION_LOCKS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-static RESOLUTION_LOCKS_REACHED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// Stores in which a store thread that holds the state lock for a step it could have
+/// handed to the writer (see `super::handoff`) stops there until the test takes the
+/// store out of the list: a niced thread that lost its core in the middle of a hold
+/// (unit tests only). And the stores where one got there.
+static STALLED_STEP_LOCKS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+static STEP_LOCKS_REACHED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 
-/// Called by a step of counter resolution made under the state lock it took itself
-/// (see `Inner::resolve_piece`; unit tests only).
-pub(super) fn resolution_lock_held(inner: &Inner) {
-    if !super::threads::on_store_thread() {
+/// Called by a step of counter resolution or of a frozen delta's copy made under the
+/// state lock its thread took itself (unit tests only).
+pub(super) fn step_lock_held(inner: &Inner) {
+    // (Nor while the writer mutex's holder waits for a checkpoint, or runs one: no
+    // commit comes then, and the checkpoint's copy is made under a lock of its own.)
+    if !super::threads::on_store_thread() || inner.writer_held.load(Ordering::Acquire) > 0 {
         return;
     }
     let me = std::ptr::from_ref(inner) as usize;
-    if STALLED_RESOLUTION_LOCKS.lock().contains(&me) {
-        RESOLUTION_LOCKS_REACHED.lock().push(me);
+    if STALLED_STEP_LOCKS.lock().contains(&me) {
+        STEP_LOCKS_REACHED.lock().push(me);
     }
-    while STALLED_RESOLUTION_LOCKS.lock().contains(&me) {
+    while STALLED_STEP_LOCKS.lock().contains(&me) {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
@@ -1455,7 +1457,7 @@ fn a_put_does_not_wait_for_a_store_thread_resolving_counters() {
     // However slow this machine, the background thread waits for the writer's answer
     // while the writer writes, rather than taking the lock itself.
     *store.inner.handoff.test_wait.lock() = Some(std::time::Duration::from_secs(60));
-    let stalled = Listed::new(&STALLED_RESOLUTION_LOCKS, me);
+    let stalled = Listed::new(&STALLED_STEP_LOCKS, me);
     let served0 = store.inner.handoff.served.load(Ordering::Relaxed);
     // Overwrites of keys in the buckets (fewer keys than the next checkpoint's
     // threshold: each must be resolved against the index), until the writer has made
@@ -1478,10 +1480,10 @@ fn a_put_does_not_wait_for_a_store_thread_resolving_counters() {
         let _ = tx.send(r);
     });
     let done = rx.recv_timeout(std::time::Duration::from_secs(60));
-    let reached = RESOLUTION_LOCKS_REACHED.lock().contains(&me);
+    let reached = STEP_LOCKS_REACHED.lock().contains(&me);
     let served = store.inner.handoff.served.load(Ordering::Relaxed) - served0;
     drop(stalled);
-    RESOLUTION_LOCKS_REACHED.lock().retain(|&a| a != me);
+    STEP_LOCKS_REACHED.lock().retain(|&a| a != me);
     // The rest of the backlog, with the writer idle: the background thread's next
     // step goes unanswered, and it makes the steps itself from there on.
     *store.inner.handoff.test_wait.lock() = None;
@@ -1499,6 +1501,66 @@ fn a_put_does_not_wait_for_a_store_thread_resolving_counters() {
     assert_eq!(st.live_keys, 45_000);
     assert_eq!(st.live_bytes, 45_000 * crate::format::record_len(4, 20));
     drop(forced);
+    store.verify().expect("verify");
+}
+
+/// Regression: a checkpoint copied its frozen delta a piece per read lock of its own
+/// thread (niced), and a hold during which it lost its core kept the writer waiting
+/// 3-10 times per 20M-key sweep, up to 40 ms. While the writer writes, it copies the
+/// pieces itself (see `super::handoff`). Here a store thread that takes the lock for a
+/// piece stops holding it: the writer's puts, through several checkpoints, complete all
+/// the same, and no store thread took the lock for a piece meanwhile.
+#[test]
+fn a_put_does_not_wait_for_a_checkpoint_copying_its_frozen_delta() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(open_unsynced(&dir.path().join("copy.mkv"), 2_000, false));
+    for i in 0..6_000u32 {
+        store.put(i.to_le_bytes(), b"before").expect("put");
+    }
+    wait_for_job(&store);
+    let me = std::ptr::from_ref(&*store.inner) as usize;
+    *store.inner.copy_handoff.test_wait.lock() = Some(std::time::Duration::from_secs(60));
+    let stalled = Listed::new(&STALLED_STEP_LOCKS, me);
+    let served0 = store.inner.copy_handoff.served.load(Ordering::Relaxed);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = Arc::clone(&store);
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(50);
+        let mut i = 6_000u32;
+        let r = loop {
+            if let Err(e) = writer.put(i.to_le_bytes(), b"during") {
+                break Err(e);
+            }
+            i += 1;
+            let served = writer.inner.copy_handoff.served.load(Ordering::Relaxed) - served0;
+            if i >= 12_000 && (served >= 4 || std::time::Instant::now() > deadline) {
+                break Ok(i);
+            }
+        };
+        let _ = tx.send(r);
+    });
+    let done = rx.recv_timeout(std::time::Duration::from_secs(60));
+    let reached = STEP_LOCKS_REACHED.lock().contains(&me);
+    let served = store.inner.copy_handoff.served.load(Ordering::Relaxed) - served0;
+    drop(stalled);
+    STEP_LOCKS_REACHED.lock().retain(|&a| a != me);
+    *store.inner.copy_handoff.test_wait.lock() = None;
+    let Ok(Ok(end)) = done else {
+        panic!("puts waited for a checkpoint's copy: {done:?}");
+    };
+    assert!(
+        !reached,
+        "a store thread took the lock for a copy while the writer wrote"
+    );
+    assert!(served >= 4, "the writer copied {served} pieces");
+    wait_for_job(&store);
+    for k in 0..end {
+        let want: &[u8] = if k < 6_000 { b"before" } else { b"during" };
+        assert_eq!(
+            store.get(k.to_le_bytes()).expect("get").as_deref(),
+            Some(want)
+        );
+    }
     store.verify().expect("verify");
 }
 
