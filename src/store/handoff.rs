@@ -29,7 +29,7 @@
 //!
 //! What the writer pays: tens of microseconds per step: two steps per 256 keys of a
 //! backlog to resolve, and one per 4,096 slots of a frozen delta's copy (at 20M keys,
-//! the p99.9 of a fill's puts went from 9-43 µs to 30-50 µs).
+//! the p99.9 of a fill's puts went from 9-43 µs to 27-50 µs).
 
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -47,7 +47,7 @@ use crate::state::State;
 /// for a checkpoint sleeps up to 2 ms between writes. (At 1 ms, store threads took
 /// steps back during such pauses and made them under a lock of their own, and one such
 /// hold kept the writer waiting 73 ms in a 20M-key sweep.)
-pub(super) const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The longest a store thread waits for a writer that goes on writing (see
 /// `Inner::hand_to_writer`). A count is left for the next commit while a checkpoint

@@ -1340,6 +1340,33 @@ fn open_unsynced(path: &std::path::Path, checkpoint_keys: usize, auto_compact: b
     Store::open(path, opts).expect("open")
 }
 
+/// Puts 45,000 keys (20-byte values) into a store opened with a checkpoint limit of
+/// 40,000, and waits for the checkpoint the 40,000th starts: those keys are then in the
+/// buckets. For tests of counter resolution.
+fn fill_buckets_for_resolution(store: &Store) {
+    for i in 0..45_000u32 {
+        store.put(i.to_le_bytes(), [1u8; 20]).expect("put");
+    }
+    wait_for_job(store);
+}
+
+/// Overwrites the first 30,000 of those keys, fewer than the next checkpoint's limit:
+/// each write's old record must be looked up in the buckets.
+fn overwrite_for_resolution(store: &Store) {
+    for i in 0..30_000u32 {
+        store.put(i.to_le_bytes(), [9u8; 20]).expect("put");
+    }
+}
+
+/// Waits (at most 30 s) until no counter resolution is asked of the background thread.
+fn wait_until_resolution_idle(store: &Store) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while store.inner.resolve_asked.load(Ordering::Acquire) && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Counter resolution makes its lookups without the state lock: under the exclusive
 /// lock, a piece of 256 lookups that missed the caches held it for milliseconds, and
 /// at 20M keys a writer waited up to 73 ms for one (the background thread runs niced).
@@ -1356,19 +1383,8 @@ fn counter_resolution_looks_up_without_the_state_lock() {
         &RESOLVING_ALWAYS,
         std::ptr::from_ref(&*store.inner) as usize,
     );
-    // The 40,000th put starts a checkpoint that puts those keys in the buckets.
-    for i in 0..45_000u32 {
-        store.put(i.to_le_bytes(), [1u8; 20]).expect("put");
-    }
-    wait_for_job(&store);
-    let idle = || {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while store.inner.resolve_asked.load(Ordering::Acquire)
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    };
+    fill_buckets_for_resolution(&store);
+    let idle = || wait_until_resolution_idle(&store);
     // (Lookups that ran beside that checkpoint may have had to be made again.)
     idle();
     let pieces0 = store.inner.resolved_pieces.load(Ordering::Relaxed);
@@ -1376,9 +1392,7 @@ fn counter_resolution_looks_up_without_the_state_lock() {
     let prefetched0 = store.inner.prefetched_pieces.load(Ordering::Relaxed);
     // Overwrites of keys in the buckets, fewer than the next checkpoint's threshold:
     // each must be resolved against the index, by the background thread.
-    for i in 0..30_000u32 {
-        store.put(i.to_le_bytes(), [9u8; 20]).expect("put");
-    }
+    overwrite_for_resolution(&store);
     idle();
     let pieces = store.inner.resolved_pieces.load(Ordering::Relaxed) - pieces0;
     let locked = store.inner.locked_lookups.load(Ordering::Relaxed) - locked0;
@@ -1440,19 +1454,8 @@ fn a_put_does_not_wait_for_a_store_thread_resolving_counters() {
     let store = Arc::new(open_unsynced(&dir.path().join("handoff.mkv"), 40_000, true));
     let me = std::ptr::from_ref(&*store.inner) as usize;
     let forced = Listed::new(&RESOLVING_ALWAYS, me);
-    // The 40,000th put starts a checkpoint that puts those keys in the buckets.
-    for i in 0..45_000u32 {
-        store.put(i.to_le_bytes(), [1u8; 20]).expect("put");
-    }
-    wait_for_job(&store);
-    let idle = || {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while store.inner.resolve_asked.load(Ordering::Acquire)
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    };
+    fill_buckets_for_resolution(&store);
+    let idle = || wait_until_resolution_idle(&store);
     idle();
     // However slow this machine, the background thread waits for the writer's answer
     // while the writer writes, rather than taking the lock itself.
@@ -1575,13 +1578,8 @@ fn counter_resolution_frees_retired_tables_between_its_pieces() {
     // Without automatic compaction the background thread resolves nothing itself: the
     // backlog below is this test's to resolve.
     let store = open_unsynced(&dir.path().join("garbage.mkv"), 40_000, false);
-    for i in 0..45_000u32 {
-        store.put(i.to_le_bytes(), [1u8; 20]).expect("put");
-    }
-    wait_for_job(&store);
-    for i in 0..30_000u32 {
-        store.put(i.to_le_bytes(), [9u8; 20]).expect("put");
-    }
+    fill_buckets_for_resolution(&store);
+    overwrite_for_resolution(&store);
     let me = std::ptr::from_ref(&*store.inner) as usize;
     let stalled = Listed::new(&STALLED_BACKGROUND, me);
     // Let the background thread finish what it was doing and reach its stall.
@@ -1616,16 +1614,11 @@ fn len_resolves_the_backlog_without_the_state_lock() {
     // Without automatic compaction nothing resolves the backlog in the background: the
     // lookups below are all `len()`'s.
     let store = open_unsynced(&dir.path().join("len.mkv"), 40_000, false);
-    for i in 0..45_000u32 {
-        store.put(i.to_le_bytes(), [1u8; 20]).expect("put");
-    }
-    wait_for_job(&store);
+    fill_buckets_for_resolution(&store);
     let pieces0 = store.inner.resolved_pieces.load(Ordering::Relaxed);
     let locked0 = store.inner.locked_lookups.load(Ordering::Relaxed);
     // Overwrites of keys in the buckets, fewer than the next checkpoint's threshold.
-    for i in 0..30_000u32 {
-        store.put(i.to_le_bytes(), [9u8; 20]).expect("put");
-    }
+    overwrite_for_resolution(&store);
     assert!(store.inner.state.read().delta.unresolved_len() >= 30_000);
     assert_eq!(store.len(), 45_000);
     let pieces = store.inner.resolved_pieces.load(Ordering::Relaxed) - pieces0;
