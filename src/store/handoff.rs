@@ -126,9 +126,9 @@ impl Step {
     }
 }
 
-/// Where a store thread hands the writer a step (see the module docs). Its mutex comes
-/// after every other lock: the writer tries it under the state lock, and a store thread
-/// takes it holding only `resolve_pieces`, for a moment.
+/// Where a store thread hands the writer a step (see the module docs). Its mutexes come
+/// after every other lock: the writer tries the step's under the state lock, and a store
+/// thread takes them holding no lock the writer waits for.
 #[derive(Debug, Default)]
 #[repr(align(64))]
 pub(super) struct Handoff {
@@ -136,6 +136,10 @@ pub(super) struct Handoff {
     /// clears it once its answer is in [`Handoff::step`] (release), which is what the
     /// store thread waits for.
     asked: AtomicBool,
+    /// Held by the store thread whose step is in [`Handoff::step`], from posting it to
+    /// taking the answer: two at once (a checkpoint's copy and compaction's) would
+    /// overwrite each other's step and take each other's answer.
+    turn: Mutex<()>,
     step: Mutex<Step>,
     /// `published_writes` when a step last went unanswered: until it moves, the writer
     /// is idle and store threads make their steps themselves.
@@ -171,6 +175,7 @@ impl Inner {
         if writes == 0 || h.idle_at.load(Relaxed) == writes || held() {
             return Err(step);
         }
+        let _turn = h.turn.lock();
         *h.step.lock() = step;
         h.asked.store(true, Release);
         // Waiting by spinning, then yielding, not asleep: a sleeping niced thread that
